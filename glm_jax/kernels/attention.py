@@ -1,0 +1,90 @@
+"""Attention dispatch and the XLA reference implementation of GLM's mask.
+
+`attention(q, k, v, segment_ids, prefix_mask, impl=...)` is the one entry point
+the model calls. The XLA path is the reference every kernel is tested against:
+scores in the compute dtype, softmax in float32, GQA by grouping query heads per
+KV head (query head h uses KV head h // (Hq // Hkv)) so K/V are never repeated.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from glm_jax.kernels import masks
+
+# Large but finite: exp(mask - max) underflows to 0 without inf - inf = NaN.
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+IMPLS = ("auto", "xla", "pallas")
+
+
+def resolve_impl(impl: str) -> str:
+    """'auto' -> the fastest implementation available on the default backend.
+
+    The Pallas kernel arrives with the kernel issue; until then 'auto' is XLA
+    everywhere and asking for 'pallas' is an error that says so.
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"attention impl {impl!r} is unknown; use one of {IMPLS}")
+    if impl == "auto":
+        return "xla"
+    return impl
+
+
+def attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray,
+              segment_ids: jnp.ndarray, prefix_mask: jnp.ndarray, *,
+              impl: str = "auto", scale: float | None = None) -> jnp.ndarray:
+    """GLM attention.
+
+    Args:
+      q: [B, T, Hq, D] queries.
+      k, v: [B, T, Hkv, D] keys and values, Hq % Hkv == 0.
+      segment_ids: [B, T] int, 1.. per packed example, 0 for padding.
+      prefix_mask: [B, T] bool, True on each segment's bidirectional prefix.
+      impl: 'auto' | 'xla' | 'pallas'.
+      scale: softmax scale, default 1/sqrt(D).
+    Returns:
+      [B, T, Hq, D] in q's dtype.
+    """
+    _check_shapes(q, k, v, segment_ids, prefix_mask)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    impl = resolve_impl(impl)
+    if impl == "xla":
+        return xla_attention(q, k, v, segment_ids, prefix_mask, scale=scale)
+    raise NotImplementedError(
+        "attention impl 'pallas' is not available yet (it arrives with the flash "
+        "attention kernel issue); set ModelConfig.attention_impl = 'xla' or 'auto'.")
+
+
+def xla_attention(q, k, v, segment_ids, prefix_mask, *, scale):
+    """Dense reference: O(T^2) scores, float32 softmax, grouped (never repeated) K/V."""
+    B, T, Hq, D = q.shape
+    Hkv = k.shape[2]
+    group = Hq // Hkv
+    # [B, T, Hkv, group, D]: the query heads of one KV head are contiguous.
+    grouped_q = q.reshape(B, T, Hkv, group, D)
+    scores = jnp.einsum("btgrd,bsgd->bgrts", grouped_q, k) * jnp.asarray(scale, q.dtype)
+    scores = scores.astype(jnp.float32)
+    allowed = masks.dense_mask(segment_ids, prefix_mask)[:, None, None, :, :]
+    scores = jnp.where(allowed, scores, MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bgrts,bsgd->btgrd", probs, v)
+    return out.reshape(B, T, Hq, D)
+
+
+def _check_shapes(q, k, v, segment_ids, prefix_mask):
+    if q.ndim != 4 or k.ndim != 4 or v.shape != k.shape:
+        raise ValueError(f"attention expects q [B,T,Hq,D] and k, v [B,S,Hkv,D] of equal "
+                         f"shape; got q {q.shape}, k {k.shape}, v {v.shape}")
+    B, T, Hq, D = q.shape
+    if k.shape[0] != B or k.shape[3] != D:
+        raise ValueError(f"q {q.shape} and k {k.shape} disagree on batch or head_dim")
+    if k.shape[1] != T:
+        raise ValueError(f"q has {T} positions but k has {k.shape[1]}; the XLA reference "
+                         "needs equal query and key lengths")
+    if Hq % k.shape[2]:
+        raise ValueError(f"query heads {Hq} must be a multiple of kv heads {k.shape[2]}")
+    if segment_ids.shape != (B, T) or prefix_mask.shape != (B, T):
+        raise ValueError(f"segment_ids {segment_ids.shape} and prefix_mask "
+                         f"{prefix_mask.shape} must both be [B, T] = {(B, T)}")

@@ -1,0 +1,71 @@
+"""GLM's attention mask: the dense rule and its key-range form.
+
+The rule (../shared/DESIGN.md), for query q and key k of one row:
+    allowed(q, k) = seg[q] == seg[k] and (k <= q or prefix[k])
+Segments are contiguous runs of equal segment ids (packing puts padding, id 0,
+at the end), and a segment's prefix (Part A) is contiguous at its start. Under
+those two assumptions the allowed keys of every query form ONE range
+[k_start[q], k_end[q]) and the allowed queries of every key form one range
+[q_start[k], q_end[k]). The flash kernel uses these ranges to skip blocks; the
+XLA reference uses the dense rule. All functions are jit-compatible.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def dense_mask(segment_ids: jnp.ndarray, prefix_mask: jnp.ndarray) -> jnp.ndarray:
+    """[B, T] ids and prefix flags -> [B, T(query), T(key)] bool mask of the rule."""
+    T = segment_ids.shape[-1]
+    same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]
+    causal = jnp.arange(T)[None, :] <= jnp.arange(T)[:, None]  # [q, k]: k <= q
+    visible = causal[None] | prefix_mask[:, None, :].astype(bool)
+    return same_segment & visible
+
+
+def segment_bounds(segment_ids: jnp.ndarray):
+    """First index and one-past-last index of each position's segment run, [B, T]."""
+    B, T = segment_ids.shape
+    index = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    changes = segment_ids[:, 1:] != segment_ids[:, :-1]
+    is_start = jnp.concatenate([jnp.ones((B, 1), bool), changes], axis=1)
+    is_end = jnp.concatenate([changes, jnp.ones((B, 1), bool)], axis=1)
+    start = jax.lax.cummax(jnp.where(is_start, index, 0), axis=1)
+    end = jax.lax.cummin(jnp.where(is_end, index + 1, T), axis=1, reverse=True)
+    return start, end
+
+
+def key_ranges(segment_ids: jnp.ndarray, prefix_mask: jnp.ndarray):
+    """Per query q: keys allowed are exactly [k_start[q], k_end[q]).
+
+    k_start = start of q's segment; k_end = max(q + 1, end of q's segment prefix).
+    """
+    start, end = segment_bounds(segment_ids)
+    prefix = prefix_mask.astype(jnp.int32)
+    T = segment_ids.shape[-1]
+    index = jnp.arange(T, dtype=jnp.int32)
+    # Prefix length of each segment = prefix count over [start, end).
+    inclusive = jnp.cumsum(prefix, axis=1)
+    exclusive = jnp.concatenate([jnp.zeros_like(inclusive[:, :1]), inclusive], axis=1)
+    prefix_len = jnp.take_along_axis(exclusive, end, axis=1) - jnp.take_along_axis(exclusive, start, axis=1)
+    k_end = jnp.maximum(index + 1, start + prefix_len)
+    return start, k_end
+
+
+def query_ranges(segment_ids: jnp.ndarray, prefix_mask: jnp.ndarray):
+    """Per key k: queries allowed to see k are exactly [q_start[k], q_end[k]).
+
+    A prefix key is seen by its whole segment; a later key by itself and after.
+    """
+    start, end = segment_bounds(segment_ids)
+    index = jnp.arange(segment_ids.shape[-1], dtype=jnp.int32)
+    q_start = jnp.where(prefix_mask.astype(bool), start, index)
+    return q_start, end
+
+
+def mask_from_key_ranges(k_start: jnp.ndarray, k_end: jnp.ndarray) -> jnp.ndarray:
+    """Expands [B, T] key ranges to the dense [B, T, T] mask (for tests and debugging)."""
+    keys = jnp.arange(k_start.shape[-1])
+    return (keys[None, None, :] >= k_start[:, :, None]) & (keys[None, None, :] < k_end[:, :, None])

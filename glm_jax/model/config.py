@@ -1,0 +1,206 @@
+"""ModelConfig: every GLM-family architecture as one frozen, validated dataclass.
+
+A model variant is a set of field values (a gin preset under
+experiments/configs/models/), never a new code path. Field meanings follow
+../shared/reference/architectures.md; the docstring of each choice names the
+reference model that uses it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Literal
+
+import gin
+import jax.numpy as jnp
+
+MlpActivation = Literal["gelu", "geglu", "swiglu"]
+Norm = Literal["layernorm", "rmsnorm"]
+Residual = Literal["pre", "post", "deepnorm", "sandwich"]
+Position = Literal["learned_2d", "rope", "rope_2d", "none"]
+RopeStyle = Literal["half", "interleaved"]
+AttentionImpl = Literal["auto", "xla", "pallas"]
+RematPolicy = Literal["none", "full", "dots", "dots_no_batch"]
+
+_CHOICES = {
+    "mlp_activation": ("gelu", "geglu", "swiglu"),
+    "norm": ("layernorm", "rmsnorm"),
+    "residual": ("pre", "post", "deepnorm", "sandwich"),
+    "position": ("learned_2d", "rope", "rope_2d", "none"),
+    "rope_style": ("half", "interleaved"),
+    "attention_impl": ("auto", "xla", "pallas"),
+    "remat_policy": ("none", "full", "dots", "dots_no_batch"),
+    "dtype": ("float32", "bfloat16", "float16"),
+    "param_dtype": ("float32", "bfloat16"),
+}
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of a GLM-family decoder.
+
+    Attributes:
+      vocab_size: rows of the word embedding (and of the output head).
+      hidden_size: model width E.
+      num_layers: transformer blocks L.
+      num_heads: query heads H.
+      num_kv_heads: key/value heads G (H = MHA, 1 = MQA, else GQA-G). Query head
+        h uses KV head h // (H // G). None means H.
+      head_dim: per-head width D. None means hidden_size // num_heads.
+      mlp_dim: inner width F of the MLP (per half for gated MLPs).
+      mlp_activation: 'gelu' (tanh GeLU, GLM / ChatGLM-6B); 'geglu' (exact GeLU,
+        the SECOND half of the up projection is the gate, GLM-130B); 'swiglu'
+        (SiLU, the FIRST half is the gate, ChatGLM2 / GLM-4).
+      norm, norm_eps: LayerNorm (GLM, GLM-130B) or RMSNorm (ChatGLM2, GLM-4).
+      residual: 'pre' (x + f(LN(x))), 'post' (LN(x + f(x))), 'deepnorm'
+        (GLM-130B / ChatGLM-6B: a = LN(x); alpha * a + f(a), alpha = (2L)^0.5),
+        'sandwich' (GLM-4-0414: x + LN'(f(LN(x)))).
+      position: 'learned_2d' (GLM: position + block-position tables added to the
+        embedding), 'rope' (1D RoPE on row 0 of positions), 'rope_2d' (ChatGLM-6B:
+        half of the rotary dims by position, half by block position), 'none'.
+      rotary_fraction: fraction of head_dim that rotates (ChatGLM2 / GLM-4: 0.5).
+      rope_style: 'half' pairs (j, j + r/2) (NeoX); 'interleaved' pairs (2i, 2i+1).
+      rope_theta: RoPE base.
+      qkv_bias, out_bias, mlp_bias: biases of the q/k/v, attention-output and MLP
+        projections.
+      tie_embeddings: output head is the transposed word embedding.
+      embedding_grad_scale: GLM-130B embedding-gradient shrink alpha; the forward
+        value is unchanged and the embedding gradient is scaled by alpha. 1.0 = off.
+      init_std: standard deviation of the normal initialiser (GLM: 0.02). Output
+        projections use init_std / sqrt(2L); DeepNorm uses its own Xavier init.
+      dtype: compute dtype; softmax and logits are always float32.
+      param_dtype: storage dtype of parameters.
+      scan_layers: stack the blocks with nn.scan (one compiled block, a leading
+        'layers' axis on every block parameter).
+      remat_policy: rematerialisation of each block: 'none', 'full' (save
+        nothing), 'dots' (save matmul outputs), 'dots_no_batch'.
+      attention_impl: 'auto' | 'xla' | 'pallas' (see glm_jax.kernels.attention).
+      max_position: rows of the learned position tables (learned_2d only).
+    """
+
+    vocab_size: int = 8192
+    hidden_size: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int | None = None
+    head_dim: int | None = None
+    mlp_dim: int = 1024
+    mlp_activation: MlpActivation = "gelu"
+    norm: Norm = "layernorm"
+    norm_eps: float = 1e-5
+    residual: Residual = "pre"
+    position: Position = "learned_2d"
+    rotary_fraction: float = 1.0
+    rope_style: RopeStyle = "half"
+    rope_theta: float = 10000.0
+    qkv_bias: bool = True
+    out_bias: bool = True
+    mlp_bias: bool = True
+    tie_embeddings: bool = True
+    embedding_grad_scale: float = 1.0
+    init_std: float = 0.02
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    scan_layers: bool = True
+    remat_policy: RematPolicy = "none"
+    attention_impl: AttentionImpl = "auto"
+    max_position: int = 1024
+
+    def __post_init__(self):
+        # Fill derived defaults on the frozen instance, then validate.
+        if self.num_kv_heads is None:
+            object.__setattr__(self, "num_kv_heads", self.num_heads)
+        if self.head_dim is None and self.num_heads > 0:
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
+        self._validate()
+
+    # ----------------------------------------------------------------- checks
+    def _validate(self):
+        for name, allowed in _CHOICES.items():
+            value = getattr(self, name)
+            if value not in allowed:
+                _fail(name, f"is {value!r}; choose one of {allowed}")
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads",
+                     "num_kv_heads", "head_dim", "mlp_dim", "max_position"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                _fail(name, f"is {value!r}; it must be a positive integer")
+        if self.num_kv_heads > self.num_heads or self.num_heads % self.num_kv_heads:
+            _fail("num_kv_heads", f"num_heads % num_kv_heads != 0 "
+                  f"({self.num_heads} % {self.num_kv_heads}); choose a divisor "
+                  f"of num_heads (num_heads = MHA, 1 = MQA)")
+        if not 0.0 < self.rotary_fraction <= 1.0:
+            _fail("rotary_fraction", f"is {self.rotary_fraction}; it must be in (0, 1]")
+        if self.position in ("rope", "rope_2d"):
+            # rope: rotated dims come in pairs; rope_2d: two halves, each in pairs.
+            multiple = 2 if self.position == "rope" else 4
+            if self.rotary_dim % multiple or self.rotary_dim != self.head_dim * self.rotary_fraction:
+                _fail("rotary_fraction", f"gives rotary dims head_dim * rotary_fraction = "
+                      f"{self.head_dim * self.rotary_fraction}, which must be a whole "
+                      f"multiple of {multiple} for position={self.position!r}")
+        if self.rope_theta <= 0:
+            _fail("rope_theta", f"is {self.rope_theta}; it must be positive")
+        if self.norm_eps <= 0:
+            _fail("norm_eps", f"is {self.norm_eps}; it must be positive")
+        if not 0.0 < self.embedding_grad_scale <= 1.0:
+            _fail("embedding_grad_scale", f"is {self.embedding_grad_scale}; it must be "
+                  "in (0, 1] (1.0 turns the GLM-130B shrink off)")
+        if self.init_std <= 0:
+            _fail("init_std", f"is {self.init_std}; it must be positive")
+
+    # ------------------------------------------------------- derived values
+    @property
+    def rotary_dim(self) -> int:
+        """Number of leading head dims that RoPE rotates (0 without RoPE)."""
+        if self.position not in ("rope", "rope_2d"):
+            return 0
+        return int(round(self.head_dim * self.rotary_fraction))
+
+    @property
+    def compute_dtype(self):
+        return jnp.dtype(self.dtype)
+
+    @property
+    def weight_dtype(self):
+        return jnp.dtype(self.param_dtype)
+
+    @property
+    def gated_mlp(self) -> bool:
+        return self.mlp_activation in ("geglu", "swiglu")
+
+    @property
+    def deepnorm_alpha(self) -> float:
+        """DeepNorm residual scale, (2L)^0.5 (GLM-130B, ChatGLM-6B)."""
+        return math.sqrt(2.0 * self.num_layers)
+
+    @property
+    def deepnorm_beta(self) -> float:
+        """DeepNorm Xavier gain on FFN, value and output projections, (2L)^-0.5."""
+        return (2.0 * self.num_layers) ** -0.5
+
+    def replace(self, **changes) -> "ModelConfig":
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def num_params(self) -> int:
+        """Closed-form parameter count (the same layout the GLM module creates)."""
+        E, V, L = self.hidden_size, self.vocab_size, self.num_layers
+        H, G, D, F = self.num_heads, self.num_kv_heads, self.head_dim, self.mlp_dim
+        attention = E * H * D + 2 * E * G * D + H * D * E
+        attention += self.qkv_bias * (H + 2 * G) * D + self.out_bias * E
+        up_width = 2 * F if self.gated_mlp else F
+        mlp = E * up_width + F * E + self.mlp_bias * (up_width + E)
+        norm = E * (2 if self.norm == "layernorm" else 1)
+        norms_per_layer = 4 if self.residual == "sandwich" else 2
+        per_layer = attention + mlp + norms_per_layer * norm
+        total = L * per_layer + V * E
+        total += 0 if self.residual == "post" else norm  # final norm
+        total += 0 if self.tie_embeddings else V * E
+        total += 2 * self.max_position * E if self.position == "learned_2d" else 0
+        return int(total)
+
+
+def _fail(field: str, problem: str):
+    raise ValueError(f"ModelConfig.{field} {problem}.")

@@ -1,0 +1,138 @@
+"""The GLM decoder: embeddings, a stack of blocks, final norm, output head.
+
+Call contract (../shared/DESIGN.md):
+    GLM(config).apply({'params': params}, tokens, positions, segment_ids, prefix_mask)
+    tokens [B, T] int32, positions [B, 2, T] (position ids, block position ids),
+    segment_ids [B, T], prefix_mask [B, T] bool  ->  logits [B, T, vocab] float32.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from glm_jax.model.attention import Attention
+from glm_jax.model.config import ModelConfig
+from glm_jax.model.layers import Dense, Mlp, make_norm, normal_init
+
+EMBED_ACTIVATION = ("activation_batch", "activation_length", "activation_embed")
+
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Block(nn.Module):
+    """One transformer layer; `residual` picks how sublayers and norms combine."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, positions, segment_ids, prefix_mask):
+        cfg = self.config
+        attention = Attention(cfg, name="attention")
+        mlp = Mlp(cfg, name="mlp")
+        norm1, norm2 = make_norm(cfg, "input_norm"), make_norm(cfg, "post_attention_norm")
+
+        def attend(h):
+            return attention(h, positions, segment_ids, prefix_mask)
+
+        if cfg.residual == "pre":
+            x = x + attend(norm1(x))
+            x = x + mlp(norm2(x))
+        elif cfg.residual == "post":
+            x = norm1(x + attend(x))
+            x = norm2(x + mlp(x))
+        elif cfg.residual == "deepnorm":
+            alpha = cfg.deepnorm_alpha
+            a = norm1(x)
+            h = alpha * a + attend(a)
+            m = norm2(h)
+            x = alpha * m + mlp(m)
+        else:  # sandwich (GLM-4-0414): extra norms on each branch output
+            x = x + make_norm(cfg, "post_attention_branch_norm")(attend(norm1(x)))
+            x = x + make_norm(cfg, "post_mlp_branch_norm")(mlp(norm2(x)))
+        return nn.with_logical_constraint(x, EMBED_ACTIVATION), None
+
+
+def block_stack(config: ModelConfig):
+    """The Block class, rematerialised and scanned as the config asks."""
+    block = Block
+    if config.remat_policy != "none":
+        # prevent_cse only matters outside scan (scan already blocks CSE).
+        block = nn.remat(Block, policy=REMAT_POLICIES[config.remat_policy],
+                         prevent_cse=not config.scan_layers)
+    if config.scan_layers:
+        block = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+                        length=config.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+    return block
+
+
+class GLM(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens, positions, segment_ids, prefix_mask):
+        cfg = self.config
+        dtype = cfg.compute_dtype
+        embedding = self.param("embedding", nn.with_logical_partitioning(
+            jax.nn.initializers.normal(cfg.init_std), ("vocab", "embed")),
+            (cfg.vocab_size, cfg.hidden_size), cfg.weight_dtype)
+        x = jnp.take(embedding, tokens, axis=0).astype(dtype)
+        if cfg.embedding_grad_scale != 1.0:
+            # GLM-130B shrink, alpha*x + (1-alpha)*sg(x), written so the forward value
+            # is bit-identical (x - sg(x) == 0) and the gradient is exactly alpha * g.
+            frozen = jax.lax.stop_gradient(x)
+            x = frozen + cfg.embedding_grad_scale * (x - frozen)
+        if cfg.position == "learned_2d":
+            x = x + self._position_embedding("position_embedding", positions[:, 0])
+            x = x + self._position_embedding("block_position_embedding", positions[:, 1])
+        x = nn.with_logical_constraint(x, EMBED_ACTIVATION)
+
+        stack = block_stack(cfg)
+        if cfg.scan_layers:
+            x, _ = stack(cfg, name="layers")(x, positions, segment_ids, prefix_mask)
+        else:
+            for i in range(cfg.num_layers):
+                x, _ = stack(cfg, name=f"layers_{i}")(x, positions, segment_ids, prefix_mask)
+        if cfg.residual != "post":  # post-LN blocks already end in a norm
+            x = make_norm(cfg, "final_norm")(x)
+
+        if cfg.tie_embeddings:
+            logits = jnp.einsum("bte,ve->btv", x, embedding.astype(dtype))
+        else:
+            logits = Dense((cfg.vocab_size,), ("embed", "vocab"), init=normal_init(cfg.init_std),
+                           dtype=dtype, param_dtype=cfg.weight_dtype, name="lm_head")(x)
+        logits = nn.with_logical_constraint(logits, ("activation_batch", "activation_length", "activation_vocab"))
+        return logits.astype(jnp.float32)
+
+    def _position_embedding(self, name, ids):
+        cfg = self.config
+        table = self.param(name, nn.with_logical_partitioning(
+            jax.nn.initializers.normal(cfg.init_std), (None, "embed")),
+            (cfg.max_position, cfg.hidden_size), cfg.weight_dtype)
+        return jnp.take(table, ids, axis=0).astype(cfg.compute_dtype)
+
+
+def example_inputs(batch: int = 1, length: int = 8):
+    """Causal single-segment inputs of the right shapes and dtypes (for init and tests)."""
+    tokens = jnp.zeros((batch, length), jnp.int32)
+    positions = jnp.broadcast_to(jnp.stack([jnp.arange(length), jnp.zeros(length, jnp.int32)]),
+                                 (batch, 2, length)).astype(jnp.int32)
+    segment_ids = jnp.ones((batch, length), jnp.int32)
+    prefix_mask = jnp.zeros((batch, length), bool)
+    return tokens, positions, segment_ids, prefix_mask
+
+
+def init_params(config: ModelConfig, rng: jax.Array):
+    """Boxed (logically partitioned) parameters of GLM(config)."""
+    return GLM(config).init(rng, *example_inputs())["params"]
+
+
+def abstract_params(config: ModelConfig):
+    """Shapes and dtypes of every parameter, nothing allocated (jax.eval_shape)."""
+    return jax.eval_shape(lambda rng: init_params(config, rng), jax.random.key(0))

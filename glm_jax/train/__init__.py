@@ -1,0 +1,1 @@
+"""Training: metrics (FLOPs/MFU) today; state, optimizer, step and loop arrive with the training issue."""
