@@ -1,0 +1,115 @@
+"""Forward+backward speed of glm_tiny and a 59M-parameter model vs a float32 matmul peak.
+
+    python experiments/benchmarks/model_step.py [--steps 5] [--out experiments/results/model_step.json]
+
+Everything is measured in one run, so the ratios (model FLOP/s / matmul FLOP/s)
+are comparable even on a noisy machine. Model FLOPs are analytic
+(glm_jax.train.metrics): 'attended' follows GLM's mask, 'full_matrix' counts
+T x T per row like MaxText / Levanter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from glm_jax.model import GLM, ModelConfig, init_params
+from glm_jax.model.presets import load_preset
+from glm_jax.train.loss import masked_cross_entropy
+from glm_jax.train.metrics import training_flops_both
+
+# The Foundation issue's benchmark model: 59M parameters, SwiGLU, float32.
+BENCH_59M = dict(vocab_size=32768, hidden_size=512, num_layers=8, num_heads=8, mlp_dim=1408,
+                 mlp_activation="swiglu", norm="rmsnorm", position="rope", rope_style="interleaved",
+                 rotary_fraction=0.5, qkv_bias=True, out_bias=False, mlp_bias=False,
+                 tie_embeddings=False)
+
+
+def timed(fn, *args, steps: int) -> float:
+    """Median wall seconds of fn(*args) over `steps` runs, after one compile+warm-up run."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def matmul_peak(n: int = 2048, steps: int = 10) -> float:
+    """Achieved float32 FLOP/s of one large square matmul (the machine's practical peak)."""
+    a = jnp.asarray(np.random.default_rng(0).normal(size=(n, n)), jnp.float32)
+    b = jnp.asarray(np.random.default_rng(1).normal(size=(n, n)), jnp.float32)
+    seconds = timed(jax.jit(jnp.matmul), a, b, steps=steps)
+    return 2.0 * n ** 3 / seconds
+
+
+def glm_batch(batch: int, length: int, vocab: int, seed: int = 0) -> dict:
+    """One GLM-shaped batch: a single example per row with a random Part A / Part B split."""
+    rng = np.random.default_rng(seed)
+    sep = rng.integers(length // 4, 3 * length // 4, size=batch)
+    index = np.arange(length)
+    prefix = index[None] < sep[:, None]
+    positions = np.stack([np.minimum(index[None], sep[:, None] - 1),
+                          np.maximum(index[None] - sep[:, None] + 1, 0)], 1).astype(np.int32)
+    return dict(tokens=rng.integers(0, vocab, (batch, length), dtype=np.int32),
+                targets=rng.integers(0, vocab, (batch, length), dtype=np.int32),
+                loss_mask=(~prefix).astype(np.float32), positions=positions,
+                segment_ids=np.ones((batch, length), np.int32), prefix_mask=prefix)
+
+
+def measure(name: str, config: ModelConfig, batch: int, length: int, steps: int, peak: float) -> dict:
+    params = nn.meta.unbox(init_params(config, jax.random.key(0)))
+    data = {k: jnp.asarray(v) for k, v in glm_batch(batch, length, config.vocab_size).items()}
+
+    def loss_fn(p, d):
+        logits = GLM(config).apply({"params": p}, d["tokens"], d["positions"], d["segment_ids"], d["prefix_mask"])
+        return masked_cross_entropy(logits, d["targets"], d["loss_mask"])[0]
+
+    seconds = timed(jax.jit(jax.value_and_grad(loss_fn)), params, data, steps=steps)
+    flops = training_flops_both(config, np.asarray(data["segment_ids"]), np.asarray(data["prefix_mask"]))
+    return {"model": name, "params": config.num_params(), "batch": batch, "seq_len": length,
+            "step_seconds": seconds, "tokens_per_second": batch * length / seconds,
+            "model_flops_per_second": flops["attended"] / seconds,
+            "fraction_of_matmul_peak": flops["attended"] / seconds / peak,
+            "fraction_of_matmul_peak_full_matrix": flops["full_matrix"] / seconds / peak}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq_len", type=int, default=512)
+    parser.add_argument("--out", default="experiments/results/model_step.json")
+    args = parser.parse_args()
+
+    peak = matmul_peak()
+    rows = [measure("glm_tiny", load_preset("glm_tiny"), args.batch, args.seq_len, args.steps, peak),
+            measure("bench_59m", ModelConfig(**BENCH_59M), args.batch, args.seq_len, args.steps, peak)]
+
+    print(f"float32 matmul peak (2048^3): {peak / 1e9:.1f} GFLOP/s on {jax.devices()[0].device_kind}")
+    header = f"{'model':<10} {'params':>8} {'B x T':>8} {'step s':>8} {'tokens/s':>9} {'GFLOP/s':>8} {'of peak':>8} {'(full T^2)':>10}"
+    print(header)
+    for r in rows:
+        print(f"{r['model']:<10} {r['params'] / 1e6:>7.1f}M {r['batch']:>3}x{r['seq_len']:<4} "
+              f"{r['step_seconds']:>8.3f} {r['tokens_per_second']:>9.0f} {r['model_flops_per_second'] / 1e9:>8.1f} "
+              f"{r['fraction_of_matmul_peak']:>8.1%} {r['fraction_of_matmul_peak_full_matrix']:>10.1%}")
+    result = {"benchmark": "model_step (forward+backward, float32)", "jax": jax.__version__,
+              "machine": platform.machine(), "cpu_count": __import__("os").cpu_count(),
+              "matmul_peak_flops_per_second": peak, "rows": rows}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
