@@ -1,0 +1,138 @@
+"""SentencePiece tokenizer with GLM's special tokens.
+
+The specials are SentencePiece user-defined symbols, so they have stable ids
+(1.. in the order of SPECIAL_PIECES; 0 is <unk>), are never split, and are
+recognised when they appear literally in a prompt ("return [MASK]"). Models are
+trained lossless for source code: identity normalisation, whitespace kept,
+byte fallback for any character outside the vocabulary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import shutil
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import sentencepiece as spm
+
+# Name in SpecialTokens -> piece text. Order fixes the ids of trained models.
+SPECIAL_PIECES = {
+    "pad": "<pad>", "eos": "<eos>", "cls": "[CLS]", "mask": "[MASK]", "smask": "[sMASK]",
+    "gmask": "[gMASK]", "sop": "<sop>", "eop": "<eop>", "dblock": "[dBLOCK]",
+}
+NUM_RESERVED = 8  # room for later specials without changing any existing id
+RESERVED_PIECES = tuple(f"<|reserved_{i}|>" for i in range(NUM_RESERVED))
+
+# A piece ends a sentence if its text contains one of these (glm_objective.md).
+SENTENCE_END_CHARS = tuple(".?!;:。？！；…\n")
+
+
+@dataclasses.dataclass(frozen=True)
+class SpecialTokens:
+    """Integer ids of GLM's special tokens (the objectives and decoder use only these)."""
+
+    pad: int
+    eos: int
+    cls: int
+    mask: int
+    smask: int
+    gmask: int
+    sop: int
+    eop: int
+    dblock: int
+
+    @property
+    def all_ids(self) -> tuple[int, ...]:
+        return tuple(dataclasses.astuple(self))
+
+
+class Tokenizer:
+    """A loaded SentencePiece model that has every GLM special token."""
+
+    def __init__(self, model_proto: bytes, source: str = "<bytes>"):
+        self.model_proto = model_proto
+        self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        missing = [p for p in SPECIAL_PIECES.values() if not self._has_piece(p)]
+        if missing:
+            raise ValueError(
+                f"tokenizer {source} lacks the GLM special tokens {missing}; retrain it with "
+                f"glm_jax.data.tokenizer.train_tokenizer (which adds them as user-defined symbols) "
+                f"or add them to your SentencePiece model's user_defined_symbols")
+        self.specials = SpecialTokens(**{name: self.sp.piece_to_id(p) for name, p in SPECIAL_PIECES.items()})
+        self.sentence_end = self._sentence_end_table()
+
+    # ------------------------------------------------------------------ I/O
+    @classmethod
+    def load(cls, path: str | Path) -> "Tokenizer":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"tokenizer model {path} does not exist; train one with "
+                                    "train_tokenizer(...) or point to an existing .model file")
+        return cls(path.read_bytes(), source=str(path))
+
+    def save(self, path: str | Path) -> Path:
+        """Writes the .model file (e.g. into a run directory)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_bytes(self.model_proto)
+        shutil.move(tmp, path)  # atomic: a crash never leaves a half-written model
+        return path
+
+    # ------------------------------------------------------------- encoding
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.get_piece_size()
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.asarray(self.sp.encode(text), np.int32)
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        """Encodes many texts at once (SentencePiece parallelises internally)."""
+        return [np.asarray(ids, np.int32) for ids in self.sp.encode(texts, num_threads=-1)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.sp.decode([int(i) for i in ids])
+
+    def id_to_piece(self, i: int) -> str:
+        return self.sp.id_to_piece(int(i))
+
+    # -------------------------------------------------------------- helpers
+    def _has_piece(self, piece: str) -> bool:
+        i = self.sp.piece_to_id(piece)
+        return i != self.sp.unk_id() and self.sp.id_to_piece(i) == piece
+
+    def _sentence_end_table(self) -> np.ndarray:
+        """bool[vocab]: does this piece end a sentence (punctuation or newline)?"""
+        table = np.zeros(self.vocab_size, bool)
+        for i in range(self.vocab_size):
+            piece = self.sp.id_to_piece(i)
+            if self.sp.is_byte(i):
+                piece = bytes([int(piece[3:5], 16)]).decode("latin-1")
+            table[i] = any(c in piece for c in SENTENCE_END_CHARS)
+        table[list(self.specials.all_ids)] = False
+        return table
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 8192, *, max_texts: int = 20000,
+                    seed_sentencepiece_size: int = 200000) -> Tokenizer:
+    """Trains a lossless BPE SentencePiece model with the GLM specials on `texts`."""
+    model = io.BytesIO()
+    user_symbols = list(SPECIAL_PIECES.values()) + list(RESERVED_PIECES)
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size,
+            model_type="bpe", user_defined_symbols=user_symbols,
+            unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1, byte_fallback=True,
+            normalization_rule_name="identity", remove_extra_whitespaces=False,
+            split_digits=True, allow_whitespace_only_pieces=True, character_coverage=0.9999,
+            max_sentence_length=1 << 20, input_sentence_size=max_texts, shuffle_input_sentence=True,
+            seed_sentencepiece_size=seed_sentencepiece_size, max_sentencepiece_length=16,
+            num_threads=2, minloglevel=2)
+    except RuntimeError as error:
+        raise ValueError(f"SentencePiece training failed ({error}); a corpus too small for "
+                         f"vocab_size={vocab_size} is the usual cause: lower vocab_size") from error
+    return Tokenizer(model.getvalue(), source="<trained>")
