@@ -236,6 +236,17 @@ class Objective:
         return dict(mask_ratio=self.mask_ratio, span_lambda=self.span_lambda, max_span=self.max_span,
                     gmask_ratio_min=self.gmask_ratio_min, gpt_infill_prob=self.gpt_infill_prob)
 
+    @property
+    def expected_expansion(self) -> float:
+        """Expected example length / window length, used to size windows.
+
+        token: L + 2n with n = mask_ratio * L / mean span; sentence: spans are whole
+        sentences (~10 pieces in code and prose); document, causal: about 1.
+        """
+        mean_span = float(np.sum(np.arange(1, self.max_span + 1) * truncated_poisson(self.span_lambda, self.max_span)))
+        per_mode = (1 + 2 * self.mask_ratio / mean_span, 1 + 2 * self.mask_ratio / 10, 1.0, 1.0)
+        return float(np.dot(self.probabilities, per_mode))
+
     def sample_mode(self, rng: np.random.Generator) -> str:
         return MODES[int(rng.choice(len(MODES), p=np.asarray(self.probabilities)))]
 

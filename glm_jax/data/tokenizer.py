@@ -133,6 +133,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 8192, *, max_texts: 
             seed_sentencepiece_size=seed_sentencepiece_size, max_sentencepiece_length=16,
             num_threads=2, minloglevel=2)
     except RuntimeError as error:
-        raise ValueError(f"SentencePiece training failed ({error}); a corpus too small for "
-                         f"vocab_size={vocab_size} is the usual cause: lower vocab_size") from error
+        raise ValueError(f"SentencePiece training with vocab_size={vocab_size} failed ({error}). "
+                         "vocab_size must exceed the 256 byte-fallback pieces plus the specials and the "
+                         "corpus's characters, and a tiny corpus cannot fill a large one: adjust "
+                         "vocab_size") from error
     return Tokenizer(model.getvalue(), source="<trained>")

@@ -1,0 +1,202 @@
+"""Document sources, the train/eval split, and the on-disk token cache.
+
+Sources (a string, so gin and the CLI can name them):
+  'stdlib'               every .py file of the running Python's standard library
+                         (sorted paths; site-packages excluded): the default corpus
+  'text:GLOB[,GLOB]'     text files, one document per blank-line-separated block
+                         (or per line with split='line')
+  'jsonl:GLOB[,GLOB]'    JSON lines, one document per line from its 'text' field
+A document belongs to the eval split when a stable hash of its id falls below
+eval_fraction, so the split never changes with file order or process count.
+Tokenised corpora are cached as memory-mapped arrays keyed by the corpus
+fingerprint and the tokenizer, so a second run starts instantly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import hashlib
+import json
+import os
+import shutil
+import sysconfig
+import zlib
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from glm_jax.data.tokenizer import Tokenizer, train_tokenizer
+
+DEFAULT_CACHE = Path(os.environ.get("GLM_JAX_CACHE", Path.home() / ".cache" / "glm_jax"))
+
+
+@dataclasses.dataclass
+class CorpusStats:
+    """What reading a corpus skipped, so nothing is dropped without a count."""
+
+    files: int = 0
+    documents: int = 0
+    skipped_non_utf8: int = 0
+    skipped_empty: int = 0
+    skipped_bad_json: int = 0
+
+
+def stdlib_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def _expand(patterns: str) -> list[Path]:
+    paths, missing = [], []
+    for pattern in patterns.split(","):
+        found = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
+        (paths.extend(Path(p) for p in found) if found else missing.append(pattern))
+    if missing:
+        raise FileNotFoundError(f"no files match {missing}; check the path (globs like data/*.txt work)")
+    return paths
+
+
+def source_files(source: str) -> list[Path]:
+    """Sorted file list of a source string (see the module docstring)."""
+    if source == "stdlib":
+        root = stdlib_root()
+        return sorted(p for p in root.rglob("*.py")
+                      if not {"site-packages", "dist-packages"} & set(p.relative_to(root).parts))
+    kind, _, patterns = source.partition(":")
+    if kind not in ("text", "jsonl") or not patterns:
+        raise ValueError(f"data source {source!r} is not understood; use 'stdlib', 'text:GLOB' or 'jsonl:GLOB'")
+    return _expand(patterns)
+
+
+def read_documents(source: str, split: str = "blank_line", stats: CorpusStats | None = None
+                   ) -> Iterator[tuple[str, str]]:
+    """(document id, text) pairs of a source, in a stable order."""
+    stats = stats if stats is not None else CorpusStats()
+    kind = source.partition(":")[0]
+    for path in source_files(source):
+        stats.files += 1
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            stats.skipped_non_utf8 += 1
+            continue
+        if kind == "stdlib":
+            parts = [(str(path.relative_to(stdlib_root())), text)]
+        elif kind == "jsonl":
+            parts = list(_jsonl_documents(path, text, stats))
+        elif split == "line":
+            parts = [(f"{path}:{i}", line) for i, line in enumerate(text.splitlines())]
+        elif split == "blank_line":
+            parts = [(f"{path}:{i}", block) for i, block in enumerate(text.split("\n\n"))]
+        else:
+            raise ValueError(f"text split {split!r} is unknown; use 'blank_line' or 'line'")
+        for doc_id, doc in parts:
+            if doc.strip():
+                stats.documents += 1
+                yield doc_id, doc
+            else:
+                stats.skipped_empty += 1
+
+
+def _jsonl_documents(path: Path, text: str, stats: CorpusStats):
+    for i, line in enumerate(text.splitlines()):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            yield f"{path}:{i}", str(record["text"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            stats.skipped_bad_json += 1
+
+
+def in_eval_split(doc_id: str, eval_fraction: float) -> bool:
+    """Stable hash split: the same document is always on the same side."""
+    return zlib.crc32(doc_id.encode()) % 100_000 < eval_fraction * 100_000
+
+
+def fingerprint(source: str, split: str) -> str:
+    """Changes when any file of the source changes (path, size, mtime)."""
+    h = hashlib.sha256(f"{source}|{split}".encode())
+    for path in source_files(source):
+        st = path.stat()
+        h.update(f"{path}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+@dataclasses.dataclass
+class TokenizedCorpus:
+    """All documents of one split as one token array plus document offsets (memory-mapped)."""
+
+    tokens: np.ndarray  # int32 [total]
+    offsets: np.ndarray  # int64 [documents + 1]
+    stats: dict
+
+    @property
+    def num_documents(self) -> int:
+        return len(self.offsets) - 1
+
+    def document(self, i: int) -> np.ndarray:
+        return self.tokens[self.offsets[i]:self.offsets[i + 1]]
+
+
+def tokenize_corpus(source: str, tokenizer: Tokenizer, *, split: str = "blank_line", eval_fraction: float = 0.02,
+                    cache_dir: str | Path = DEFAULT_CACHE) -> dict[str, TokenizedCorpus]:
+    """{'train': ..., 'eval': ...}, tokenised once and cached under cache_dir."""
+    key = hashlib.sha256(f"{fingerprint(source, split)}|{eval_fraction}".encode()
+                         + tokenizer.model_proto).hexdigest()[:16]
+    directory = Path(cache_dir) / "tokens" / key
+    if not (directory / "done.json").exists():
+        _build_cache(directory, source, split, eval_fraction, tokenizer)
+    stats = json.loads((directory / "done.json").read_text())
+    return {name: TokenizedCorpus(np.load(directory / f"{name}_tokens.npy", mmap_mode="r"),
+                                  np.load(directory / f"{name}_offsets.npy"), stats)
+            for name in ("train", "eval")}
+
+
+def _build_cache(directory: Path, source: str, split: str, eval_fraction: float, tokenizer: Tokenizer):
+    stats = CorpusStats()
+    texts = {"train": [], "eval": []}
+    for doc_id, text in read_documents(source, split, stats):
+        texts["eval" if in_eval_split(doc_id, eval_fraction) else "train"].append(text)
+    if not texts["train"]:
+        raise ValueError(f"data source {source!r} has no training documents ({stats}); point it at "
+                         "non-empty UTF-8 files")
+    tmp = directory.with_name(directory.name + f".tmp{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    for name, docs in texts.items():
+        ids = tokenizer.encode_batch(docs) if docs else []
+        lengths = np.asarray([len(x) for x in ids], np.int64)
+        np.save(tmp / f"{name}_tokens.npy", np.concatenate(ids).astype(np.int32) if ids else np.zeros(0, np.int32))
+        np.save(tmp / f"{name}_offsets.npy", np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+    (tmp / "done.json").write_text(json.dumps({**dataclasses.asdict(stats), "source": source,
+                                               "eval_documents": len(texts["eval"]),
+                                               "train_documents": len(texts["train"])}))
+    if directory.exists():  # another process finished first: keep its copy
+        shutil.rmtree(tmp)
+        return
+    os.replace(tmp, directory)  # atomic: readers see a complete cache or none
+
+
+def default_tokenizer(source: str, vocab_size: int, *, split: str = "blank_line", eval_fraction: float = 0.02,
+                      cache_dir: str | Path = DEFAULT_CACHE, max_chars: int = 8_000_000) -> Tokenizer:
+    """A tokenizer trained on (a stable sample of) the source's train split, cached."""
+    key = f"{fingerprint(source, split)}-{eval_fraction}-{vocab_size}"
+    path = Path(cache_dir) / "tokenizers" / f"{key}.model"
+    if path.exists():
+        return Tokenizer.load(path)
+    train = [(doc_id, text) for doc_id, text in read_documents(source, split)
+             if not in_eval_split(doc_id, eval_fraction)]
+    if not train:
+        raise ValueError(f"data source {source!r} has no training documents to train a tokenizer on")
+    # A stable quarter of the documents (all of them for a small corpus), up to max_chars.
+    sample = [t for doc_id, t in train if zlib.crc32(doc_id.encode()) % 4 == 0] or [t for _, t in train]
+    texts, total = [], 0
+    for text in sample:
+        if total > max_chars:
+            break
+        texts.append(text)
+        total += len(text)
+    tokenizer = train_tokenizer(texts, vocab_size)
+    tokenizer.save(path)
+    return tokenizer

@@ -1,0 +1,214 @@
+"""The GLM data pipeline: tokenised corpus -> windows -> corrupted examples -> packed rows -> batches.
+
+Built on grain's random-access MapDataset: the windows of an epoch are shuffled
+with a seed derived from (seed, epoch) and sharded by process (`slice(i::n)`), so
+processes see disjoint shards whose union is the epoch. Every example is a pure
+function of (seed, epoch, window id), whatever the process count. Examples are
+packed in groups of `group_size` (best-fit decreasing). The iterator's state is
+three integers (epoch, group, row): restoring it re-packs that one group and
+yields exactly the batches an uninterrupted run yields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from pathlib import Path
+
+import gin
+import grain
+import numpy as np
+
+from glm_jax.data import packing
+from glm_jax.data.corpus import DEFAULT_CACHE, TokenizedCorpus, default_tokenizer, tokenize_corpus
+from glm_jax.data.objectives import DocumentTooShort, Objective
+from glm_jax.data.tokenizer import Tokenizer
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where the text comes from and how batches are shaped.
+
+    source: 'stdlib' | 'text:GLOB' | 'jsonl:GLOB' (glm_jax.data.corpus).
+    text_split: documents of text files: 'blank_line' blocks or 'line's.
+    seq_len, batch_size: rows are [seq_len]; batch_size is global (all processes).
+    window_fraction: documents longer than window_fraction * seq_len are split into
+      windows at sentence ends. None (default) sizes windows so that an average
+      example fills 97% of a row after the objective's expansion.
+    group_size: examples packed together (larger packs tighter).
+    tokenizer_path: a SentencePiece .model with the GLM specials; None trains one on
+      the source (cached) with vocab_size pieces.
+    """
+
+    source: str = "stdlib"
+    text_split: str = "blank_line"
+    seq_len: int = 512
+    batch_size: int = 8
+    seed: int = 0
+    eval_fraction: float = 0.02
+    vocab_size: int = 8192
+    tokenizer_path: str | None = None
+    cache_dir: str = str(DEFAULT_CACHE)
+    window_fraction: float | None = None
+    group_size: int = 64
+
+    def __post_init__(self):
+        if self.seq_len < 16:
+            raise ValueError(f"DataConfig.seq_len {self.seq_len} is too short for even one span; use >= 16")
+        if self.batch_size < 1 or self.group_size < 1:
+            raise ValueError("DataConfig.batch_size and group_size must be positive")
+        if self.window_fraction is not None and not 0.1 <= self.window_fraction <= 1.0:
+            raise ValueError(f"DataConfig.window_fraction {self.window_fraction} must be in [0.1, 1]")
+
+
+def load_tokenizer(config: DataConfig) -> Tokenizer:
+    if config.tokenizer_path:
+        return Tokenizer.load(config.tokenizer_path)
+    return default_tokenizer(config.source, config.vocab_size, split=config.text_split,
+                             eval_fraction=config.eval_fraction, cache_dir=config.cache_dir)
+
+
+class GLMDataset:
+    """Random access to the packed rows of one split, for one process."""
+
+    def __init__(self, config: DataConfig, objective: Objective, tokenizer: Tokenizer, corpus: TokenizedCorpus,
+                 process_index: int = 0, process_count: int = 1):
+        if config.batch_size % process_count:
+            raise ValueError(f"DataConfig.batch_size {config.batch_size} must be divisible by the "
+                             f"{process_count} processes")
+        self.config, self.objective, self.tokenizer, self.corpus = config, objective, tokenizer, corpus
+        self.specials = tokenizer.specials
+        self.process_index, self.process_count = process_index, process_count
+        self.local_batch = config.batch_size // process_count
+        fraction = config.window_fraction or 0.97 / objective.expected_expansion
+        self.max_window = int(fraction * config.seq_len) - 2  # room for [CLS] and <eos>
+        self.windows = self._make_windows()
+        if len(self.windows) < process_count:
+            raise ValueError(f"the corpus has {len(self.windows)} windows, fewer than {process_count} processes")
+        self.counts = {"skipped_too_short": 0, "split_overflow": 0}
+
+    def _make_windows(self) -> np.ndarray:
+        """[n, 3] (document, start, end) windows covering every document."""
+        rows = []
+        for d in range(self.corpus.num_documents):
+            doc = self.corpus.document(d)
+            ends = self.tokenizer.sentence_end[doc]
+            rows.extend((d, s, e) for s, e in packing.split_windows(len(doc), self.max_window, ends))
+        return np.asarray(rows, np.int64).reshape(-1, 3)
+
+    # ------------------------------------------------------------- ordering
+    @functools.lru_cache(maxsize=2)
+    def epoch_windows(self, epoch: int) -> np.ndarray:
+        """This process's window ids for `epoch`, in order (grain shuffle + shard)."""
+        dataset = (grain.MapDataset.source(np.arange(len(self.windows)))
+                   .shuffle(seed=_mix(self.config.seed, epoch))
+                   .slice(slice(self.process_index, None, self.process_count)))
+        return np.asarray([dataset[i] for i in range(len(dataset))], np.int64)
+
+    def num_groups(self, epoch: int) -> int:
+        return -(-len(self.epoch_windows(epoch)) // self.config.group_size)
+
+    # ------------------------------------------------------------- examples
+    def window_tokens(self, window_id: int) -> np.ndarray:
+        d, start, end = self.windows[window_id]
+        doc = self.corpus.document(d)
+        tail = [self.specials.eos] if end == len(doc) else []
+        return np.concatenate([[self.specials.cls], doc[start:end], tail]).astype(np.int32)
+
+    def examples(self, epoch: int, window_id: int) -> list[dict]:
+        """The corrupted example(s) of one window, a pure function of (seed, epoch, window)."""
+        rng = np.random.default_rng([self.config.seed, epoch, window_id])
+        return self._corrupt(self.window_tokens(window_id), rng)
+
+    def _corrupt(self, tokens: np.ndarray, rng: np.random.Generator) -> list[dict]:
+        try:
+            example = self.objective(tokens, rng, self.specials, self.tokenizer.sentence_end)
+        except DocumentTooShort:
+            self.counts["skipped_too_short"] += 1
+            return []
+        if len(example["tokens"]) <= self.config.seq_len:
+            return [example]
+        # The objective's extra tokens overflow the row: cut where the first part
+        # should fit; the rest becomes a short example that fills another row.
+        self.counts["split_overflow"] += 1
+        cut = max(1, int(len(tokens) * 0.97 * self.config.seq_len / len(example["tokens"])))
+        return self._corrupt(tokens[:cut], rng) + self._corrupt(tokens[cut:], rng)
+
+    @functools.lru_cache(maxsize=4)
+    def group_rows(self, epoch: int, group: int) -> tuple[dict, ...]:
+        """Packed rows of one group of `group_size` consecutive windows."""
+        size = self.config.group_size
+        ids = self.epoch_windows(epoch)[group * size:(group + 1) * size]
+        examples = [ex for w in ids for ex in self.examples(epoch, int(w))]
+        return tuple(packing.pack(examples, self.config.seq_len, self.specials.pad))
+
+    def iterator(self, state: dict | None = None) -> "BatchIterator":
+        iterator = BatchIterator(self)
+        if state is not None:
+            iterator.set_state(state)
+        return iterator
+
+
+class BatchIterator:
+    """Yields this process's batches ({key: [local_batch, ...]} numpy); state is 3 integers."""
+
+    def __init__(self, dataset: GLMDataset):
+        self.dataset = dataset
+        self.epoch, self.group, self.row = 0, 0, 0
+        self.rows_seen, self.real_tokens = 0, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        rows = [self._next_row() for _ in range(self.dataset.local_batch)]
+        batch = {key: np.stack([r[key] for r in rows]) for key in packing.ROW_KEYS}
+        self.rows_seen += len(rows)
+        self.real_tokens += int((batch["segment_ids"] > 0).sum())
+        return batch
+
+    def _next_row(self) -> dict:
+        while True:
+            rows = self.dataset.group_rows(self.epoch, self.group)
+            if self.row < len(rows):
+                self.row += 1
+                return rows[self.row - 1]
+            self.group, self.row = self.group + 1, 0
+            if self.group >= self.dataset.num_groups(self.epoch):
+                self.epoch, self.group = self.epoch + 1, 0
+
+    @property
+    def packing_efficiency(self) -> float:
+        """Fraction of non-padding tokens in the rows yielded so far."""
+        return self.real_tokens / max(1, self.rows_seen * self.dataset.config.seq_len)
+
+    def get_state(self) -> dict:
+        return {"epoch": self.epoch, "group": self.group, "row": self.row}
+
+    def set_state(self, state: dict) -> None:
+        self.epoch, self.group, self.row = int(state["epoch"]), int(state["group"]), int(state["row"])
+
+
+def _mix(seed: int, epoch: int) -> int:
+    """A 32-bit seed per (seed, epoch) for grain's shuffle."""
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+
+
+def make_dataset(config: DataConfig, objective: Objective, split: str = "train",
+                 process_index: int | None = None, process_count: int | None = None,
+                 tokenizer: Tokenizer | None = None) -> GLMDataset:
+    """The dataset of `split` ('train' | 'eval') for this process (jax.process_index by default)."""
+    if split not in ("train", "eval"):
+        raise ValueError(f"split {split!r} is unknown; use 'train' or 'eval'")
+    if process_index is None or process_count is None:
+        import jax  # only here: the data package itself does not need jax
+
+        process_index, process_count = jax.process_index(), jax.process_count()
+    tokenizer = tokenizer or load_tokenizer(config)
+    corpora = tokenize_corpus(config.source, tokenizer, split=config.text_split,
+                              eval_fraction=config.eval_fraction, cache_dir=Path(config.cache_dir))
+    if corpora[split].num_documents == 0:
+        raise ValueError(f"the {split} split of {config.source!r} is empty; raise DataConfig.eval_fraction "
+                         "or add documents")
+    return GLMDataset(config, objective, tokenizer, corpora[split], process_index, process_count)
