@@ -11,7 +11,7 @@ import pytest
 from data_fixtures import small_tokenizer, write_text_corpus
 from glm_jax.data import corpus
 from glm_jax.data.objectives import Objective
-from glm_jax.data.pipeline import DataConfig, make_dataset
+from glm_jax.data.pipeline import DataConfig, make_batches, make_dataset
 from glm_jax.kernels import masks
 
 MIX = Objective(token=0.5, sentence=0.3, document=0.2)
@@ -77,6 +77,19 @@ def test_restore_in_a_fresh_process_yields_the_same_batches(source, tmp_path):
     resumed = [{k: saved[f"{i}_{k}"] for k in expected[0]} for i in range(80)]
     assert_same_batches(expected, resumed)
     assert iterator.get_state()["epoch"] >= 1
+
+
+def test_global_batch_does_not_depend_on_the_process_count(source, tmp_path):
+    config = DataConfig(source=source, seq_len=128, batch_size=4, cache_dir=str(tmp_path), eval_fraction=0.1,
+                        group_size=8, num_shards=2)
+    one = make_batches(config, MIX, "train", 0, 1, tokenizer=small_tokenizer())
+    two = [make_batches(config, MIX, "train", p, 2, tokenizer=small_tokenizer()) for p in range(2)]
+    for _ in range(3):
+        whole, halves = next(one), [next(b) for b in two]
+        for key in whole:
+            np.testing.assert_array_equal(whole[key], np.concatenate([h[key] for h in halves]))
+    with pytest.raises(ValueError, match="num_shards"):
+        one.set_state(two[0].get_state())
 
 
 def test_processes_see_disjoint_shards_whose_union_is_the_epoch(source, tmp_path):

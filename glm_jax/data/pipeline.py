@@ -1,12 +1,15 @@
 """The GLM data pipeline: tokenised corpus -> windows -> corrupted examples -> packed rows -> batches.
 
 Built on grain's random-access MapDataset: the windows of an epoch are shuffled
-with a seed derived from (seed, epoch) and sharded by process (`slice(i::n)`), so
-processes see disjoint shards whose union is the epoch. Every example is a pure
-function of (seed, epoch, window id), whatever the process count. Examples are
-packed in groups of `group_size` (best-fit decreasing). The iterator's state is
-three integers (epoch, group, row): restoring it re-packs that one group and
-yields exactly the batches an uninterrupted run yields.
+with a seed derived from (seed, epoch) and split into `num_shards` disjoint
+streams (`slice(i::n)`) whose union is the epoch. A global batch takes
+batch_size / num_shards rows from every stream, and each process reads only its
+own streams, so the global batch does not depend on how many processes read it
+(num_shards defaults to the process count). Every example is a pure function of
+(seed, epoch, window id). Examples are packed in groups of `group_size`
+(best-fit decreasing). A stream's state is three integers (epoch, group, row):
+restoring it re-packs one group and yields exactly the batches an uninterrupted
+run yields.
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ class DataConfig:
       windows at sentence ends. None (default) sizes windows so that an average
       example fills 97% of a row after the objective's expansion.
     group_size: examples packed together (larger packs tighter).
+    num_shards: independent data streams (None = one per process). Fix it to keep
+      the same global batches when the process count changes.
     tokenizer_path: a SentencePiece .model with the GLM specials; None trains one on
       the source (cached) with vocab_size pieces.
     """
@@ -52,6 +57,7 @@ class DataConfig:
     cache_dir: str = str(DEFAULT_CACHE)
     window_fraction: float | None = None
     group_size: int = 64
+    num_shards: int | None = None
 
     def __post_init__(self):
         if self.seq_len < 16:
@@ -73,19 +79,19 @@ class GLMDataset:
     """Random access to the packed rows of one split, for one process."""
 
     def __init__(self, config: DataConfig, objective: Objective, tokenizer: Tokenizer, corpus: TokenizedCorpus,
-                 process_index: int = 0, process_count: int = 1):
-        if config.batch_size % process_count:
+                 shard_index: int = 0, shard_count: int = 1):
+        if config.batch_size % shard_count:
             raise ValueError(f"DataConfig.batch_size {config.batch_size} must be divisible by the "
-                             f"{process_count} processes")
+                             f"{shard_count} data shards (processes unless num_shards is set)")
         self.config, self.objective, self.tokenizer, self.corpus = config, objective, tokenizer, corpus
         self.specials = tokenizer.specials
-        self.process_index, self.process_count = process_index, process_count
-        self.local_batch = config.batch_size // process_count
+        self.shard_index, self.shard_count = shard_index, shard_count
+        self.local_batch = config.batch_size // shard_count
         fraction = config.window_fraction or 0.97 / objective.expected_expansion
         self.max_window = int(fraction * config.seq_len) - 2  # room for [CLS] and <eos>
         self.windows = self._make_windows()
-        if len(self.windows) < process_count:
-            raise ValueError(f"the corpus has {len(self.windows)} windows, fewer than {process_count} processes")
+        if len(self.windows) < shard_count:
+            raise ValueError(f"the corpus has {len(self.windows)} windows, fewer than {shard_count} data shards")
         self.counts = {"skipped_too_short": 0, "split_overflow": 0}
 
     def _make_windows(self) -> np.ndarray:
@@ -100,10 +106,10 @@ class GLMDataset:
     # ------------------------------------------------------------- ordering
     @functools.lru_cache(maxsize=2)
     def epoch_windows(self, epoch: int) -> np.ndarray:
-        """This process's window ids for `epoch`, in order (grain shuffle + shard)."""
+        """This shard's window ids for `epoch`, in order (grain shuffle + shard)."""
         dataset = (grain.MapDataset.source(np.arange(len(self.windows)))
                    .shuffle(seed=_mix(self.config.seed, epoch))
-                   .slice(slice(self.process_index, None, self.process_count)))
+                   .slice(slice(self.shard_index, None, self.shard_count)))
         return np.asarray([dataset[i] for i in range(len(dataset))], np.int64)
 
     def num_groups(self, epoch: int) -> int:
@@ -151,7 +157,7 @@ class GLMDataset:
 
 
 class BatchIterator:
-    """Yields this process's batches ({key: [local_batch, ...]} numpy); state is 3 integers."""
+    """Yields one shard's rows of each global batch ({key: [rows, ...]}); state is 3 integers."""
 
     def __init__(self, dataset: GLMDataset):
         self.dataset = dataset
@@ -195,20 +201,69 @@ def _mix(seed: int, epoch: int) -> int:
     return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
 
 
+class LocalBatches:
+    """This process's part of every global batch: the rows of its data shards, concatenated."""
+
+    def __init__(self, iterators: list[BatchIterator]):
+        self.iterators = iterators
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        parts = [next(it) for it in self.iterators]
+        return {key: np.concatenate([p[key] for p in parts]) for key in packing.ROW_KEYS}
+
+    @property
+    def packing_efficiency(self) -> float:
+        return float(np.mean([it.packing_efficiency for it in self.iterators]))
+
+    def get_state(self) -> dict:
+        return {"shards": [it.get_state() for it in self.iterators]}
+
+    def set_state(self, state: dict) -> None:
+        if len(state["shards"]) != len(self.iterators):
+            raise ValueError(f"data state has {len(state['shards'])} shards but this process reads "
+                             f"{len(self.iterators)}; keep DataConfig.num_shards and the process count "
+                             "of the run being resumed (or set num_shards explicitly)")
+        for it, shard_state in zip(self.iterators, state["shards"]):
+            it.set_state(shard_state)
+
+
+def _process() -> tuple[int, int]:
+    import jax  # only here: the data package itself does not need jax
+
+    return jax.process_index(), jax.process_count()
+
+
 def make_dataset(config: DataConfig, objective: Objective, split: str = "train",
-                 process_index: int | None = None, process_count: int | None = None,
-                 tokenizer: Tokenizer | None = None) -> GLMDataset:
-    """The dataset of `split` ('train' | 'eval') for this process (jax.process_index by default)."""
+                 shard_index: int = 0, shard_count: int = 1, tokenizer: Tokenizer | None = None) -> GLMDataset:
+    """One data shard of `split` ('train' | 'eval')."""
     if split not in ("train", "eval"):
         raise ValueError(f"split {split!r} is unknown; use 'train' or 'eval'")
-    if process_index is None or process_count is None:
-        import jax  # only here: the data package itself does not need jax
-
-        process_index, process_count = jax.process_index(), jax.process_count()
     tokenizer = tokenizer or load_tokenizer(config)
     corpora = tokenize_corpus(config.source, tokenizer, split=config.text_split,
                               eval_fraction=config.eval_fraction, cache_dir=Path(config.cache_dir))
     if corpora[split].num_documents == 0:
         raise ValueError(f"the {split} split of {config.source!r} is empty; raise DataConfig.eval_fraction "
                          "or add documents")
-    return GLMDataset(config, objective, tokenizer, corpora[split], process_index, process_count)
+    return GLMDataset(config, objective, tokenizer, corpora[split], shard_index, shard_count)
+
+
+def make_batches(config: DataConfig, objective: Objective, split: str = "train",
+                 process_index: int | None = None, process_count: int | None = None,
+                 tokenizer: Tokenizer | None = None, state: dict | None = None) -> LocalBatches:
+    """This process's rows of every global batch (jax.process_index / process_count by default)."""
+    if process_index is None or process_count is None:
+        process_index, process_count = _process()
+    shards = config.num_shards or process_count
+    if shards % process_count:
+        raise ValueError(f"DataConfig.num_shards {shards} must be a multiple of the {process_count} processes")
+    per_process = shards // process_count
+    tokenizer = tokenizer or load_tokenizer(config)
+    iterators = [make_dataset(config, objective, split, s, shards, tokenizer).iterator()
+                 for s in range(process_index * per_process, (process_index + 1) * per_process)]
+    batches = LocalBatches(iterators)
+    if state is not None:
+        batches.set_state(state)
+    return batches

@@ -82,7 +82,10 @@ class GLM(nn.Module):
         embedding = self.param("embedding", nn.with_logical_partitioning(
             jax.nn.initializers.normal(cfg.init_std), ("vocab", "embed")),
             (cfg.vocab_size, cfg.hidden_size), cfg.weight_dtype)
-        x = jnp.take(embedding, tokens, axis=0).astype(dtype)
+        # Gather the table's 'embed' axis before the lookup (what FSDP does for any
+        # weight), so the lookup output can take the batch sharding without a reshard.
+        lookup_table = nn.with_logical_constraint(embedding, ("vocab", "activation_embed"))
+        x = jnp.take(lookup_table, tokens, axis=0).astype(dtype)
         if cfg.embedding_grad_scale != 1.0:
             # GLM-130B shrink, alpha*x + (1-alpha)*sg(x), written so the forward value
             # is bit-identical (x - sg(x) == 0) and the gradient is exactly alpha * g.
@@ -115,6 +118,7 @@ class GLM(nn.Module):
         table = self.param(name, nn.with_logical_partitioning(
             jax.nn.initializers.normal(cfg.init_std), (None, "embed")),
             (cfg.max_position, cfg.hidden_size), cfg.weight_dtype)
+        table = nn.with_logical_constraint(table, (None, "activation_embed"))
         return jnp.take(table, ids, axis=0).astype(cfg.compute_dtype)
 
 

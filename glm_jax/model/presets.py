@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import gin
 
+from glm_jax import gin_utils
 from glm_jax.model.config import ModelConfig
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "experiments" / "configs"
+CONFIG_DIR = gin_utils.CONFIG_DIR
 
 
 def preset_names() -> list[str]:
@@ -24,10 +23,8 @@ def load_preset(name: str, **overrides) -> ModelConfig:
     path = CONFIG_DIR / "models" / f"{name}.gin"
     if not path.exists():
         raise ValueError(f"model preset {name!r} not found at {path}; known presets: {preset_names()}")
-    gin.clear_config()
-    gin.add_config_file_search_path(str(CONFIG_DIR))
     try:
-        gin.parse_config_file(str(path))
+        gin_utils.parse([path], [])
         config = ModelConfig()
     finally:
         gin.clear_config()

@@ -56,3 +56,37 @@ def training_flops_both(config: ModelConfig, segment_ids: np.ndarray, prefix_mas
     tokens = batch * length
     return {"attended": training_flops(config, tokens, attended_pairs(segment_ids, prefix_mask)),
             "full_matrix": training_flops(config, tokens, batch * length * length)}
+
+
+# Dense bf16 peak FLOP/s per chip (vendor figures) for MFU on accelerators.
+PEAK_FLOPS = {
+    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12,
+    "TPU v6 lite": 918e12, "TPU v6e": 918e12,
+    "NVIDIA H100": 989e12, "NVIDIA H200": 989e12, "NVIDIA A100": 312e12,
+}
+
+
+def measured_matmul_peak(n: int = 1024, repeats: int = 5) -> float:
+    """Achieved float32 FLOP/s of a square matmul on the default device (the CPU 'peak')."""
+    import time
+
+    import jax
+    import jax.numpy as jnp
+
+    a = jnp.ones((n, n), jnp.float32)
+    matmul = jax.jit(jnp.matmul)
+    matmul(a, a).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(a, a).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * n ** 3 / best
+
+
+def peak_flops_per_device(device) -> tuple[float, str]:
+    """(peak FLOP/s, where the figure comes from) for MFU."""
+    for name, flops in PEAK_FLOPS.items():
+        if device.device_kind.startswith(name):
+            return flops, f"{name} bf16 spec"
+    return measured_matmul_peak(), "measured float32 matmul"

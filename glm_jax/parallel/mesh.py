@@ -1,0 +1,103 @@
+"""Device meshes ('data', 'fsdp', 'tensor') and multi-host initialisation.
+
+Mesh sizes come from gin; one size may be -1 and takes the remaining devices.
+Multi-slice TPU runs give the DCN (between-slice) factor of each axis and get a
+hybrid ICI x DCN mesh from jax.experimental.mesh_utils.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+
+import gin
+import jax
+import numpy as np
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh
+
+from glm_jax.parallel.rules import MESH_AXES
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Sizes of the mesh axes; -1 fills the rest. dcn_* are between-slice factors.
+
+    num_devices: use only the first N devices (None = all), e.g. to compare a run
+    on fewer devices.
+    """
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+    dcn_data: int = 1
+    dcn_fsdp: int = 1
+    dcn_tensor: int = 1
+    num_devices: int | None = None
+
+    def shape(self, num_devices: int) -> tuple[int, int, int]:
+        return resolve_shape((self.data, self.fsdp, self.tensor), num_devices)
+
+
+def resolve_shape(sizes: tuple[int, ...], num_devices: int) -> tuple[int, ...]:
+    """Replaces one -1 by what is left; checks the product equals num_devices."""
+    if list(sizes).count(-1) > 1:
+        raise ValueError(f"mesh sizes {dict(zip(MESH_AXES, sizes))}: at most one axis may be -1")
+    known = math.prod(s for s in sizes if s != -1)
+    if known <= 0 or num_devices % known:
+        raise ValueError(f"mesh sizes {dict(zip(MESH_AXES, sizes))} do not divide the {num_devices} devices; "
+                         "change MeshConfig (one axis may be -1 to take the rest)")
+    shape = tuple(num_devices // known if s == -1 else s for s in sizes)
+    if math.prod(shape) != num_devices:
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, shape))} uses {math.prod(shape)} devices but "
+                         f"{num_devices} are present; set one MeshConfig axis to -1")
+    return shape
+
+
+def make_mesh(config: MeshConfig = MeshConfig(), devices=None) -> Mesh:
+    """The ('data', 'fsdp', 'tensor') mesh over `devices` (default: all devices)."""
+    devices = list(jax.devices() if devices is None else devices)
+    if config.num_devices is not None:
+        if config.num_devices > len(devices):
+            raise ValueError(f"MeshConfig.num_devices {config.num_devices} exceeds the {len(devices)} devices")
+        devices = devices[:config.num_devices]
+    dcn = (config.dcn_data, config.dcn_fsdp, config.dcn_tensor)
+    if math.prod(dcn) > 1:
+        num_slices = math.prod(dcn)
+        ici = resolve_shape((config.data, config.fsdp, config.tensor), len(devices) // num_slices)
+        grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
+    else:
+        shape = config.shape(len(devices))
+        try:
+            grid = mesh_utils.create_device_mesh(shape, devices)
+        except (ValueError, NotImplementedError, AssertionError):
+            grid = np.asarray(devices).reshape(shape)  # e.g. CPU or a subset of devices
+    return Mesh(grid, MESH_AXES)
+
+
+def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None) -> None:
+    """Starts jax.distributed when the run spans several processes.
+
+    TPU pods: auto-detected (no arguments). GPU clusters, SLURM and local
+    multi-process runs: the coordinator address, process count and id, given as
+    arguments or in GLM_JAX_COORDINATOR / GLM_JAX_NUM_PROCESSES / GLM_JAX_PROCESS_ID
+    (launch.sh sets them; under SLURM they come from SLURM_* variables).
+    Local CPU processes talk through gloo collectives.
+    """
+    coordinator = coordinator or os.environ.get("GLM_JAX_COORDINATOR")
+    if coordinator is None and "SLURM_JOB_ID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        jax.distributed.initialize()  # jax reads the SLURM environment itself
+        return
+    if coordinator is None:
+        if os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("CLOUD_TPU_TASK_ID"):
+            jax.distributed.initialize()  # TPU pod: everything auto-detected
+        return
+    num_processes = num_processes or int(os.environ["GLM_JAX_NUM_PROCESSES"])
+    process_id = process_id if process_id is not None else int(os.environ["GLM_JAX_PROCESS_ID"])
+    if jax.config.jax_platforms in (None, "", "cpu") or os.environ.get("JAX_PLATFORMS") == "cpu":
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                               process_id=process_id)

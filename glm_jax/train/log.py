@@ -1,0 +1,68 @@
+"""What a run shows and leaves behind: progress bar, TensorBoard events, config, summary."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+
+
+class RunLogger:
+    """Process 0 writes; other processes stay silent."""
+
+    def __init__(self, run_dir: Path, total_steps: int, start_step: int, gin_config: str, tokenizer):
+        self.enabled = jax.process_index() == 0
+        self.run_dir = run_dir
+        self.history: list[dict] = []
+        self.eval_history: list[dict] = []
+        self.tokens_per_second: list[float] = []
+        if not self.enabled:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.gin").write_text(gin_config)  # the operative config of this run
+        tokenizer.save(run_dir / "tokenizer.model")
+        from tensorboardX import SummaryWriter
+        from tqdm import tqdm
+
+        self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+        self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+
+    def log_step(self, step: int, metrics: dict) -> None:
+        self.history.append({"step": step, **metrics})
+        self.tokens_per_second.append(metrics["tokens_per_second"])
+        if not self.enabled:
+            return
+        for key, value in metrics.items():
+            self.writer.add_scalar(f"train/{key}", value, step)
+        self.bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_second']:.0f}",
+                             mfu=f"{metrics['mfu']:.1%}")
+        self.bar.update(1)
+
+    def log_eval(self, step: int, metrics: dict) -> None:
+        self.eval_history.append({"step": step, **metrics})
+        if not self.enabled:
+            return
+        for key, value in metrics.items():
+            self.writer.add_scalar(f"eval/{key}", value, step)
+        self.bar.write(f"step {step}: eval loss {metrics['loss']:.4f}, accuracy {metrics['accuracy']:.3f}")
+
+    def finish(self, last: dict, peak_source: str, checkpoint_dir: Path, checkpoint_step, preempted: bool) -> dict:
+        steady = self.tokens_per_second[1:] or self.tokens_per_second  # the first step includes compilation
+        summary = {
+            "final_train_loss": last.get("loss"), "final_eval_loss": (self.eval_history or [{}])[-1].get("loss"),
+            "tokens_per_second": sum(steady) / max(len(steady), 1), "mfu": last.get("mfu"),
+            "mfu_full_matrix": last.get("mfu_full_matrix"), "mfu_peak_source": peak_source,
+            "checkpoint": str(checkpoint_dir / str(checkpoint_step)) if checkpoint_step is not None else None,
+            "preempted": preempted, "losses": [h["loss"] for h in self.history],
+        }
+        if self.enabled:
+            self.bar.close()
+            self.writer.close()
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            eval_loss = summary["final_eval_loss"]
+            print(f"{'preempted' if preempted else 'done'}: train loss {summary['final_train_loss']:.4f}, "
+                  f"eval loss {eval_loss if eval_loss is None else f'{eval_loss:.4f}'}, "
+                  f"{summary['tokens_per_second']:.0f} tokens/s, MFU {summary['mfu'] or 0:.1%} "
+                  f"({peak_source}), checkpoint {summary['checkpoint']}", flush=True)
+        return summary

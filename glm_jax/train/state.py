@@ -1,0 +1,55 @@
+"""Train state and its shardings, derived from jax.eval_shape and the logical axis names."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from glm_jax.model import ModelConfig, init_params
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+def abstract_boxed_params(config: ModelConfig):
+    return jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+
+
+def param_shardings(config: ModelConfig, mesh: Mesh, rules):
+    """NamedSharding of every parameter from its logical axis names and the rules table."""
+    return nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract_boxed_params(config)), mesh, rules)
+
+
+def state_shardings(config: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh, rules) -> TrainState:
+    """Shardings of the whole TrainState: optimizer moments follow their parameters."""
+    params = param_shardings(config, mesh, rules)
+    abstract = abstract_state(config, tx)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    opt_state = optax.tree_map_params(tx, lambda _, sharding: sharding, abstract.opt_state, params,
+                                      transform_non_params=lambda _: replicated)
+    return TrainState(step=replicated, params=params, opt_state=opt_state)
+
+
+def create_state(config: ModelConfig, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
+    params = nn.meta.unbox(init_params(config, rng))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+
+def abstract_state(config: ModelConfig, tx: optax.GradientTransformation) -> TrainState:
+    """Shapes and dtypes of the TrainState, nothing allocated."""
+    return jax.eval_shape(lambda: create_state(config, tx, jax.random.key(0)))
+
+
+def init_state(config: ModelConfig, tx, rng: jax.Array, shardings: TrainState) -> TrainState:
+    """The TrainState created directly in its shards (never whole on one device)."""
+    return jax.jit(lambda r: create_state(config, tx, r), out_shardings=shardings)(rng)

@@ -1,0 +1,136 @@
+"""Sharded training: mesh equivalence, multi-process, exact resume, resharding, errors, the main command."""
+
+import shutil
+import signal
+import subprocess
+import time
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec
+
+from train_fixtures import REPO, experiment, subprocess_env, summary, train_command, train_in_process
+from glm_jax import gin_utils
+from glm_jax.model import ModelConfig, abstract_params
+from glm_jax.train.checkpoint import Checkpointer, CheckpointShapeError, restore_params
+from glm_jax.train.loop import TrainingDiverged
+
+
+def mesh_bindings(data, fsdp, tensor, devices, sharding="fsdp_tp"):
+    return [f"MeshConfig.data = {data}", f"MeshConfig.fsdp = {fsdp}", f"MeshConfig.tensor = {tensor}",
+            f"MeshConfig.num_devices = {devices}", f"train.sharding = '{sharding}'"]
+
+
+def test_eight_device_mesh_equals_one_device_and_params_are_sharded(tmp_path):
+    sharded = train_in_process(experiment(tmp_path, "mesh8", 5, mesh_bindings(2, 2, 2, 8)))
+    single = train_in_process(experiment(tmp_path, "mesh1", 5, mesh_bindings(1, 1, 1, 1)))
+    np.testing.assert_allclose(sharded["losses"], single["losses"], rtol=1e-5)
+    assert sharded["losses"][-1] < sharded["losses"][0]
+    # The parameters really are split: restore them onto the 8-device shardings and look.
+    from glm_jax.parallel.mesh import MeshConfig, make_mesh
+    from glm_jax.parallel.rules import logical_axis_rules
+    from glm_jax.train.state import param_shardings
+
+    config = ModelConfig(vocab_size=512, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=64,
+                         max_position=128)
+    shardings = param_shardings(config, make_mesh(MeshConfig(2, 2, 2)), logical_axis_rules("fsdp_tp"))
+    params, step = restore_params(tmp_path / "mesh8", jax.tree_util.tree_map(
+        lambda x: x, _unboxed_abstract(config)), shardings=shardings)
+    query = params["layers"]["attention"]["query"]["kernel"]
+    assert step == 5 and query.sharding.spec == PartitionSpec(None, "fsdp", "tensor", None)
+    assert len({str(s.index) for s in query.addressable_shards}) == 4  # 2 fsdp x 2 tensor pieces
+
+
+def _unboxed_abstract(config):
+    import flax.linen as nn
+    return nn.meta.unbox(abstract_params(config))
+
+
+def test_multiprocess_run_equals_single_process(tmp_path):
+    bindings = experiment(tmp_path, "single", 3)
+    subprocess.run(train_command(bindings), check=True, env=subprocess_env(4), capture_output=True)
+    bindings = experiment(tmp_path, "multi", 3)
+    overrides = [f"--gin_param={b}" for b in bindings if not b.startswith("include")]
+    env = subprocess_env(4)
+    env["DEVICES_PER_PROCESS"] = "2"
+    subprocess.run([str(REPO / "launch.sh"), "multiprocess", "2", str(REPO / "experiments/configs/base.gin"),
+                    *overrides], check=True, env=env, capture_output=True, timeout=300)
+    np.testing.assert_allclose(summary(tmp_path / "multi")["losses"], summary(tmp_path / "single")["losses"],
+                               rtol=1e-5)
+
+
+def test_sigkill_after_checkpoint_resumes_bitwise_and_partial_saves_are_ignored(tmp_path):
+    reference = train_in_process(experiment(tmp_path, "whole", 20, ["train.checkpoint_every = 10"]))
+    run_dir = tmp_path / "killed"
+    command = train_command(experiment(tmp_path, "killed", 20, ["train.checkpoint_every = 10"]))
+    process = subprocess.Popen(command, env=subprocess_env(8), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (run_dir / "checkpoints" / "10").is_dir() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert (run_dir / "checkpoints" / "10").is_dir() and not (run_dir / "checkpoints" / "20").is_dir()
+    # What an interrupted async save leaves behind: a temporary step directory.
+    partial = run_dir / "checkpoints" / "15.orbax-checkpoint-tmp-1"
+    partial.mkdir()
+    (partial / "params").mkdir()
+    resumed = train_in_process(experiment(tmp_path, "killed", 20, ["train.checkpoint_every = 10"]))
+    assert resumed["losses"] == reference["losses"][10:]  # bitwise, data included
+    assert not partial.exists()
+
+
+def test_restore_onto_a_smaller_mesh(tmp_path):
+    big = experiment(tmp_path, "big", 3, mesh_bindings(2, 2, 2, 8) + ["train.checkpoint_every = 3"])
+    train_in_process(big)
+    shutil.copytree(tmp_path / "big", tmp_path / "small")
+    continued_big = train_in_process(experiment(tmp_path, "big", 4, mesh_bindings(2, 2, 2, 8)))
+    continued_small = train_in_process(experiment(tmp_path, "small", 4, mesh_bindings(1, 2, 1, 2, "fsdp")))
+    np.testing.assert_allclose(continued_small["losses"], continued_big["losses"], rtol=1e-5)
+    config = ModelConfig(vocab_size=512, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=64,
+                         max_position=128)
+    a, _ = restore_params(tmp_path / "big", _unboxed_abstract(config), step=3)
+    b, _ = restore_params(tmp_path / "small", _unboxed_abstract(config), step=3)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
+
+
+def test_shape_mismatch_names_the_parameter(tmp_path):
+    train_in_process(experiment(tmp_path, "run", 1))
+    wrong = ModelConfig(vocab_size=512, hidden_size=48, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=64,
+                        max_position=128)
+    with pytest.raises(CheckpointShapeError, match=r"\['block_position_embedding'\] has shape \(128, 32\).*\(128, 48\)"):
+        restore_params(tmp_path / "run", _unboxed_abstract(wrong))
+    with pytest.raises(FileNotFoundError, match="no checkpoint directory"):
+        restore_params(tmp_path / "absent", _unboxed_abstract(wrong))
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    train_in_process(experiment(tmp_path, "nan", 2))
+    with pytest.raises(TrainingDiverged, match=r"at step 4;.*last good checkpoint is step 2"):
+        train_in_process(experiment(tmp_path, "nan", 6, ["OptimizerConfig.learning_rate = 1e30",
+                                                         "OptimizerConfig.grad_clip = 1e30"]))
+    assert Checkpointer(tmp_path / "nan" / "checkpoints").latest_step() == 2
+
+
+def test_unknown_gin_binding_fails_fast_with_the_file(tmp_path):
+    bad = tmp_path / "typo.gin"
+    bad.write_text("include 'base.gin'\nModelConfig.hiden_size = 12\n")
+    with pytest.raises(ValueError, match=r"typo\.gin.*hiden_size"):
+        gin_utils.parse([bad], [])
+    result = subprocess.run(train_command(["train.stepz = 3"]), env=subprocess_env(1), capture_output=True, text=True)
+    assert result.returncode != 0 and "stepz" in result.stderr
+
+
+def test_main_command_trains_on_stdlib(tmp_path):
+    run_dir = tmp_path / "main"
+    result = subprocess.run([str(REPO / "launch.sh"), "train", "experiments/configs/glm_tiny_stdlib.gin",
+                             "--gin.STEPS=8", f"--gin.RUN_DIR='{run_dir}'", "--gin.train.eval_every=8",
+                             "--gin.DataConfig.seq_len=128"],
+                            cwd=REPO, env=subprocess_env(8), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    losses = summary(run_dir)["losses"]
+    assert np.mean(losses[-3:]) < losses[0] - 0.5  # visibly falling
+    assert (run_dir / "checkpoints" / "8").is_dir() and (run_dir / "tokenizer.model").is_file()
+    assert "ModelConfig.hidden_size = 256" in (run_dir / "config.gin").read_text()
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert "done: train loss" in result.stdout

@@ -1,0 +1,61 @@
+"""Helpers for training tests: a tiny experiment on a generated corpus, run in or out of process."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import gin
+
+from data_fixtures import write_text_corpus
+from glm_jax import gin_utils
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY_BINDINGS = [
+    "include 'base.gin'",
+    "ModelConfig.vocab_size = 512", "ModelConfig.hidden_size = 32", "ModelConfig.num_layers = 2",
+    "ModelConfig.num_heads = 4", "ModelConfig.num_kv_heads = 2", "ModelConfig.mlp_dim = 64",
+    "ModelConfig.max_position = 128",
+    "DataConfig.seq_len = 64", "DataConfig.batch_size = 8", "DataConfig.vocab_size = 400",
+    "DataConfig.group_size = 8", "DataConfig.eval_fraction = 0.1", "DataConfig.num_shards = 2",
+    "OptimizerConfig.learning_rate = 3e-3", "OptimizerConfig.warmup_steps = 2",
+    "train.eval_batches = 1", "train.eval_every = 1000",
+]
+
+
+def experiment(tmp_path: Path, run_name: str, steps: int, extra=()) -> list[str]:
+    corpus_dir = tmp_path / "corpus"
+    if not corpus_dir.exists():
+        corpus_dir.mkdir()
+        write_text_corpus(corpus_dir, count=150)
+    return TINY_BINDINGS + [
+        f"DataConfig.source = 'text:{corpus_dir}/*.txt'", f"DataConfig.cache_dir = '{tmp_path / 'cache'}'",
+        f"RUN_DIR = '{tmp_path / run_name}'", f"STEPS = {steps}", *extra]
+
+
+def train_in_process(bindings: list[str]) -> dict:
+    from glm_jax.train.loop import train
+
+    gin_utils.parse([], bindings)
+    try:
+        return train()
+    finally:
+        gin.clear_config()
+
+
+def train_command(bindings: list[str]) -> list[str]:
+    return [sys.executable, "-m", "glm_jax.train", f"--gin_file={REPO / 'experiments/configs/base.gin'}",
+            *[f"--gin_param={b}" for b in bindings if not b.startswith("include")]]
+
+
+def subprocess_env(devices: int) -> dict:
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["JAX_PLATFORMS"] = "cpu"
+    return env
+
+
+def summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
