@@ -19,10 +19,22 @@ commands:
   tpu TPU_NAME ZONE CONFIG [overrides] [--dry-run]
                                      run the same train command on every worker of a TPU VM pod
                                      (gcloud compute tpus tpu-vm ssh --worker=all)
+  preflight --topology=v5e:4x4 --gin_file=CONFIG [overrides]
+                                     compile the sharded train step for a TPU topology on this
+                                     machine and report per-device HBM (exit 1 if it does not fit)
   slurm CONFIG [overrides] [--dry-run]
                                      srun one process per task; jax.distributed reads the SLURM
                                      environment (coordinator = first node)
 USAGE
+}
+
+# Pins jax to the CPU when the machine has no accelerator device files, so an installed
+# libtpu (the tpu extra, used by the preflight tests) does not probe for a TPU.
+cpu_unless_accelerator() {
+  if ! compgen -G "/dev/accel*" >/dev/null && ! compgen -G "/dev/vfio/[0-9]*" >/dev/null \
+     && ! compgen -G "/dev/nvidia[0-9]*" >/dev/null; then
+    export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"
+  fi
 }
 
 # Creates .venv on first use and (re)installs the package when pyproject.toml changes.
@@ -64,7 +76,7 @@ cmd="${1:-}"
 [ $# -gt 0 ] && shift
 case "$cmd" in
   test)
-    ensure_venv test
+    ensure_venv test,tpu
     # -n 2: both cores; tests share compiled functions within a worker.
     exec .venv/bin/python -m pytest -n 2 "$@"
     ;;
@@ -72,6 +84,7 @@ case "$cmd" in
     need_config "${1:-}"
     config="$1"; shift
     ensure_venv test
+    cpu_unless_accelerator
     exec .venv/bin/python -m glm_jax.train --gin_file="$config" "$@"
     ;;
   multiprocess)
@@ -103,7 +116,7 @@ case "$cmd" in
     name="$1"; zone="$2"; config="$3"; shift 3
     overrides=""
     for a in "$@"; do overrides+=" $(printf '%q' "$a")"; done
-    remote="cd ~/glm_jax && ./launch.sh train $(printf '%q' "$config")${overrides}"
+    remote="cd ~/glm_jax && GLM_JAX_DISTRIBUTED=auto ./launch.sh train $(printf '%q' "$config")${overrides}"
     run_or_print gcloud compute tpus tpu-vm ssh "$name" --zone "$zone" --worker=all --command "$remote"
     ;;
   slurm)
@@ -114,6 +127,11 @@ case "$cmd" in
     config="$1"; shift
     [ "$DRY_RUN" = 0 ] && ensure_venv test
     run_or_print srun --kill-on-bad-exit=1 .venv/bin/python -m glm_jax.train --gin_file="$config" "$@"
+    ;;
+  preflight)
+    ensure_venv test,tpu
+    export JAX_PLATFORMS=cpu  # compile for the TPU topology from this machine
+    exec .venv/bin/python -m glm_jax.preflight "$@"
     ;;
   -h|--help|help)
     usage

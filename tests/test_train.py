@@ -134,3 +134,38 @@ def test_main_command_trains_on_stdlib(tmp_path):
     assert "ModelConfig.hidden_size = 256" in (run_dir / "config.gin").read_text()
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     assert "done: train loss" in result.stdout
+
+
+def test_gradient_accumulation_equals_one_big_batch(tmp_path):
+    whole = train_in_process(experiment(tmp_path, "accum1", 3))
+    accumulated = train_in_process(experiment(tmp_path, "accum4", 3, ["OptimizerConfig.grad_accum_steps = 4"]))
+    np.testing.assert_allclose(accumulated["losses"], whole["losses"], rtol=1e-5)
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path):
+    run_dir = tmp_path / "preempted"
+    process = subprocess.Popen(train_command(experiment(tmp_path, "preempted", 10_000)), env=subprocess_env(2),
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    deadline = time.time() + 240
+    while not list((run_dir / "tensorboard").glob("events*")) and time.time() < deadline:
+        time.sleep(0.1)
+    time.sleep(2)  # a few steps in
+    process.send_signal(signal.SIGTERM)
+    out, _ = process.communicate(timeout=240)
+    assert process.returncode == 0 and "preempted" in out
+    done = summary(run_dir)
+    assert done["preempted"] and Checkpointer(run_dir / "checkpoints").latest_step() == len(done["losses"])
+
+
+def test_launcher_usage_and_dry_runs():
+    launch = str(REPO / "launch.sh")
+    bad = subprocess.run([launch, "fly"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "usage:" in bad.stderr
+    missing = subprocess.run([launch, "train"], capture_output=True, text=True)
+    assert missing.returncode == 2 and "usage:" in missing.stderr
+    tpu = subprocess.run([launch, "tpu", "pod", "us-central2-b", "experiments/configs/glm_tiny_stdlib.gin",
+                          "--gin.STEPS=5", "--dry-run"], capture_output=True, text=True, cwd=REPO)
+    assert tpu.returncode == 0 and "--worker=all" in tpu.stdout and "GLM_JAX_DISTRIBUTED=auto" in tpu.stdout
+    slurm = subprocess.run([launch, "slurm", "experiments/configs/glm_tiny_stdlib.gin", "--dry-run"],
+                           capture_output=True, text=True, cwd=REPO)
+    assert slurm.returncode == 0 and slurm.stdout.startswith("srun")

@@ -31,7 +31,7 @@ _CHOICES = {
     "rope_style": ("half", "interleaved"),
     "attention_impl": ("auto", "xla", "pallas"),
     "remat_policy": ("none", "full", "dots", "dots_no_batch"),
-    "dtype": ("float32", "bfloat16", "float16"),
+    "dtype": ("auto", "float32", "bfloat16", "float16"),
     "param_dtype": ("float32", "bfloat16"),
 }
 
@@ -70,7 +70,8 @@ class ModelConfig:
         value is unchanged and the embedding gradient is scaled by alpha. 1.0 = off.
       init_std: standard deviation of the normal initialiser (GLM: 0.02). Output
         projections use init_std / sqrt(2L); DeepNorm uses its own Xavier init.
-      dtype: compute dtype; softmax and logits are always float32.
+      dtype: compute dtype; 'auto' is bfloat16 on GPU/TPU and float32 on CPU.
+        Softmax, norms statistics and logits are always float32.
       param_dtype: storage dtype of parameters.
       scan_layers: stack the blocks with nn.scan (one compiled block, a leading
         'layers' axis on every block parameter).
@@ -101,7 +102,7 @@ class ModelConfig:
     tie_embeddings: bool = True
     embedding_grad_scale: float = 1.0
     init_std: float = 0.02
-    dtype: str = "float32"
+    dtype: str = "auto"
     param_dtype: str = "float32"
     scan_layers: bool = True
     remat_policy: RematPolicy = "none"
@@ -160,6 +161,10 @@ class ModelConfig:
 
     @property
     def compute_dtype(self):
+        if self.dtype == "auto":
+            import jax
+
+            return jnp.dtype(jnp.bfloat16 if jax.default_backend() in ("gpu", "tpu") else jnp.float32)
         return jnp.dtype(self.dtype)
 
     @property

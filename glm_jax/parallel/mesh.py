@@ -81,7 +81,8 @@ def initialize_distributed(coordinator: str | None = None, num_processes: int | 
                            process_id: int | None = None) -> None:
     """Starts jax.distributed when the run spans several processes.
 
-    TPU pods: auto-detected (no arguments). GPU clusters, SLURM and local
+    TPU pods: GLM_JAX_DISTRIBUTED=auto (launch.sh tpu sets it) and jax
+    auto-detects the rest. SLURM: read from SLURM_* variables. GPU clusters and local
     multi-process runs: the coordinator address, process count and id, given as
     arguments or in GLM_JAX_COORDINATOR / GLM_JAX_NUM_PROCESSES / GLM_JAX_PROCESS_ID
     (launch.sh sets them; under SLURM they come from SLURM_* variables).
@@ -92,12 +93,12 @@ def initialize_distributed(coordinator: str | None = None, num_processes: int | 
         jax.distributed.initialize()  # jax reads the SLURM environment itself
         return
     if coordinator is None:
-        if os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("CLOUD_TPU_TASK_ID"):
-            jax.distributed.initialize()  # TPU pod: everything auto-detected
+        if os.environ.get("GLM_JAX_DISTRIBUTED") == "auto":  # set by `launch.sh tpu`
+            jax.distributed.initialize()  # TPU pod: coordinator and process ids auto-detected
         return
     num_processes = num_processes or int(os.environ["GLM_JAX_NUM_PROCESSES"])
     process_id = process_id if process_id is not None else int(os.environ["GLM_JAX_PROCESS_ID"])
-    if jax.config.jax_platforms in (None, "", "cpu") or os.environ.get("JAX_PLATFORMS") == "cpu":
+    if os.environ.get("JAX_PLATFORMS", "") == "cpu":
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
                                process_id=process_id)

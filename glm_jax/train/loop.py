@@ -65,6 +65,12 @@ def train(run_dir: str = gin.REQUIRED, steps: int = gin.REQUIRED, *, sharding: s
     else:
         state, meta = checkpoints.restore(latest, abstract_state(model, tx), shardings)
         data_state = meta["data"][jax.process_index()]
+    if int(state.step) >= steps:
+        checkpoints.close()
+        print(f"{run_dir} is already trained to step {int(state.step)} (train.steps = {steps}); raise "
+              "train.steps to continue it or choose another RUN_DIR", flush=True)
+        return {"final_train_loss": None, "losses": [], "checkpoint": str(checkpoints.directory / str(latest)),
+                "preempted": False}
     batches = make_batches(data, objective, "train", tokenizer=tokenizer, state=data_state)
 
     with jax.set_mesh(mesh):
