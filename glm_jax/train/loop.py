@@ -37,11 +37,9 @@ class TrainingDiverged(RuntimeError):
 @gin.configurable
 def train(run_dir: str = gin.REQUIRED, steps: int = gin.REQUIRED, *, sharding: str = "fsdp",
           checkpoint_every: int = 100, keep_checkpoints: int = 3, eval_every: int = 100, eval_batches: int = 4,
-          log_every: int = 10, seed: int = 0, z_loss: float = 0.0, stop_after: int | None = None) -> dict:
+          seed: int = 0, z_loss: float = 0.0) -> dict:
     """Trains a GLM from gin bindings; resumes from the latest checkpoint in run_dir.
 
-    stop_after: end the process after this many steps of THIS invocation (with a
-      checkpoint), as a preemption would; the schedule still spans `steps`.
     Returns the final summary (also printed and written to run_dir/summary.json).
     """
     run_dir = Path(run_dir).absolute()
@@ -51,7 +49,8 @@ def train(run_dir: str = gin.REQUIRED, steps: int = gin.REQUIRED, *, sharding: s
     tokenizer = load_tokenizer(data)
     if model.vocab_size < tokenizer.vocab_size:
         raise ValueError(f"ModelConfig.vocab_size {model.vocab_size} is smaller than the tokenizer's "
-                         f"{tokenizer.vocab_size} pieces; raise it (or DataConfig.vocab_size must shrink)")
+                         f"{tokenizer.vocab_size} pieces; raise ModelConfig.vocab_size to at least "
+                         f"{tokenizer.vocab_size} or lower DataConfig.vocab_size")
     tx, schedule = make_optimizer(optimizer, steps)
     shardings = state_shardings(model, tx, mesh, rules)
     batch_sharding = {k: NamedSharding(mesh, PartitionSpec(("data", "fsdp"))) for k in
@@ -83,8 +82,8 @@ def train(run_dir: str = gin.REQUIRED, steps: int = gin.REQUIRED, *, sharding: s
     peak, peak_source = flops.peak_flops_per_device(jax.devices()[0])
     stop = _PreemptionFlag()
 
-    first_step, last = int(state.step), {}
-    for step in range(first_step, steps):
+    last = {}
+    for step in range(int(state.step), steps):
         local = next(batches)
         start = time.perf_counter()
         with jax.set_mesh(mesh):
@@ -100,7 +99,7 @@ def train(run_dir: str = gin.REQUIRED, steps: int = gin.REQUIRED, *, sharding: s
         last.update(_throughput(model, local, seconds, peak))
         logger.log_step(step + 1, last)
 
-        done = step + 1 == steps or stop.requested or (stop_after and step + 1 - first_step >= stop_after)
+        done = step + 1 == steps or stop.agreed()
         if (step + 1) % checkpoint_every == 0 or done:
             checkpoints.save(step + 1, state, _all_data_states(batches), gin_config)
         if (step + 1) % eval_every == 0 or step + 1 == steps:
@@ -160,4 +159,10 @@ class _PreemptionFlag:
 
     def _handle(self, signum, frame):
         self.requested = True
+
+    def agreed(self) -> bool:
+        """True on every process once any process was signalled (saving is collective)."""
+        if jax.process_count() == 1:
+            return self.requested
+        return bool(np.any(multihost_utils.process_allgather(np.asarray(self.requested))))
 
