@@ -33,7 +33,7 @@ def random_packing(rng: np.random.Generator, batch: int, length: int, max_segmen
     prefix_mask = np.zeros((batch, length), bool)
     positions = np.zeros((batch, 2, length), np.int32)
     for b in range(batch):
-        n = int(rng.integers(1, max_segments + 1))
+        n = int(rng.integers(1, min(max_segments, length) + 1))
         used = int(rng.integers(max(n, length // 2), length + 1)) if pad else length
         cuts = np.sort(rng.choice(np.arange(1, used), size=min(n - 1, used - 1), replace=False))
         bounds = [0, *cuts.tolist(), used]

@@ -16,14 +16,15 @@ from glm_jax.kernels import masks
 # Large but finite: exp(mask - max) underflows to 0 without inf - inf = NaN.
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
-IMPLS = ("auto", "xla", "pallas")
+IMPLS = ("auto", "xla", "pallas", "pallas_interpret")
 
 
 def resolve_impl(impl: str) -> str:
-    """'auto' -> the fastest implementation available on the default backend.
+    """'auto' -> the implementation to use on the default backend.
 
-    The Pallas kernel arrives with the kernel issue; until then 'auto' is XLA
-    everywhere and asking for 'pallas' is an error that says so.
+    'auto' stays on XLA until the Pallas kernel has been timed on real hardware
+    (and its TPU variant exists); 'pallas' runs the kernel through Triton on GPU
+    and in interpret mode on CPU; 'pallas_interpret' forces interpret mode.
     """
     if impl not in IMPLS:
         raise ValueError(f"attention impl {impl!r} is unknown; use one of {IMPLS}")
@@ -52,9 +53,19 @@ def attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray,
     impl = resolve_impl(impl)
     if impl == "xla":
         return xla_attention(q, k, v, segment_ids, prefix_mask, scale=scale)
+    from glm_jax.kernels.flash_attention import flash_attention  # Pallas only when asked for
+
+    backend = jax.default_backend()
+    if impl == "pallas_interpret" or backend == "cpu":
+        return flash_attention(q, k, v, segment_ids, prefix_mask, scale=scale, interpret=True)
+    if backend == "gpu":
+        from jax.experimental.pallas import triton as pallas_triton
+
+        return flash_attention(q, k, v, segment_ids, prefix_mask, scale=scale,
+                               compiler_params=pallas_triton.CompilerParams(num_warps=4, num_stages=2))
     raise NotImplementedError(
-        "attention impl 'pallas' is not available yet (it arrives with the flash "
-        "attention kernel issue); set ModelConfig.attention_impl = 'xla' or 'auto'.")
+        f"the Pallas attention kernel has no {backend} (Mosaic) variant yet; set "
+        "ModelConfig.attention_impl = 'xla' (or 'auto') on this backend.")
 
 
 def xla_attention(q, k, v, segment_ids, prefix_mask, *, scale):

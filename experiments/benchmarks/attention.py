@@ -1,0 +1,157 @@
+"""Attention memory and block skipping: the XLA reference vs the Pallas flash kernel.
+
+    python experiments/benchmarks/attention.py [--lengths 1024 2048 4096 8192 16384] [--time]
+    python experiments/benchmarks/attention.py --backend gpu   # on a GPU: kernel vs cuDNN
+
+CPU mode: compiled temporary memory (`compiled.memory_analysis()`) of forward+backward
+for both paths at Hq=8, Hkv=2, D=128, B=1 (a GLM mask with one prefix), the
+attended-pair ratio vs the visited-block ratio of packed GLM batches, and (with
+--time) CPU wall time, where the kernel runs in interpret mode: not its target
+platform. GPU mode times the Triton kernel against jax.nn.dot_product_attention.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from glm_jax.kernels import masks
+from glm_jax.kernels.attention import xla_attention
+from glm_jax.kernels.flash_attention import flash_attention, visited_blocks
+
+HQ, HKV, D = 8, 2, 128
+LIMIT_BYTES = 16 << 30
+
+
+def glm_mask(T: int):
+    segment_ids = jnp.ones((1, T), jnp.int32)
+    prefix_mask = jnp.arange(T)[None] < T // 2  # Part A = half the row
+    return segment_ids, prefix_mask
+
+
+def fwd_bwd(impl: str, T: int, interpret: bool = True, compiler_params=None):
+    seg, prefix = glm_mask(T)
+
+    def loss(q, k, v):
+        if impl == "xla":
+            out = xla_attention(q, k, v, seg, prefix, scale=D ** -0.5)
+        else:
+            out = flash_attention(q, k, v, seg, prefix, scale=D ** -0.5, block_q=128, block_k=128,
+                                  interpret=interpret, compiler_params=compiler_params)
+        return jnp.sum(out.astype(jnp.float32))
+
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+
+
+def avals(T: int, dtype=jnp.float32):
+    return (jax.ShapeDtypeStruct((1, T, HQ, D), dtype), jax.ShapeDtypeStruct((1, T, HKV, D), dtype),
+            jax.ShapeDtypeStruct((1, T, HKV, D), dtype))
+
+
+def temp_bytes(impl: str, T: int) -> int:
+    return fwd_bwd(impl, T).lower(*avals(T)).compile().memory_analysis().temp_size_in_bytes
+
+
+def pair_vs_block_ratios(T: int = 4096, block: int = 128, seed: int = 0) -> dict:
+    """Ideal (attended pairs / T^2) vs achieved (visited blocks / all blocks) on packed rows."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
+    from conftest import random_packing
+
+    seg, prefix, _ = random_packing(np.random.default_rng(seed), 8, T, max_segments=5)
+    pairs = float(masks.dense_mask(jnp.asarray(seg), jnp.asarray(prefix)).sum()) / (8 * T * T)
+    blocks = float(visited_blocks(jnp.asarray(seg), jnp.asarray(prefix), block, block).sum()) / (8 * (T // block) ** 2)
+    return {"T": T, "block": block, "attended_pair_ratio": pairs, "visited_block_ratio": blocks}
+
+
+def wall_seconds(fn, T: int, repeats: int = 3) -> float:
+    rng = np.random.default_rng(0)
+    args = [jnp.asarray(rng.normal(size=a.shape), a.dtype) for a in avals(T)]
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def cpu_report(lengths: list[int], with_time: bool) -> dict:
+    rows = []
+    for T in lengths:
+        row = {"T": T}
+        for impl in ("xla", "pallas"):
+            row[f"{impl}_temp_bytes"] = temp_bytes(impl, T)
+            if with_time and T <= 4096:
+                row[f"{impl}_seconds"] = wall_seconds(fwd_bwd(impl, T), T)
+        row["ratio"] = row["pallas_temp_bytes"] / row["xla_temp_bytes"]
+        rows.append(row)
+    print(f"forward+backward temporary memory, B=1, Hq={HQ}, Hkv={HKV}, D={D}, float32, GLM mask (sep = T/2)")
+    print(f"{'T':>6} {'XLA MiB':>10} {'Pallas MiB':>11} {'kernel/XLA':>11}" + (f" {'XLA s':>8} {'Pallas s':>9}" if with_time else ""))
+    for r in rows:
+        line = f"{r['T']:>6} {r['xla_temp_bytes'] / 2**20:>10.1f} {r['pallas_temp_bytes'] / 2**20:>11.1f} {r['ratio']:>11.3f}"
+        if with_time and "xla_seconds" in r:
+            line += f" {r['xla_seconds']:>8.3f} {r['pallas_seconds']:>9.3f}"
+        print(line)
+    fits = {impl: max([r["T"] for r in rows if r[f"{impl}_temp_bytes"] <= LIMIT_BYTES], default=None)
+            for impl in ("xla", "pallas")}
+    print(f"largest T within 16 GiB of temporaries: XLA {fits['xla']}, Pallas {fits['pallas']}")
+    skipping = [pair_vs_block_ratios(T) for T in (1024, 4096)]
+    for s in skipping:
+        print(f"packed GLM rows, T={s['T']}, blocks {s['block']}: attended pairs {s['attended_pair_ratio']:.1%} of T^2, "
+              f"visited blocks {s['visited_block_ratio']:.1%} of all blocks")
+    return {"rows": rows, "largest_T_within_16GiB": fits, "block_skipping": skipping}
+
+
+def gpu_report(lengths: list[int]) -> dict:
+    from jax.experimental.pallas import triton as pallas_triton
+
+    params = pallas_triton.CompilerParams(num_warps=4, num_stages=2)
+    rows = []
+    for T in lengths:
+        seg, prefix = glm_mask(T)
+        mask = masks.dense_mask(seg, prefix)[:, None]
+
+        def cudnn(q, k, v):
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
+            return jnp.sum(out.astype(jnp.float32))
+
+        rng = np.random.default_rng(0)
+        args = [jnp.asarray(rng.normal(size=a.shape), jnp.bfloat16) for a in avals(T, jnp.bfloat16)]
+        ours = fwd_bwd("pallas", T, interpret=False, compiler_params=params)
+        theirs = jax.jit(jax.value_and_grad(cudnn, argnums=(0, 1, 2)))
+        timing = []
+        for fn in (ours, theirs):
+            jax.block_until_ready(fn(*args))
+            start = time.perf_counter()
+            for _ in range(10):
+                jax.block_until_ready(fn(*args))
+            timing.append((time.perf_counter() - start) / 10)
+        rows.append({"T": T, "pallas_seconds": timing[0], "cudnn_seconds": timing[1]})
+        print(f"T={T}: pallas {timing[0] * 1e3:.2f} ms, cuDNN {timing[1] * 1e3:.2f} ms")
+    return {"rows": rows}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
+    parser.add_argument("--backend", choices=["cpu", "gpu"], default="cpu")
+    parser.add_argument("--time", action="store_true", help="also time both paths on CPU (T <= 4096)")
+    parser.add_argument("--out", default="experiments/results/attention.json")
+    args = parser.parse_args()
+    result = cpu_report(args.lengths, args.time) if args.backend == "cpu" else gpu_report(args.lengths)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"benchmark": f"attention ({args.backend})", "jax": jax.__version__,
+                                          **result}, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

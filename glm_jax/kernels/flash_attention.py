@@ -1,0 +1,251 @@
+"""Blockwise (flash) attention for GLM masks in Pallas: forward and FlashAttention-2 backward.
+
+The mask of every query row is one key range [k_start, k_end) (kernels/masks.py),
+so a query block visits only key blocks [min k_start // bk, ceil(max k_end / bk))
+and hidden blocks are never touched; the dK/dV pass visits only the query blocks
+that can see its keys ([min q_start // bq, ceil(max q_end / bq))). Query head h
+reads KV head h // (Hq // Hkv) through the BlockSpec index map, so K/V are never
+repeated, and dK/dV sum over the group's query heads in float32 inside one program.
+
+Reads top-down: the kernels, their pallas_call wrappers, the custom_vjp.
+`glm_jax.kernels.attention.xla_attention` is the reference the tests compare with.
+This generic (pointer-style) kernel runs in interpret mode on CPU and lowers through
+Triton on GPU; the TPU (Mosaic) variant with scalar-prefetched block bounds is not
+written yet.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from glm_jax.kernels import masks
+
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def _dot(a, b, contract_a: int, contract_b: int):
+    return lax.dot_general(a, b, (((contract_a,), (contract_b,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _allowed(rows_start, rows_end, first_col: int, width: int):
+    cols = first_col + lax.broadcasted_iota(jnp.int32, (rows_start.shape[0], width), 1)
+    return (cols >= rows_start[:, None]) & (cols < rows_end[:, None])
+
+
+# ----------------------------------------------------------------------------- forward
+def _forward_kernel(q_ref, k_ref, v_ref, ks_ref, ke_ref, o_ref, lse_ref, *, scale: float, block_k: int):
+    q = q_ref[...]
+    ks, ke = ks_ref[...], ke_ref[...]
+    block_q, head_dim = q.shape
+
+    def visit(j, carry):
+        o, m, l = carry
+        start = j * block_k
+        k = k_ref[pl.ds(start, block_k), :]
+        v = v_ref[pl.ds(start, block_k), :]
+        allowed = _allowed(ks, ke, start, block_k)
+        s = jnp.where(allowed, _dot(q, k, 1, 1) * scale, MASK_VALUE)
+        m_new = jnp.maximum(m, s.max(axis=1))
+        p = jnp.where(allowed, jnp.exp(s - m_new[:, None]), 0.0)
+        correction = jnp.exp(m - m_new)
+        l = correction * l + p.sum(axis=1)
+        o = correction[:, None] * o + _dot(p.astype(v.dtype), v, 1, 0)
+        return o, m_new, l
+
+    first, last = jnp.min(ks) // block_k, pl.cdiv(jnp.max(ke), block_k)
+    init = (jnp.zeros((block_q, head_dim), jnp.float32), jnp.full((block_q,), MASK_VALUE, jnp.float32),
+            jnp.zeros((block_q,), jnp.float32))
+    o, m, l = lax.fori_loop(first, last, visit, init)
+    l = jnp.maximum(l, 1e-30)  # every real row sees itself; padding rows too
+    o_ref[...] = (o / l[:, None]).astype(o_ref.dtype)
+    lse_ref[...] = m + jnp.log(l)
+
+
+def _forward(q, k, v, ks, ke, *, scale, block_q, block_k, interpret, compiler_params):
+    B, T, Hq, D = q.shape
+    group = Hq // k.shape[2]
+    S = k.shape[1]
+    kernel = functools.partial(_forward_kernel, scale=scale, block_k=block_k)
+    return pl.pallas_call(
+        kernel,
+        grid=(B, Hq, T // block_q),
+        in_specs=[
+            pl.BlockSpec((None, block_q, None, D), lambda b, h, i: (b, i, h, 0)),
+            pl.BlockSpec((None, S, None, D), lambda b, h, i: (b, 0, h // group, 0)),
+            pl.BlockSpec((None, S, None, D), lambda b, h, i: (b, 0, h // group, 0)),
+            pl.BlockSpec((None, block_q), lambda b, h, i: (b, i)),
+            pl.BlockSpec((None, block_q), lambda b, h, i: (b, i)),
+        ],
+        out_specs=[
+            pl.BlockSpec((None, block_q, None, D), lambda b, h, i: (b, i, h, 0)),
+            pl.BlockSpec((None, None, block_q), lambda b, h, i: (b, h, i)),
+        ],
+        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((B, Hq, T), jnp.float32)],
+        interpret=interpret, compiler_params=compiler_params, name="glm_flash_forward",
+    )(q, k, v, ks, ke)
+
+
+# ---------------------------------------------------------------------------- backward
+def _dq_kernel(q_ref, k_ref, v_ref, ks_ref, ke_ref, do_ref, lse_ref, delta_ref, dq_ref, *, scale, block_k):
+    q, do = q_ref[...], do_ref[...]
+    ks, ke = ks_ref[...], ke_ref[...]
+    lse, delta = lse_ref[...], delta_ref[...]
+
+    def visit(j, dq):
+        start = j * block_k
+        k = k_ref[pl.ds(start, block_k), :]
+        v = v_ref[pl.ds(start, block_k), :]
+        allowed = _allowed(ks, ke, start, block_k)
+        p = jnp.where(allowed, jnp.exp(_dot(q, k, 1, 1) * scale - lse[:, None]), 0.0)
+        ds = p * (_dot(do, v, 1, 1) - delta[:, None])
+        return dq + _dot(ds.astype(k.dtype), k, 1, 0)
+
+    first, last = jnp.min(ks) // block_k, pl.cdiv(jnp.max(ke), block_k)
+    dq = lax.fori_loop(first, last, visit, jnp.zeros(q.shape, jnp.float32))
+    dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
+
+
+def _dkv_kernel(q_ref, k_ref, v_ref, ks_ref, ke_ref, qs_ref, qe_ref, do_ref, lse_ref, delta_ref,
+                dk_ref, dv_ref, *, scale, block_q, group):
+    k, v = k_ref[...], v_ref[...]
+    block_k = k.shape[0]
+    qs, qe = qs_ref[...], qe_ref[...]
+    key_start = pl.program_id(2) * block_k
+
+    def visit(i, carry, head):
+        dk, dv = carry
+        start = i * block_q
+        q = q_ref[pl.ds(start, block_q), head, :]
+        do = do_ref[pl.ds(start, block_q), head, :]
+        lse = lse_ref[head, pl.ds(start, block_q)]
+        delta = delta_ref[head, pl.ds(start, block_q)]
+        allowed = _allowed(ks_ref[pl.ds(start, block_q)], ke_ref[pl.ds(start, block_q)], key_start, block_k)
+        p = jnp.where(allowed, jnp.exp(_dot(q, k, 1, 1) * scale - lse[:, None]), 0.0)  # [bq, bk]
+        dv = dv + _dot(p.astype(do.dtype), do, 0, 0)
+        ds = p * (_dot(do, v, 1, 1) - delta[:, None])
+        dk = dk + _dot(ds.astype(q.dtype), q, 0, 0)
+        return dk, dv
+
+    first, last = jnp.min(qs) // block_q, pl.cdiv(jnp.max(qe), block_q)
+    carry = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
+    for head in range(group):  # the query heads sharing this KV head, summed in float32
+        carry = lax.fori_loop(first, last, functools.partial(visit, head=head), carry)
+    dk, dv = carry
+    dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _backward(q, k, v, ks, ke, qs, qe, o, lse, do, *, scale, block_q, block_k, interpret, compiler_params):
+    B, T, Hq, D = q.shape
+    Hkv, S = k.shape[2], k.shape[1]
+    group = Hq // Hkv
+    delta = jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), do.astype(jnp.float32))
+    dq = pl.pallas_call(
+        functools.partial(_dq_kernel, scale=scale, block_k=block_k),
+        grid=(B, Hq, T // block_q),
+        in_specs=[
+            pl.BlockSpec((None, block_q, None, D), lambda b, h, i: (b, i, h, 0)),
+            pl.BlockSpec((None, S, None, D), lambda b, h, i: (b, 0, h // group, 0)),
+            pl.BlockSpec((None, S, None, D), lambda b, h, i: (b, 0, h // group, 0)),
+            pl.BlockSpec((None, block_q), lambda b, h, i: (b, i)),
+            pl.BlockSpec((None, block_q), lambda b, h, i: (b, i)),
+            pl.BlockSpec((None, block_q, None, D), lambda b, h, i: (b, i, h, 0)),
+            pl.BlockSpec((None, None, block_q), lambda b, h, i: (b, h, i)),
+            pl.BlockSpec((None, None, block_q), lambda b, h, i: (b, h, i)),
+        ],
+        out_specs=pl.BlockSpec((None, block_q, None, D), lambda b, h, i: (b, i, h, 0)),
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        interpret=interpret, compiler_params=compiler_params, name="glm_flash_dq",
+    )(q, k, v, ks, ke, do, lse, delta)
+    dk, dv = pl.pallas_call(
+        functools.partial(_dkv_kernel, scale=scale, block_q=block_q, group=group),
+        grid=(B, Hkv, S // block_k),
+        in_specs=[
+            pl.BlockSpec((None, T, group, D), lambda b, g, j: (b, 0, g, 0)),
+            pl.BlockSpec((None, block_k, None, D), lambda b, g, j: (b, j, g, 0)),
+            pl.BlockSpec((None, block_k, None, D), lambda b, g, j: (b, j, g, 0)),
+            pl.BlockSpec((None, T), lambda b, g, j: (b, 0)),
+            pl.BlockSpec((None, T), lambda b, g, j: (b, 0)),
+            pl.BlockSpec((None, block_k), lambda b, g, j: (b, j)),
+            pl.BlockSpec((None, block_k), lambda b, g, j: (b, j)),
+            pl.BlockSpec((None, T, group, D), lambda b, g, j: (b, 0, g, 0)),
+            pl.BlockSpec((None, group, T), lambda b, g, j: (b, g, 0)),
+            pl.BlockSpec((None, group, T), lambda b, g, j: (b, g, 0)),
+        ],
+        out_specs=[pl.BlockSpec((None, block_k, None, D), lambda b, g, j: (b, j, g, 0)),
+                   pl.BlockSpec((None, block_k, None, D), lambda b, g, j: (b, j, g, 0))],
+        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        interpret=interpret, compiler_params=compiler_params, name="glm_flash_dkv",
+    )(q, k, v, ks, ke, qs, qe, do, lse, delta)
+    return dq, dk, dv
+
+
+# ------------------------------------------------------------------------- custom_vjp
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10, 11))
+def _flash(q, k, v, ks, ke, qs, qe, scale, block_q, block_k, interpret, compiler_params):
+    o, _ = _forward(q, k, v, ks, ke, scale=scale, block_q=block_q, block_k=block_k, interpret=interpret,
+                    compiler_params=compiler_params)
+    return o
+
+
+def _flash_fwd(q, k, v, ks, ke, qs, qe, scale, block_q, block_k, interpret, compiler_params):
+    o, lse = _forward(q, k, v, ks, ke, scale=scale, block_q=block_q, block_k=block_k, interpret=interpret,
+                      compiler_params=compiler_params)
+    return o, (q, k, v, ks, ke, qs, qe, o, lse)
+
+
+def _flash_bwd(scale, block_q, block_k, interpret, compiler_params, residuals, do):
+    q, k, v, ks, ke, qs, qe, o, lse = residuals
+    dq, dk, dv = _backward(q, k, v, ks, ke, qs, qe, o, lse, do, scale=scale, block_q=block_q, block_k=block_k,
+                           interpret=interpret, compiler_params=compiler_params)
+    return dq, dk, dv, None, None, None, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def _pad_to(x, axis: int, multiple: int, value=0):
+    extra = -x.shape[axis] % multiple
+    if not extra:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, extra)
+    return jnp.pad(x, widths, constant_values=value)
+
+
+def flash_attention(q, k, v, segment_ids, prefix_mask, *, scale: float, block_q: int = 64, block_k: int = 64,
+                    interpret: bool = False, compiler_params=None):
+    """GLM attention with the Pallas kernels; same contract as xla_attention.
+
+    Any T: the sequence is padded to a multiple of the blocks and padded rows attend
+    only to themselves. Head dims are padded to a power of two (zeros change no score).
+    """
+    B, T, Hq, D = q.shape
+    ks, ke = masks.key_ranges(segment_ids, prefix_mask)
+    qs, qe = masks.query_ranges(segment_ids, prefix_mask)
+    multiple = max(block_q, block_k)
+    padded_T = T + (-T % multiple)
+    index = jnp.arange(padded_T, dtype=jnp.int32)[None]
+    # Padded positions form one-token segments: they see (and are seen by) only themselves.
+    ks, qs = (jnp.where(index < T, _pad_to(x, 1, multiple), index) for x in (ks, qs))
+    ke, qe = (jnp.where(index < T, _pad_to(x, 1, multiple), index + 1) for x in (ke, qe))
+    head_dim = max(16, 1 << (D - 1).bit_length())
+    q, k, v = (_pad_to(_pad_to(x, 1, multiple), 3, head_dim) for x in (q, k, v))
+    out = _flash(q, k, v, ks, ke, qs, qe, scale, block_q, block_k, interpret, compiler_params)
+    return out[:, :T, :, :D]
+
+
+def visited_blocks(segment_ids, prefix_mask, block_q: int, block_k: int) -> jax.Array:
+    """Key blocks the forward visits, summed over query blocks (per row, per head)."""
+    ks, ke = masks.key_ranges(segment_ids, prefix_mask)
+    T = segment_ids.shape[1]
+    padded = _pad_to(ks, 1, block_q, value=0), _pad_to(ke, 1, block_q, value=T)
+    starts, ends = (x.reshape(x.shape[0], -1, block_q) for x in padded)
+    first = starts.min(axis=2) // block_k
+    last = -(-ends.max(axis=2) // block_k)
+    return jnp.sum(last - first, axis=1)
