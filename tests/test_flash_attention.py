@@ -64,9 +64,9 @@ def test_flash_matches_reference(B, T, Hq, Hkv, D, kind, block_q, block_k):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("B,T,heads,D,kind", itertools.product(
+@pytest.mark.parametrize("B,T,heads,D,kind", list(itertools.product(
     [1, 2], [1, 127, 256, 1000], [(8, 8), (8, 2), (8, 1)], [64, 80, 128],
-    ["causal", "single_prefix", "packed", "bidirectional"]))
+    ["causal", "single_prefix", "packed", "bidirectional"])))
 def test_flash_full_grid(B, T, heads, D, kind):
     check(B, T, heads[0], heads[1], D, kind, 64, 32 if T % 2 else 64)
 
