@@ -13,9 +13,6 @@ import jax.numpy as jnp
 
 from glm_jax.kernels import masks
 
-# Large but finite: exp(mask - max) underflows to 0 without inf - inf = NaN.
-MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
-
 IMPLS = ("auto", "xla", "pallas", "pallas_interpret")
 
 
@@ -43,7 +40,7 @@ def attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray,
       k, v: [B, T, Hkv, D] keys and values, Hq % Hkv == 0.
       segment_ids: [B, T] int, 1.. per packed example, 0 for padding.
       prefix_mask: [B, T] bool, True on each segment's bidirectional prefix.
-      impl: 'auto' | 'xla' | 'pallas'.
+      impl: 'auto' | 'xla' | 'pallas' | 'pallas_interpret' (see resolve_impl).
       scale: softmax scale, default 1/sqrt(D).
     Returns:
       [B, T, Hq, D] in q's dtype.
@@ -78,7 +75,7 @@ def xla_attention(q, k, v, segment_ids, prefix_mask, *, scale):
     scores = jnp.einsum("btgrd,bsgd->bgrts", grouped_q, k) * jnp.asarray(scale, q.dtype)
     scores = scores.astype(jnp.float32)
     allowed = masks.dense_mask(segment_ids, prefix_mask)[:, None, None, :, :]
-    scores = jnp.where(allowed, scores, MASK_VALUE)
+    scores = jnp.where(allowed, scores, masks.MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bgrts,bsgd->btgrd", probs, v)
     return out.reshape(B, T, Hq, D)

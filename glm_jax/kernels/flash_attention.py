@@ -24,8 +24,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from glm_jax.kernels import masks
-
-MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+from glm_jax.kernels.masks import MASK_VALUE
 
 
 def _dot(a, b, contract_a: int, contract_b: int):

@@ -15,6 +15,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+# Large but finite: exp(mask - max) underflows to 0 without inf - inf = NaN.
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
 
 def dense_mask(segment_ids: jnp.ndarray, prefix_mask: jnp.ndarray) -> jnp.ndarray:
     """[B, T] ids and prefix flags -> [B, T(query), T(key)] bool mask of the rule."""
