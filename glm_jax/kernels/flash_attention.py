@@ -37,6 +37,17 @@ def _allowed(rows_start, rows_end, first_col: int, width: int):
 
 
 # ----------------------------------------------------------------------------- forward
+def _query_block_specs(block_q: int, S: int, D: int, group: int) -> list:
+    """Grid (b, h, i): q block i of head h, all of KV head h // group, row key ranges."""
+    return [
+        pl.BlockSpec((None, block_q, None, D), lambda b, h, i: (b, i, h, 0)),
+        pl.BlockSpec((None, S, None, D), lambda b, h, i: (b, 0, h // group, 0)),
+        pl.BlockSpec((None, S, None, D), lambda b, h, i: (b, 0, h // group, 0)),
+        pl.BlockSpec((None, block_q), lambda b, h, i: (b, i)),
+        pl.BlockSpec((None, block_q), lambda b, h, i: (b, i)),
+    ]
+
+
 def _forward_kernel(q_ref, k_ref, v_ref, ks_ref, ke_ref, o_ref, lse_ref, *, scale: float, block_k: int):
     q = q_ref[...]
     ks, ke = ks_ref[...], ke_ref[...]
@@ -73,13 +84,7 @@ def _forward(q, k, v, ks, ke, *, scale, block_q, block_k, interpret, compiler_pa
     return pl.pallas_call(
         kernel,
         grid=(B, Hq, T // block_q),
-        in_specs=[
-            pl.BlockSpec((None, block_q, None, D), lambda b, h, i: (b, i, h, 0)),
-            pl.BlockSpec((None, S, None, D), lambda b, h, i: (b, 0, h // group, 0)),
-            pl.BlockSpec((None, S, None, D), lambda b, h, i: (b, 0, h // group, 0)),
-            pl.BlockSpec((None, block_q), lambda b, h, i: (b, i)),
-            pl.BlockSpec((None, block_q), lambda b, h, i: (b, i)),
-        ],
+        in_specs=_query_block_specs(block_q, S, D, group),
         out_specs=[
             pl.BlockSpec((None, block_q, None, D), lambda b, h, i: (b, i, h, 0)),
             pl.BlockSpec((None, None, block_q), lambda b, h, i: (b, h, i)),
@@ -147,12 +152,7 @@ def _backward(q, k, v, ks, ke, qs, qe, o, lse, do, *, scale, block_q, block_k, i
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, scale=scale, block_k=block_k),
         grid=(B, Hq, T // block_q),
-        in_specs=[
-            pl.BlockSpec((None, block_q, None, D), lambda b, h, i: (b, i, h, 0)),
-            pl.BlockSpec((None, S, None, D), lambda b, h, i: (b, 0, h // group, 0)),
-            pl.BlockSpec((None, S, None, D), lambda b, h, i: (b, 0, h // group, 0)),
-            pl.BlockSpec((None, block_q), lambda b, h, i: (b, i)),
-            pl.BlockSpec((None, block_q), lambda b, h, i: (b, i)),
+        in_specs=_query_block_specs(block_q, S, D, group) + [
             pl.BlockSpec((None, block_q, None, D), lambda b, h, i: (b, i, h, 0)),
             pl.BlockSpec((None, None, block_q), lambda b, h, i: (b, h, i)),
             pl.BlockSpec((None, None, block_q), lambda b, h, i: (b, h, i)),
