@@ -17,7 +17,6 @@ import sys
 import gin
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 # HBM per chip (bytes), from the vendor specifications.

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -22,6 +21,9 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from model_step import timed  # noqa: E402
 
 from glm_jax.kernels import masks
 from glm_jax.kernels.attention import xla_attention
@@ -74,13 +76,7 @@ def pair_vs_block_ratios(T: int = 4096, block: int = 128, seed: int = 0) -> dict
 def wall_seconds(fn, T: int, repeats: int = 3) -> float:
     rng = np.random.default_rng(0)
     args = [jnp.asarray(rng.normal(size=a.shape), a.dtype) for a in avals(T)]
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return timed(fn, *args, steps=repeats)
 
 
 def cpu_report(lengths: list[int], with_time: bool) -> dict:

@@ -16,17 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from model_step import BENCH_59M, glm_batch, matmul_peak  # noqa: E402
+from model_step import BENCH_59M, glm_batch, matmul_peak, timed  # noqa: E402
 
 from glm_jax.model import ModelConfig  # noqa: E402
 from glm_jax.parallel.mesh import MeshConfig, make_mesh  # noqa: E402
@@ -35,16 +32,6 @@ from glm_jax.train.metrics import training_flops, training_flops_both  # noqa: E
 from glm_jax.train.optim import OptimizerConfig, make_optimizer  # noqa: E402
 from glm_jax.train.state import init_state, state_shardings  # noqa: E402
 from glm_jax.train.step import make_train_step  # noqa: E402
-
-
-def median_seconds(step, repeats: int) -> float:
-    step()  # compile / warm up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def glm_jax_step_seconds(config: ModelConfig, batch: dict, repeats: int) -> float:
@@ -62,7 +49,7 @@ def glm_jax_step_seconds(config: ModelConfig, batch: dict, repeats: int) -> floa
             holder["state"], metrics = step(holder["state"], device_batch)
         jax.block_until_ready(metrics["loss"])
 
-    return median_seconds(run, repeats)
+    return timed(run, steps=repeats)
 
 
 def torch_step_seconds(batch: dict, repeats: int) -> float | None:
@@ -92,7 +79,7 @@ def torch_step_seconds(batch: dict, repeats: int) -> float | None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
 
-    return median_seconds(run, repeats)
+    return timed(run, steps=repeats)
 
 
 def main():

@@ -79,7 +79,7 @@ class GLMDataset:
     """Random access to the packed rows of one split, for one process."""
 
     def __init__(self, config: DataConfig, objective: Objective, tokenizer: Tokenizer, corpus: TokenizedCorpus,
-                 shard_index: int = 0, shard_count: int = 1):
+                 shard_index: int = 0, shard_count: int = 1, windows: np.ndarray | None = None):
         if config.batch_size % shard_count:
             raise ValueError(f"DataConfig.batch_size {config.batch_size} must be divisible by the "
                              f"{shard_count} data shards (processes unless num_shards is set)")
@@ -89,7 +89,7 @@ class GLMDataset:
         self.local_batch = config.batch_size // shard_count
         fraction = config.window_fraction or 0.97 / objective.expected_expansion
         self.max_window = int(fraction * config.seq_len) - 2  # room for [CLS] and <eos>
-        self.windows = self._make_windows()
+        self.windows = self._make_windows() if windows is None else windows  # shards of one split share them
         if len(self.windows) < shard_count:
             raise ValueError(f"the corpus has {len(self.windows)} windows, fewer than {shard_count} data shards")
         self.counts = {"skipped_too_short": 0, "split_overflow": 0}
@@ -221,6 +221,11 @@ class LocalBatches:
     def get_state(self) -> dict:
         return {"shards": [it.get_state() for it in self.iterators]}
 
+    def rewind(self) -> None:
+        """Back to the first batch (evaluation reads the same batches every time)."""
+        for it in self.iterators:
+            it.set_state({"epoch": 0, "group": 0, "row": 0})
+
     def set_state(self, state: dict) -> None:
         if len(state["shards"]) != len(self.iterators):
             raise ValueError(f"data state has {len(state['shards'])} shards but this process reads "
@@ -236,18 +241,22 @@ def _process() -> tuple[int, int]:
     return jax.process_index(), jax.process_count()
 
 
-def make_dataset(config: DataConfig, objective: Objective, split: str = "train",
-                 shard_index: int = 0, shard_count: int = 1, tokenizer: Tokenizer | None = None) -> GLMDataset:
-    """One data shard of `split` ('train' | 'eval')."""
+def _split_corpus(config: DataConfig, tokenizer: Tokenizer, split: str) -> TokenizedCorpus:
     if split not in ("train", "eval"):
         raise ValueError(f"split {split!r} is unknown; use 'train' or 'eval'")
-    tokenizer = tokenizer or load_tokenizer(config)
     corpora = tokenize_corpus(config.source, tokenizer, split=config.text_split,
                               eval_fraction=config.eval_fraction, cache_dir=Path(config.cache_dir))
     if corpora[split].num_documents == 0:
         raise ValueError(f"the {split} split of {config.source!r} is empty; raise DataConfig.eval_fraction "
                          "or add documents")
-    return GLMDataset(config, objective, tokenizer, corpora[split], shard_index, shard_count)
+    return corpora[split]
+
+
+def make_dataset(config: DataConfig, objective: Objective, split: str = "train",
+                 shard_index: int = 0, shard_count: int = 1, tokenizer: Tokenizer | None = None) -> GLMDataset:
+    """One data shard of `split` ('train' | 'eval')."""
+    tokenizer = tokenizer or load_tokenizer(config)
+    return GLMDataset(config, objective, tokenizer, _split_corpus(config, tokenizer, split), shard_index, shard_count)
 
 
 def make_batches(config: DataConfig, objective: Objective, split: str = "train",
@@ -261,9 +270,12 @@ def make_batches(config: DataConfig, objective: Objective, split: str = "train",
         raise ValueError(f"DataConfig.num_shards {shards} must be a multiple of the {process_count} processes")
     per_process = shards // process_count
     tokenizer = tokenizer or load_tokenizer(config)
-    iterators = [make_dataset(config, objective, split, s, shards, tokenizer).iterator()
-                 for s in range(process_index * per_process, (process_index + 1) * per_process)]
-    batches = LocalBatches(iterators)
+    corpus = _split_corpus(config, tokenizer, split)  # read once for all of this process's shards
+    datasets: list[GLMDataset] = []
+    for s in range(process_index * per_process, (process_index + 1) * per_process):
+        windows = datasets[0].windows if datasets else None
+        datasets.append(GLMDataset(config, objective, tokenizer, corpus, s, shards, windows))
+    batches = LocalBatches([d.iterator() for d in datasets])
     if state is not None:
         batches.set_state(state)
     return batches

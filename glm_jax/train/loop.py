@@ -42,6 +42,7 @@ def train(run_dir: str = gin.REQUIRED, steps: int = gin.REQUIRED, *, sharding: s
 
     Returns the final summary (also printed and written to run_dir/summary.json).
     """
+    stop = _PreemptionFlag()  # first, so a SIGTERM during start-up still ends in a clean save
     run_dir = Path(run_dir).absolute()
     model, data, objective, optimizer = ModelConfig(), DataConfig(), Objective(), OptimizerConfig()
     mesh, rules = make_mesh(MeshConfig()), logical_axis_rules(sharding)
@@ -71,6 +72,7 @@ def train(run_dir: str = gin.REQUIRED, steps: int = gin.REQUIRED, *, sharding: s
         return {"final_train_loss": None, "losses": [], "checkpoint": str(checkpoints.directory / str(latest)),
                 "preempted": False}
     batches = make_batches(data, objective, "train", tokenizer=tokenizer, state=data_state)
+    eval_data = make_batches(dataclasses.replace(data, seed=data.seed + 1), objective, "eval", tokenizer=tokenizer)
 
     with jax.set_mesh(mesh):
         train_step = jax.jit(make_train_step(model, tx, schedule, rules, optimizer.grad_accum_steps, z_loss),
@@ -80,7 +82,6 @@ def train(run_dir: str = gin.REQUIRED, steps: int = gin.REQUIRED, *, sharding: s
     gin_config = gin.operative_config_str()
     logger = RunLogger(run_dir, steps, start_step=int(state.step), gin_config=gin_config, tokenizer=tokenizer)
     peak, peak_source = flops.peak_flops_per_device(jax.devices()[0])
-    stop = _PreemptionFlag()
 
     last = {}
     for step in range(int(state.step), steps):
@@ -103,8 +104,8 @@ def train(run_dir: str = gin.REQUIRED, steps: int = gin.REQUIRED, *, sharding: s
         if (step + 1) % checkpoint_every == 0 or done:
             checkpoints.save(step + 1, state, _all_data_states(batches), gin_config)
         if (step + 1) % eval_every == 0 or step + 1 == steps:
-            logger.log_eval(step + 1, evaluate(eval_step, state.params, data, objective, tokenizer,
-                                               batch_sharding, mesh, eval_batches))
+            logger.log_eval(step + 1, evaluate(eval_step, state.params, eval_data, batch_sharding, mesh,
+                                               eval_batches))
         if done:
             break
 
@@ -114,10 +115,9 @@ def train(run_dir: str = gin.REQUIRED, steps: int = gin.REQUIRED, *, sharding: s
     return summary
 
 
-def evaluate(eval_step, params, data: DataConfig, objective: Objective, tokenizer, batch_sharding, mesh,
-             num_batches: int) -> dict:
+def evaluate(eval_step, params, batches: LocalBatches, batch_sharding, mesh, num_batches: int) -> dict:
     """Loss and masked-token accuracy over the first num_batches batches of the eval split."""
-    batches = make_batches(dataclasses.replace(data, seed=data.seed + 1), objective, "eval", tokenizer=tokenizer)
+    batches.rewind()
     totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
     for _ in range(num_batches):
         with jax.set_mesh(mesh):
