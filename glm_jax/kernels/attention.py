@@ -67,6 +67,15 @@ def attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray,
 
 def xla_attention(q, k, v, segment_ids, prefix_mask, *, scale):
     """Dense reference: O(T^2) scores, float32 softmax, grouped (never repeated) K/V."""
+    return masked_attention(q, k, v, masks.dense_mask(segment_ids, prefix_mask), scale=scale)
+
+
+def masked_attention(q, k, v, allowed, *, scale):
+    """Attention of q [B, T, Hq, D] over k, v [B, S, Hkv, D] under a [B, T, S] bool mask.
+
+    The one dense implementation: the training reference (T == S, GLM's rule)
+    and KV-cache decoding (T new queries against an S-slot cache) both call it.
+    """
     B, T, Hq, D = q.shape
     Hkv = k.shape[2]
     group = Hq // Hkv
@@ -74,8 +83,7 @@ def xla_attention(q, k, v, segment_ids, prefix_mask, *, scale):
     grouped_q = q.reshape(B, T, Hkv, group, D)
     scores = jnp.einsum("btgrd,bsgd->bgrts", grouped_q, k) * jnp.asarray(scale, q.dtype)
     scores = scores.astype(jnp.float32)
-    allowed = masks.dense_mask(segment_ids, prefix_mask)[:, None, None, :, :]
-    scores = jnp.where(allowed, scores, masks.MASK_VALUE)
+    scores = jnp.where(allowed[:, None, None, :, :], scores, masks.MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bgrts,bsgd->btgrd", probs, v)
     return out.reshape(B, T, Hq, D)

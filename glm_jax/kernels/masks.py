@@ -72,3 +72,20 @@ def mask_from_key_ranges(k_start: jnp.ndarray, k_end: jnp.ndarray) -> jnp.ndarra
     """Expands [B, T] key ranges to the dense [B, T, T] mask (for tests and debugging)."""
     keys = jnp.arange(k_start.shape[-1])
     return (keys[None, None, :] >= k_start[:, :, None]) & (keys[None, None, :] < k_end[:, :, None])
+
+
+def cache_mask(q_segment_ids: jnp.ndarray, q_start: jnp.ndarray, kv_segment_ids: jnp.ndarray,
+               kv_prefix_mask: jnp.ndarray) -> jnp.ndarray:
+    """The rule for T new queries written at cache slots [q_start, q_start + T) of an S-slot cache.
+
+    Slots are the q/k indices of the rule, so it is the same mask a full forward
+    over the cache contents would use; slots not yet written have segment id 0,
+    which no query has (queries are 1..), so they are never attended.
+    Returns [B, T, S] bool.
+    """
+    T, S = q_segment_ids.shape[-1], kv_segment_ids.shape[-1]
+    q_index = q_start + jnp.arange(T, dtype=jnp.int32)
+    k_index = jnp.arange(S, dtype=jnp.int32)
+    same_segment = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
+    causal = k_index[None, :] <= q_index[:, None]
+    return same_segment & (causal[None] | kv_prefix_mask[:, None, :].astype(bool))

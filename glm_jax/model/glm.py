@@ -4,6 +4,13 @@ Call contract (../shared/DESIGN.md):
     GLM(config).apply({'params': params}, tokens, positions, segment_ids, prefix_mask)
     tokens [B, T] int32, positions [B, 2, T] (position ids, block position ids),
     segment_ids [B, T], prefix_mask [B, T] bool  ->  logits [B, T, vocab] float32.
+
+Decoding adds `cache_index=` (the cache slot of the first token), `prefill=`
+(the tokens are the whole context of an empty cache), `logits_at=` ([B]
+positions: compute the vocabulary head for one position per row) and the
+'cache' collection (glm_jax.infer.cache), applied with mutable=['cache']:
+the cache's per-slot segment ids and prefix flags live here, its keys and
+values in each layer's attention.
 """
 
 from __future__ import annotations
@@ -12,7 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from glm_jax.model.attention import Attention
+from glm_jax.model.attention import Attention, CacheUpdate, missing_cache
 from glm_jax.model.config import ModelConfig
 from glm_jax.model.layers import Dense, Mlp, make_norm, normal_init
 
@@ -31,14 +38,14 @@ class Block(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions, segment_ids, prefix_mask):
+    def __call__(self, x, positions, segment_ids, prefix_mask, cache: CacheUpdate | None = None):
         cfg = self.config
         attention = Attention(cfg, name="attention")
         mlp = Mlp(cfg, name="mlp")
         norm1, norm2 = make_norm(cfg, "input_norm"), make_norm(cfg, "post_attention_norm")
 
         def attend(h):
-            return attention(h, positions, segment_ids, prefix_mask)
+            return attention(h, positions, segment_ids, prefix_mask, cache)
 
         if cfg.residual == "pre":
             x = x + attend(norm1(x))
@@ -66,8 +73,8 @@ def block_stack(config: ModelConfig):
         block = nn.remat(Block, policy=REMAT_POLICIES[config.remat_policy],
                          prevent_cse=not config.scan_layers)
     if config.scan_layers:
-        block = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+        block = nn.scan(block, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True},
+                        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                         length=config.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
     return block
 
@@ -76,7 +83,8 @@ class GLM(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, tokens, positions, segment_ids, prefix_mask):
+    def __call__(self, tokens, positions, segment_ids, prefix_mask, cache_index=None, prefill=False,
+                 logits_at=None):
         cfg = self.config
         dtype = cfg.compute_dtype
         embedding = self.param("embedding", nn.with_logical_partitioning(
@@ -96,14 +104,17 @@ class GLM(nn.Module):
             x = x + self._position_embedding("block_position_embedding", positions[:, 1])
         x = nn.with_logical_constraint(x, EMBED_ACTIVATION)
 
+        cache = None if cache_index is None else self._update_cache(segment_ids, prefix_mask, cache_index, prefill)
         stack = block_stack(cfg)
         if cfg.scan_layers:
-            x, _ = stack(cfg, name="layers")(x, positions, segment_ids, prefix_mask)
+            x, _ = stack(cfg, name="layers")(x, positions, segment_ids, prefix_mask, cache)
         else:
             for i in range(cfg.num_layers):
-                x, _ = stack(cfg, name=f"layers_{i}")(x, positions, segment_ids, prefix_mask)
+                x, _ = stack(cfg, name=f"layers_{i}")(x, positions, segment_ids, prefix_mask, cache)
         if cfg.residual != "post":  # post-LN blocks already end in a norm
             x = make_norm(cfg, "final_norm")(x)
+        if logits_at is not None:  # [B] positions: logits of one position per row (decoding)
+            x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)
 
         if cfg.tie_embeddings:
             logits = jnp.einsum("bte,ve->btv", x, embedding.astype(dtype))
@@ -112,6 +123,18 @@ class GLM(nn.Module):
                            dtype=dtype, param_dtype=cfg.weight_dtype, name="lm_head")(x)
         logits = nn.with_logical_constraint(logits, ("activation_batch", "activation_length", "activation_vocab"))
         return logits.astype(jnp.float32)
+
+    def _update_cache(self, segment_ids, prefix_mask, index, prefill) -> CacheUpdate:
+        """Records the new tokens' segment ids and prefix flags at their cache slots."""
+        kv_segment_ids = self.variable("cache", "segment_ids", missing_cache)
+        kv_prefix_mask = self.variable("cache", "prefix_mask", missing_cache)
+        index = jnp.asarray(index, jnp.int32)
+        kv_segment_ids.value = jax.lax.dynamic_update_slice(
+            kv_segment_ids.value, segment_ids.astype(kv_segment_ids.value.dtype), (0, index))
+        kv_prefix_mask.value = jax.lax.dynamic_update_slice(
+            kv_prefix_mask.value, prefix_mask.astype(kv_prefix_mask.value.dtype), (0, index))
+        return CacheUpdate(index=index, kv_segment_ids=kv_segment_ids.value,
+                           kv_prefix_mask=kv_prefix_mask.value, prefill=prefill)
 
     def _position_embedding(self, name, ids):
         cfg = self.config

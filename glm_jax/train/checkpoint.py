@@ -105,7 +105,8 @@ def restore_params(path: str | Path, abstract_params, step: int | None = None, s
     """Parameters only (no optimizer state) of the latest (or given) step of a run directory.
 
     abstract_params: ShapeDtypeStructs of the expected parameters (e.g. from
-    glm_jax.model.abstract_params, unboxed); shardings: optional target shardings.
+    glm_jax.model.abstract_params, unboxed); shardings: target shardings (default:
+    every array whole on the first local device).
     Returns (params, step).
     """
     manager = _manager(checkpoint_dir(path), ocp.CheckpointManagerOptions(read_only=True, create=False,
@@ -114,9 +115,11 @@ def restore_params(path: str | Path, abstract_params, step: int | None = None, s
     if step is None:
         raise FileNotFoundError(f"no complete checkpoint in {checkpoint_dir(path)}; train first or check the path")
     check_param_shapes(manager, step, abstract_params)
-    if shardings is not None:
-        abstract_params = jax.tree_util.tree_map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_params, shardings)
+    if shardings is None:  # whole arrays on one device, whatever mesh the run was saved from
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        shardings = jax.tree_util.tree_map(lambda _: device, abstract_params)
+    abstract_params = jax.tree_util.tree_map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_params, shardings)
     restored = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params)))
     manager.close()
     return restored["params"], step

@@ -54,7 +54,7 @@ class RunLogger:
             "tokens_per_second": sum(steady) / max(len(steady), 1), "mfu": last.get("mfu"),
             "mfu_full_matrix": last.get("mfu_full_matrix"), "mfu_peak_source": peak_source,
             "checkpoint": str(checkpoint_dir / str(checkpoint_step)) if checkpoint_step is not None else None,
-            "preempted": preempted, "losses": [h["loss"] for h in self.history],
+            "preempted": preempted, "losses": [h["loss"] for h in self.history], "eval": self.eval_history,
         }
         if self.enabled:
             self.bar.close()

@@ -1,0 +1,1 @@
+"""Inference: the KV cache, prefill + compiled decode loop, GLM blank filling, sampling."""

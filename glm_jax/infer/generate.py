@@ -1,0 +1,217 @@
+"""KV-cache generation: one prefill pass, then a compiled while_loop of one-token steps.
+
+    generator = Generator(config, params, tokenizer.specials)
+    out = generator.generate(make_prompt_batch(prompts, specials, 'blank'), max_new_tokens=32,
+                             sampling=SamplingConfig(), seed=0)
+
+Prefill runs the whole prompt through the training attention (GLM mask,
+bidirectional context; flash kernel on GPU/TPU) and fills the cache. Each
+decode step feeds one token per row at the next cache slot and attends over
+the cache under the same mask rule. The loop is compiled once per (batch,
+prompt bucket, mask bucket, max_new_tokens, mode): prompt lengths inside a
+bucket and every sampling knob are traced values.
+
+Blank mode (GLM): rows start from <sop> at their first mask's position with
+block position 1; when a row emits <eop> it moves to its next mask (fresh
+<sop>, block position 1) and it stops after its last mask, on <eos>, or at
+max_new_tokens. Causal mode: the first token comes from the prefill logits at
+the prompt's last position; positions keep counting; stop on <eos> / <eop>.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from glm_jax.data.tokenizer import SpecialTokens, Tokenizer
+from glm_jax.infer import prompts as prompt_lib
+from glm_jax.infer.cache import init_cache
+from glm_jax.infer.sampling import SamplingConfig, sample
+from glm_jax.model import GLM, ModelConfig
+
+
+class Generator:
+    """A model, its parameters and the compiled generation programs."""
+
+    def __init__(self, config: ModelConfig, params, specials: SpecialTokens, *, mesh=None, rules=(),
+                 cache_dtype=None):
+        # Decoding never needs rematerialisation (no backward pass).
+        self.config = config.replace(remat_policy="none")
+        self.params = params
+        self.specials = specials
+        self.mesh, self.rules = mesh, rules
+        self.cache_dtype = cache_dtype
+        self._compiled = {}
+
+    def generate(self, batch: dict, mode: str, max_new_tokens: int,
+                 sampling: SamplingConfig = SamplingConfig(), seed: int = 0, record_logits: bool = False,
+                 ignore_stop: bool = False) -> dict:
+        """Runs prefill + decode on a batch from make_prompt_batch(..., mode).
+
+        Returns numpy {'tokens': [B, max_new_tokens] (pad id after each row's end),
+        'num_tokens': [B]}; blank-mode tokens include the <eop> closing each span.
+        record_logits adds 'logits' [B, max_new_tokens, vocab]: the logits each
+        token was sampled from (for tests and scoring; costs B x N x V floats).
+        ignore_stop decodes exactly max_new_tokens per row (benchmarks): <eop>
+        still moves a blank-mode row to its next mask, but nothing ends a row.
+        """
+        if mode not in prompt_lib.MODES:
+            raise ValueError(f"generation mode {mode!r} is unknown; use one of {prompt_lib.MODES}")
+        self._check_lengths(batch, max_new_tokens, mode)
+        inputs = {k: jnp.asarray(v) for k, v in batch.items()}
+        program = self._program(mode, max_new_tokens, record_logits, ignore_stop)
+        with _maybe_mesh(self.mesh, self.rules):
+            out = program(self.params, inputs, jax.random.key(seed), sampling.as_arrays())
+        return {k: np.asarray(v) for k, v in out.items()}
+
+    def compilations(self) -> int:
+        """How many programs have been compiled (for the no-recompilation tests)."""
+        return sum(fn._cache_size() for fn in self._compiled.values())
+
+    # ------------------------------------------------------------------ internals
+    def _program(self, mode: str, max_new_tokens: int, record_logits: bool, ignore_stop: bool):
+        key = (mode, max_new_tokens, record_logits, ignore_stop)
+        if key not in self._compiled:
+            self._compiled[key] = jax.jit(functools.partial(
+                _generate, model=GLM(self.config), config=self.config, specials=self.specials, mode=mode,
+                max_new_tokens=max_new_tokens, cache_dtype=self.cache_dtype, record_logits=record_logits,
+                ignore_stop=ignore_stop))
+        return self._compiled[key]
+
+    def _check_lengths(self, batch: dict, max_new_tokens: int, mode: str):
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens is {max_new_tokens}; ask for at least 1")
+        if self.config.position != "learned_2d":
+            return
+        limit, P = self.config.max_position, batch["tokens"].shape[1]
+        longest = P + max_new_tokens if mode == "causal" else max(P, max_new_tokens + 2)
+        if longest > limit:
+            raise ValueError(f"prompt bucket {P} + max_new_tokens {max_new_tokens} needs position ids up to "
+                             f"{longest} but the model's learned position tables have max_position={limit}; "
+                             "shorten the prompt or max_new_tokens")
+
+
+def _maybe_mesh(mesh, rules):
+    if mesh is None:
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    stack.enter_context(jax.set_mesh(mesh))
+    stack.enter_context(nn.logical_axis_rules(rules))
+    return stack
+
+
+def _generate(params, batch, key, sampling, *, model: GLM, config: ModelConfig, specials: SpecialTokens,
+              mode: str, max_new_tokens: int, cache_dtype, record_logits: bool, ignore_stop: bool):
+    B, P = batch["tokens"].shape
+    rows = jnp.arange(B)
+    cache = init_cache(config, B, P + max_new_tokens, cache_dtype)
+    last = batch["lengths"] - 1  # causal mode samples its first token at the prompt's last position
+    logits, variables = model.apply({"params": params, "cache": cache}, batch["tokens"], batch["positions"],
+                                    batch["segment_ids"], batch["prefix_mask"], cache_index=0, prefill=True,
+                                    logits_at=last, mutable=["cache"])
+    cache = variables["cache"]
+
+    def pick(logits_row, step):
+        return sample(logits_row, jax.random.fold_in(key, step), **sampling)
+
+    out = jnp.full((B, max_new_tokens), specials.pad, jnp.int32)
+    # Only allocated when asked for: [B, N, V] float32.
+    all_logits = jnp.zeros((B, max_new_tokens, config.vocab_size) if record_logits else (0,), jnp.float32)
+    if mode == "blank":
+        state = dict(step=jnp.int32(0), token=jnp.full((B,), specials.sop, jnp.int32),
+                     position=batch["mask_positions"][:, 0], block=jnp.ones((B,), jnp.int32),
+                     span=jnp.zeros((B,), jnp.int32), done=jnp.zeros((B,), bool),
+                     num_tokens=jnp.zeros((B,), jnp.int32), out=out, logits=all_logits, cache=cache)
+    else:
+        first = pick(logits[:, 0], 0)
+        if record_logits:
+            all_logits = all_logits.at[:, 0].set(logits[:, 0])
+        state = dict(step=jnp.int32(1), token=first, position=batch["lengths"], block=jnp.zeros((B,), jnp.int32),
+                     span=jnp.zeros((B,), jnp.int32), done=_is_stop(first, specials),
+                     num_tokens=jnp.ones((B,), jnp.int32), out=out.at[:, 0].set(first), logits=all_logits,
+                     cache=cache)
+    # Slot of the token fed at loop step `step`: blank mode feeds <sop> first; causal
+    # mode already produced token 0 from the prefill, so it is one slot behind.
+    slot_offset = P if mode == "blank" else P - 1
+
+    def keep_going(s):
+        return (s["step"] < max_new_tokens) & (ignore_stop | ~jnp.all(s["done"]))
+
+    def step(s):
+        positions = jnp.stack([s["position"], s["block"]], axis=1)[:, :, None]
+        logits, variables = model.apply(
+            {"params": params, "cache": s["cache"]}, s["token"][:, None], positions,
+            jnp.ones((B, 1), jnp.int32), jnp.zeros((B, 1), bool), cache_index=slot_offset + s["step"],
+            mutable=["cache"])
+        token = pick(logits[:, 0], s["step"])
+        live = ~s["done"] | ignore_stop
+        out = s["out"].at[:, s["step"]].set(jnp.where(live, token, specials.pad))
+        recorded = s["logits"].at[:, s["step"]].set(logits[:, 0]) if record_logits else s["logits"]
+        nxt = dict(step=s["step"] + 1, out=out, num_tokens=s["num_tokens"] + live, logits=recorded,
+                   cache=variables["cache"])
+        if mode == "blank":
+            ends_span = (token == specials.eop) | (token == specials.eos)
+            span = s["span"] + ends_span
+            next_mask = batch["mask_positions"][rows, jnp.minimum(span, batch["mask_positions"].shape[1] - 1)]
+            nxt.update(token=jnp.where(ends_span, specials.sop, token),
+                       position=jnp.where(ends_span, next_mask, s["position"]),
+                       block=jnp.where(ends_span, 1, s["block"] + 1), span=span,
+                       done=s["done"] | (token == specials.eos) | (ends_span & (span >= batch["num_masks"])))
+        else:
+            nxt.update(token=token, position=s["position"] + 1, block=s["block"], span=s["span"],
+                       done=s["done"] | _is_stop(token, specials))
+        return nxt
+
+    final = jax.lax.while_loop(keep_going, step, state)
+    result = {"tokens": final["out"], "num_tokens": final["num_tokens"]}
+    if record_logits:
+        result["logits"] = final["logits"]
+    return result
+
+
+def _is_stop(token, specials: SpecialTokens):
+    return (token == specials.eos) | (token == specials.eop)
+
+
+# ------------------------------------------------------------------ text helpers
+def fill_blanks(generator: Generator, tokenizer: Tokenizer, prompts: list[str], max_new_tokens: int = 64,
+                sampling: SamplingConfig = SamplingConfig(), seed: int = 0, length_bucket: int = 64) -> list[str]:
+    """Each prompt with its [MASK] / [sMASK] / [gMASK] tokens replaced by the generated text.
+
+    A prompt without a mask gets [gMASK] appended (open-ended generation). Prompts
+    start with [CLS] like the training documents.
+    """
+    specials = tokenizer.specials
+    encoded = []
+    for text in prompts:
+        ids = np.concatenate([[specials.cls], tokenizer.encode(text)]).astype(np.int32)
+        if not np.isin(ids, prompt_lib.mask_ids(specials)).any():
+            ids = np.concatenate([ids, [specials.gmask]]).astype(np.int32)
+        encoded.append(ids)
+    batch = prompt_lib.make_prompt_batch(encoded, specials, "blank", length_bucket)
+    out = generator.generate(batch, "blank", max_new_tokens, sampling, seed)
+    texts = []
+    for row, ids in enumerate(encoded):
+        spans = prompt_lib.split_spans(out["tokens"][row, :out["num_tokens"][row]], specials)
+        filled = prompt_lib.fill_in(ids[1:], spans, specials)  # drop [CLS]
+        texts.append(tokenizer.decode(filled[filled != specials.gmask]))
+    return texts
+
+
+def continue_text(generator: Generator, tokenizer: Tokenizer, prompts: list[str], max_new_tokens: int = 64,
+                  sampling: SamplingConfig = SamplingConfig(), seed: int = 0, length_bucket: int = 64) -> list[str]:
+    """Causal generation (ChatGLM2 / GLM-4 style): the text generated after each prompt."""
+    specials = tokenizer.specials
+    encoded = [np.concatenate([[specials.cls], tokenizer.encode(t)]).astype(np.int32) for t in prompts]
+    batch = prompt_lib.make_prompt_batch(encoded, specials, "causal", length_bucket)
+    out = generator.generate(batch, "causal", max_new_tokens, sampling, seed)
+    texts = []
+    for row in range(len(prompts)):
+        ids = out["tokens"][row, :out["num_tokens"][row]]
+        texts.append(tokenizer.decode([i for i in ids if i not in (specials.eos, specials.eop)]))
+    return texts

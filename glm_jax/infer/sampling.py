@@ -1,0 +1,64 @@
+"""Next-token sampling: greedy, temperature, top-k and top-p (nucleus), jit-friendly.
+
+Every knob is a traced value, so changing temperature / k / p never recompiles
+the decode loop. temperature == 0 is greedy (argmax); top_k == 0 and
+top_p == 1 turn those filters off. The key is explicit: same key, same tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import gin
+import jax
+import jax.numpy as jnp
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How to pick each token. The defaults are greedy decoding."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"SamplingConfig.temperature is {self.temperature}; use 0 (greedy) or a positive value")
+        if self.top_k < 0:
+            raise ValueError(f"SamplingConfig.top_k is {self.top_k}; use 0 (off) or a positive count")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"SamplingConfig.top_p is {self.top_p}; it must be in (0, 1] (1 = off)")
+
+    def as_arrays(self) -> dict:
+        return {"temperature": jnp.float32(self.temperature), "top_k": jnp.int32(self.top_k),
+                "top_p": jnp.float32(self.top_p)}
+
+
+def filter_logits(logits: jnp.ndarray, top_k: jnp.ndarray, top_p: jnp.ndarray) -> jnp.ndarray:
+    """Sets logits outside the top-k and outside the top-p nucleus to -inf ([B, V] float32).
+
+    The nucleus is the smallest set of most likely tokens whose probability
+    reaches top_p; the most likely token is always kept.
+    """
+    vocab = logits.shape[-1]
+    ordered = jnp.sort(logits, axis=-1)[:, ::-1]
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
+    kth_largest = jnp.take_along_axis(ordered, jnp.broadcast_to(k - 1, (logits.shape[0], 1)), axis=-1)
+    probs = jax.nn.softmax(ordered, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs  # probability of the strictly more likely tokens
+    in_nucleus = (mass_before < top_p).at[:, 0].set(True)
+    nucleus_floor = jnp.min(jnp.where(in_nucleus, ordered, jnp.inf), axis=-1, keepdims=True)
+    floor = jnp.maximum(kth_largest, nucleus_floor)
+    return jnp.where(logits >= floor, logits, -jnp.inf)
+
+
+def sample(logits: jnp.ndarray, key: jax.Array, temperature, top_k, top_p) -> jnp.ndarray:
+    """One token id per row of [B, V] logits."""
+    logits = logits.astype(jnp.float32)
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    filtered = filter_logits(logits, top_k, top_p)
+    scaled = filtered / jnp.maximum(temperature, 1e-6)
+    drawn = jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
+    return jnp.where(temperature > 0, drawn, greedy)
