@@ -12,7 +12,7 @@ from glm_jax.infer import prompts as prompt_lib
 from glm_jax.infer.cache import init_cache, kv_bytes, kv_bytes_per_token
 from glm_jax.infer.generate import Generator
 from glm_jax.infer.sampling import SamplingConfig, filter_logits
-from glm_jax.model import GLM, ModelConfig, init_params
+from glm_jax.model import GLM, ModelConfig, example_inputs, init_params
 
 SPECIALS = SpecialTokens(pad=1, eos=2, cls=3, mask=4, smask=5, gmask=6, sop=7, eop=8, dblock=9)
 VOCAB = 16  # small, so a flat (high-temperature) model often emits <eop> and moves to the next mask
@@ -171,7 +171,7 @@ def test_kv_cache_bytes_scale_exactly_with_kv_heads():
     for kv_heads in (8, 2, 1):
         config = ModelConfig(vocab_size=64, hidden_size=64, num_layers=3, num_heads=8, num_kv_heads=kv_heads,
                              mlp_dim=64)
-        cache = init_cache(config, batch=2, length=40)
+        cache = init_cache(config, batch=2, context=32, new=8)
         sizes[kv_heads] = kv_bytes(cache)
         assert sizes[kv_heads] == kv_bytes_per_token(config) * 2 * 40 == 2 * 3 * 2 * 40 * kv_heads * 8 * 4
     assert sizes[8] == 4 * sizes[2] == 8 * sizes[1]
@@ -212,8 +212,6 @@ def test_prompt_errors():
 
 
 def _one_token():
-    from glm_jax.model import example_inputs
-
     return example_inputs(1, 1)
 
 
@@ -223,3 +221,36 @@ def test_split_spans_and_fill_in():
     assert [s.tolist() for s in spans] == [[20, 21], [22]]
     prompt = np.array([3, 10, SPECIALS.mask, 11, SPECIALS.smask], np.int32)
     assert prompt_lib.fill_in(prompt, spans, SPECIALS).tolist() == [3, 10, 20, 21, 11, 22]
+
+
+def test_scanned_cache_layout_decodes_like_the_full_forward():
+    """The model's scanned stack also decodes from a cache (one [L, B, G, S, D] buffer)."""
+    config = tiny_config("gqa2", "rope_2d", scan=True)
+    params = nn.unbox(init_params(config, jax.random.key(1)))
+    prompt, fed = np.array([[3, 10, 4, 11, 12]], np.int32), np.array([[7, 13, 14]], np.int32)
+    tokens = np.concatenate([prompt, fed], axis=1)
+    positions = np.array([[[0, 1, 2, 3, 4, 2, 2, 2], [0, 0, 0, 0, 0, 1, 2, 3]]], np.int32)
+    prefix = np.arange(8)[None] < 5
+    full = GLM(config).apply({"params": params}, tokens, positions, np.ones((1, 8), np.int32), prefix)
+    cache = init_cache(config, 1, 5, 5)
+    _, variables = GLM(config).apply({"params": params, "cache": cache}, prompt, positions[:, :, :5],
+                                     np.ones((1, 5), np.int32), prefix[:, :5], cache_index=0, prefill=True,
+                                     mutable=["cache"])
+    for i in range(5, 8):
+        logits, variables = GLM(config).apply({"params": params, "cache": variables["cache"]}, tokens[:, i:i + 1],
+                                              positions[:, :, i:i + 1], np.ones((1, 1), np.int32),
+                                              np.zeros((1, 1), bool), cache_index=i, mutable=["cache"])
+        np.testing.assert_allclose(logits[:, 0], full[:, i], rtol=1e-5, atol=1e-5)
+
+
+def test_unscanned_params_give_the_same_logits():
+    from glm_jax.model.scan_layout import scan_params, unscan_params
+
+    config = tiny_config("mqa", "learned_2d", scan=True)
+    params = nn.unbox(init_params(config, jax.random.key(2)))
+    unscanned = unscan_params(params, config.num_layers)
+    assert "layers" not in unscanned and "layers_1" in unscanned
+    inputs = example_inputs(2, 6)
+    np.testing.assert_allclose(GLM(config.replace(scan_layers=False)).apply({"params": unscanned}, *inputs),
+                               GLM(config).apply({"params": params}, *inputs), rtol=1e-6, atol=1e-6)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, scan_params(unscanned, config.num_layers), params)

@@ -1,16 +1,23 @@
-"""The KV cache: one [B, S, G, D] key and value buffer per layer, sized by num_kv_heads.
+"""The KV cache: per layer a context part and a generated part, sized by num_kv_heads.
 
 The cache is the 'cache' variable collection of `GLM` (flax linen), allocated
 once per request batch with `init_cache` and threaded through `apply(...,
-mutable=['cache'])`. Its bytes are exactly proportional to G (MHA: G = H, GQA-g:
-G = H / g, MQA: G = 1), which is why grouped heads decode faster: each decoded
-token reads the whole cache, and at long context that read is the cost.
+mutable=['cache'])`. Slots [0, C) hold the context (written once, by the
+prefill) and slots [C, C + N) the generated tokens (one per decode step). The
+two parts are separate buffers so the decode loop carries only the small
+generated part and holds the context outside its loop state (XLA:CPU copies
+every loop-carried buffer that a step both reads and updates). Keys are
+[B, G, slots, D] and values [B, G, D, slots]: heads first, and each decode
+contraction runs over the last axis of both operands (kernels.cached_attention).
 
-Per cache slot it also keeps the segment id (0 = empty) and the prefix flag, so
-the decoder applies GLM's attention rule with slots as positions.
+Its bytes are exactly proportional to G (MHA: G = H, GQA-g: G = H / g, MQA:
+G = 1), which is why grouped heads decode faster: each decoded token reads the
+whole cache, and at long context that read is the cost. Per slot it also keeps
+the segment id (0 = empty) and the prefix flag, so the decoder applies GLM's
+attention rule with slots as positions.
 
-Logical axes (mapped to the mesh by the same rules as training):
-key/value [layers?, activation_batch, cache_length, activation_kv_heads, head_dim].
+Logical axes (mapped to the mesh by the same rules as training): rows over
+'activation_batch', KV heads over 'activation_kv_heads'.
 """
 
 from __future__ import annotations
@@ -18,19 +25,29 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax import traverse_util
 
 from glm_jax.model import ModelConfig
 
-KV_AXES = ("activation_batch", None, "activation_kv_heads", None)
+KV_AXES = ("activation_batch", "activation_kv_heads", None, None)
 SLOT_AXES = ("activation_batch", None)
+SLOT_AXIS = {"context_key": -2, "new_key": -2, "context_value": -1, "new_value": -1}
+CONTEXT_PARTS = ("context_key", "context_value")
 
 
 def _kv_buffer(shape, dtype, axes):
     return nn.with_logical_constraint(jnp.zeros(shape, dtype), axes)
 
 
-def init_cache(config: ModelConfig, batch: int, length: int, dtype=None) -> dict:
-    """An empty cache for `batch` rows of up to `length` tokens (context + generated).
+def _layer_buffers(G: int, D: int, batch: int, context: int, new: int, dtype, leading=()) -> dict:
+    axes = ("layers",) * len(leading) + KV_AXES
+    shapes = {"context_key": (batch, G, context, D), "context_value": (batch, G, D, context),
+              "new_key": (batch, G, new, D), "new_value": (batch, G, D, new)}
+    return {name: _kv_buffer((*leading, *shape), dtype, axes) for name, shape in shapes.items()}
+
+
+def init_cache(config: ModelConfig, batch: int, context: int, new: int, dtype=None) -> dict:
+    """An empty cache for `batch` rows of `context` prompt slots and `new` generated slots.
 
     Under a mesh and logical-axis rules (nn.logical_axis_rules) the buffers are
     created sharded: rows over ('data', 'fsdp'), KV heads over 'tensor' for fsdp_tp.
@@ -38,26 +55,34 @@ def init_cache(config: ModelConfig, batch: int, length: int, dtype=None) -> dict
     """
     dtype = config.compute_dtype if dtype is None else jnp.dtype(dtype)
     G, D, L = config.num_kv_heads, config.head_dim, config.num_layers
-    cache = {"segment_ids": nn.with_logical_constraint(jnp.zeros((batch, length), jnp.int32), SLOT_AXES),
-             "prefix_mask": nn.with_logical_constraint(jnp.zeros((batch, length), bool), SLOT_AXES)}
+    slots = context + new
+    cache = {"segment_ids": nn.with_logical_constraint(jnp.zeros((batch, slots), jnp.int32), SLOT_AXES),
+             "prefix_mask": nn.with_logical_constraint(jnp.zeros((batch, slots), bool), SLOT_AXES)}
     if config.scan_layers:
-        shape, axes = (L, batch, length, G, D), ("layers",) + KV_AXES
-        cache["layers"] = {"attention": {"cached_key": _kv_buffer(shape, dtype, axes),
-                                         "cached_value": _kv_buffer(shape, dtype, axes)}}
+        cache["layers"] = {"attention": _layer_buffers(G, D, batch, context, new, dtype, leading=(L,))}
     else:
         for i in range(L):
-            cache[f"layers_{i}"] = {"attention": {"cached_key": _kv_buffer((batch, length, G, D), dtype, KV_AXES),
-                                                  "cached_value": _kv_buffer((batch, length, G, D), dtype, KV_AXES)}}
+            cache[f"layers_{i}"] = {"attention": _layer_buffers(G, D, batch, context, new, dtype)}
     return cache
+
+
+def split_context(cache: dict) -> tuple[dict, dict]:
+    """(context buffers, everything else): the loop-invariant and the loop-carried parts."""
+    flat = traverse_util.flatten_dict(cache)
+    context = {k: v for k, v in flat.items() if k[-1] in CONTEXT_PARTS}
+    rest = {k: v for k, v in flat.items() if k[-1] not in CONTEXT_PARTS}
+    return traverse_util.unflatten_dict(context), traverse_util.unflatten_dict(rest)
+
+
+def merge_context(context: dict, rest: dict) -> dict:
+    """Inverse of split_context."""
+    return traverse_util.unflatten_dict({**traverse_util.flatten_dict(context), **traverse_util.flatten_dict(rest)})
 
 
 def kv_bytes(cache: dict) -> int:
     """Bytes of the key and value buffers actually allocated (slot metadata excluded)."""
-    total = 0
-    for path, leaf in jax.tree_util.tree_flatten_with_path(cache)[0]:
-        if jax.tree_util.keystr(path[-1:]) in ("['cached_key']", "['cached_value']"):
-            total += leaf.size * leaf.dtype.itemsize
-    return total
+    return sum(leaf.size * leaf.dtype.itemsize for path, leaf in traverse_util.flatten_dict(cache).items()
+               if path[-1] in SLOT_AXIS)
 
 
 def kv_bytes_per_token(config: ModelConfig, dtype=None) -> int:

@@ -30,9 +30,10 @@ import numpy as np
 
 from glm_jax.data.tokenizer import SpecialTokens, Tokenizer
 from glm_jax.infer import prompts as prompt_lib
-from glm_jax.infer.cache import init_cache
+from glm_jax.infer.cache import init_cache, merge_context, split_context
 from glm_jax.infer.sampling import SamplingConfig, sample
 from glm_jax.model import GLM, ModelConfig
+from glm_jax.model.scan_layout import unscan_params
 
 
 class Generator:
@@ -40,9 +41,10 @@ class Generator:
 
     def __init__(self, config: ModelConfig, params, specials: SpecialTokens, *, mesh=None, rules=(),
                  cache_dtype=None):
-        # Decoding never needs rematerialisation (no backward pass).
-        self.config = config.replace(remat_policy="none")
-        self.params = params
+        # Decoding never needs rematerialisation (no backward pass), and runs the layers
+        # unscanned so each layer's cache buffer is updated in place (model/scan_layout.py).
+        self.config = config.replace(remat_policy="none", scan_layers=False)
+        self.params = unscan_params(params, config.num_layers)
         self.specials = specials
         self.mesh, self.rules = mesh, rules
         self.cache_dtype = cache_dtype
@@ -107,37 +109,57 @@ def _maybe_mesh(mesh, rules):
 
 def _generate(params, batch, key, sampling, *, model: GLM, config: ModelConfig, specials: SpecialTokens,
               mode: str, max_new_tokens: int, cache_dtype, record_logits: bool, ignore_stop: bool):
+    """Prefill, then the decode loop: the whole program the Generator compiles."""
     B, P = batch["tokens"].shape
-    rows = jnp.arange(B)
-    cache = init_cache(config, B, P + max_new_tokens, cache_dtype)
+    cache = init_cache(config, B, P, max_new_tokens, cache_dtype)
     last = batch["lengths"] - 1  # causal mode samples its first token at the prompt's last position
     logits, variables = model.apply({"params": params, "cache": cache}, batch["tokens"], batch["positions"],
                                     batch["segment_ids"], batch["prefix_mask"], cache_index=0, prefill=True,
                                     logits_at=last, mutable=["cache"])
-    cache = variables["cache"]
-
-    def pick(logits_row, step):
-        return sample(logits_row, jax.random.fold_in(key, step), **sampling)
-
-    out = jnp.full((B, max_new_tokens), specials.pad, jnp.int32)
-    # Only allocated when asked for: [B, N, V] float32.
-    all_logits = jnp.zeros((B, max_new_tokens, config.vocab_size) if record_logits else (0,), jnp.float32)
-    if mode == "blank":
-        state = dict(step=jnp.int32(0), token=jnp.full((B,), specials.sop, jnp.int32),
-                     position=batch["mask_positions"][:, 0], block=jnp.ones((B,), jnp.int32),
-                     span=jnp.zeros((B,), jnp.int32), done=jnp.zeros((B,), bool),
-                     num_tokens=jnp.zeros((B,), jnp.int32), out=out, logits=all_logits, cache=cache)
-    else:
-        first = pick(logits[:, 0], 0)
+    vocab = config.vocab_size if record_logits else None
+    if mode == "blank":  # every row starts from <sop> at its first mask, block position 1
+        context, state = decode_state(variables["cache"], P, jnp.full((B,), specials.sop, jnp.int32),
+                             batch["mask_positions"][:, 0], jnp.ones((B,), jnp.int32), max_new_tokens,
+                             specials.pad, vocab)
+    else:  # token 0 comes from the prefill; it is fed next at the prompt's next position
+        first = sample(logits[:, 0], jax.random.fold_in(key, 0), **sampling)
+        context, state = decode_state(variables["cache"], P, first, batch["lengths"], jnp.zeros((B,), jnp.int32),
+                             max_new_tokens, specials.pad, vocab)
+        state.update(step=jnp.int32(1), out=state["out"].at[:, 0].set(first), done=_is_stop(first, specials),
+                     num_tokens=jnp.ones((B,), jnp.int32))
         if record_logits:
-            all_logits = all_logits.at[:, 0].set(logits[:, 0])
-        state = dict(step=jnp.int32(1), token=first, position=batch["lengths"], block=jnp.zeros((B,), jnp.int32),
-                     span=jnp.zeros((B,), jnp.int32), done=_is_stop(first, specials),
-                     num_tokens=jnp.ones((B,), jnp.int32), out=out.at[:, 0].set(first), logits=all_logits,
-                     cache=cache)
-    # Slot of the token fed at loop step `step`: blank mode feeds <sop> first; causal
-    # mode already produced token 0 from the prefill, so it is one slot behind.
-    slot_offset = P if mode == "blank" else P - 1
+            state["logits"] = state["logits"].at[:, 0].set(logits[:, 0])
+    return decode_loop(params, context, state, batch["mask_positions"], batch["num_masks"], key, sampling, model=model,
+                       specials=specials, mode=mode, max_new_tokens=max_new_tokens, record_logits=record_logits,
+                       ignore_stop=ignore_stop)
+
+
+def decode_state(cache, slot, token, position, block, max_new_tokens: int, pad: int, vocab: int | None = None):
+    """(context cache, loop state) for rows whose next input is `token` ([B]) at cache slot `slot`.
+
+    position / block: [B] position and block position ids of that input. vocab:
+    also record each step's logits ([B, max_new_tokens, vocab]). The context part
+    of the cache stays out of the loop state (glm_jax/infer/cache.py says why).
+    """
+    context, cache = split_context(cache)
+    B = token.shape[0]
+    zeros = jnp.zeros((B,), jnp.int32)
+    logits = jnp.zeros((B, max_new_tokens, vocab) if vocab else (0,), jnp.float32)
+    return context, dict(step=jnp.int32(0), slot=jnp.asarray(slot, jnp.int32), token=token, position=position,
+                         block=block, span=zeros, done=jnp.zeros((B,), bool), num_tokens=zeros,
+                         out=jnp.full((B, max_new_tokens), pad, jnp.int32), logits=logits, cache=cache)
+
+
+def decode_loop(params, context: dict, state: dict, mask_positions, num_masks, key, sampling, *, model: GLM,
+                specials: SpecialTokens, mode: str, max_new_tokens: int, record_logits: bool = False,
+                ignore_stop: bool = False) -> dict:
+    """One token per row per iteration of a lax.while_loop until every row is done.
+
+    mask_positions [B, M] / num_masks [B]: blank mode's mask table (unused in causal mode).
+    Returns {'tokens', 'num_tokens'} (+ 'logits' when recorded).
+    """
+    B = state["token"].shape[0]
+    rows = jnp.arange(B)
 
     def keep_going(s):
         return (s["step"] < max_new_tokens) & (ignore_stop | ~jnp.all(s["done"]))
@@ -145,23 +167,22 @@ def _generate(params, batch, key, sampling, *, model: GLM, config: ModelConfig, 
     def step(s):
         positions = jnp.stack([s["position"], s["block"]], axis=1)[:, :, None]
         logits, variables = model.apply(
-            {"params": params, "cache": s["cache"]}, s["token"][:, None], positions,
-            jnp.ones((B, 1), jnp.int32), jnp.zeros((B, 1), bool), cache_index=slot_offset + s["step"],
-            mutable=["cache"])
-        token = pick(logits[:, 0], s["step"])
+            {"params": params, "cache": merge_context(context, s["cache"])}, s["token"][:, None], positions,
+            jnp.ones((B, 1), jnp.int32), jnp.zeros((B, 1), bool), cache_index=s["slot"], mutable=["cache"])
+        token = sample(logits[:, 0], jax.random.fold_in(key, s["step"]), **sampling)
         live = ~s["done"] | ignore_stop
         out = s["out"].at[:, s["step"]].set(jnp.where(live, token, specials.pad))
         recorded = s["logits"].at[:, s["step"]].set(logits[:, 0]) if record_logits else s["logits"]
-        nxt = dict(step=s["step"] + 1, out=out, num_tokens=s["num_tokens"] + live, logits=recorded,
-                   cache=variables["cache"])
+        nxt = dict(step=s["step"] + 1, slot=s["slot"] + 1, out=out, num_tokens=s["num_tokens"] + live,
+                   logits=recorded, cache=split_context(variables["cache"])[1])
         if mode == "blank":
             ends_span = (token == specials.eop) | (token == specials.eos)
             span = s["span"] + ends_span
-            next_mask = batch["mask_positions"][rows, jnp.minimum(span, batch["mask_positions"].shape[1] - 1)]
+            next_mask = mask_positions[rows, jnp.minimum(span, mask_positions.shape[1] - 1)]
             nxt.update(token=jnp.where(ends_span, specials.sop, token),
                        position=jnp.where(ends_span, next_mask, s["position"]),
                        block=jnp.where(ends_span, 1, s["block"] + 1), span=span,
-                       done=s["done"] | (token == specials.eos) | (ends_span & (span >= batch["num_masks"])))
+                       done=s["done"] | (token == specials.eos) | (ends_span & (span >= num_masks)))
         else:
             nxt.update(token=token, position=s["position"] + 1, block=s["block"], span=s["span"],
                        done=s["done"] | _is_stop(token, specials))

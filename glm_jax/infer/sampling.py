@@ -57,8 +57,12 @@ def filter_logits(logits: jnp.ndarray, top_k: jnp.ndarray, top_p: jnp.ndarray) -
 def sample(logits: jnp.ndarray, key: jax.Array, temperature, top_k, top_p) -> jnp.ndarray:
     """One token id per row of [B, V] logits."""
     logits = logits.astype(jnp.float32)
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    filtered = filter_logits(logits, top_k, top_p)
-    scaled = filtered / jnp.maximum(temperature, 1e-6)
-    drawn = jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
-    return jnp.where(temperature > 0, drawn, greedy)
+
+    def greedy():
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def drawn():  # the vocabulary sort of the filters is only paid when sampling
+        scaled = filter_logits(logits, top_k, top_p) / jnp.maximum(temperature, 1e-6)
+        return jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
+
+    return jax.lax.cond(temperature > 0, drawn, greedy)

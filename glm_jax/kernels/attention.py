@@ -89,6 +89,32 @@ def masked_attention(q, k, v, allowed, *, scale):
     return out.reshape(B, T, Hq, D)
 
 
+def cached_attention(q, keys, values, allowed, *, scale: float | None = None):
+    """Attention of T new queries [B, T, Hq, D] over a KV cache kept in parts.
+
+    keys: tuple of [B, Hkv, S_i, D] buffers; values: the matching [B, Hkv, D, S_i]
+    buffers (e.g. the context and the generated tokens); allowed: [B, T, sum S_i],
+    the parts' slots in order. The decode path: T is 1 (or a few) and the cost is
+    reading the cache, so both contractions run over the last axis of both
+    operands (d for scores, s for values), batched over (B, Hkv), reading every
+    buffer in its stored layout. Scores and softmax in float32.
+    """
+    B, T, Hq, D = q.shape
+    Hkv = keys[0].shape[1]
+    scale = D ** -0.5 if scale is None else scale
+    grouped_q = q.reshape(B, T, Hkv, Hq // Hkv, D).astype(keys[0].dtype)
+    scores = jnp.concatenate([jnp.einsum("btgrd,bgsd->bgrts", grouped_q, k, preferred_element_type=jnp.float32)
+                              for k in keys], axis=-1) * scale
+    scores = jnp.where(allowed[:, None, None, :, :], scores, masks.MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out, start = 0.0, 0
+    for v in values:
+        part = probs[..., start:start + v.shape[-1]].astype(v.dtype)
+        out = out + jnp.einsum("bgrts,bgds->btgrd", part, v, preferred_element_type=jnp.float32)
+        start += v.shape[-1]
+    return out.reshape(B, T, Hq, D).astype(q.dtype)
+
+
 def _check_shapes(q, k, v, segment_ids, prefix_mask):
     if q.ndim != 4 or k.ndim != 4 or v.shape != k.shape:
         raise ValueError(f"attention expects q [B,T,Hq,D] and k, v [B,S,Hkv,D] of equal "

@@ -4,10 +4,10 @@ Projections keep the head structure in the parameter shape ([embed, heads,
 head_dim]), positions are applied per the config, and the attention itself is
 `glm_jax.kernels.attention`, which groups query heads per KV head.
 
-Decoding (glm_jax.infer) passes a `CacheUpdate`: the new keys and values are
-written into the 'cache' collection (`cached_key`, `cached_value`: [B, S, G, D], so the cache
-is exactly proportional to G) at slot `index`, and the queries attend over the
-whole cache under the same GLM rule, with slots as positions.
+Decoding (glm_jax.infer) passes a `CacheUpdate`. The 'cache' collection holds
+two parts per layer (glm_jax/infer/cache.py): the context (written once by the
+prefill) and the generated tokens (written one slot per decode step); the
+queries attend over both under the same GLM rule, with slots as positions.
 """
 
 from __future__ import annotations
@@ -28,11 +28,13 @@ from glm_jax.model.layers import Dense, projection_inits
 class CacheUpdate:
     """Where this call's tokens go in the KV cache and what the cache's keys are.
 
-    index: slot of the first new token (int32 scalar).
-    kv_segment_ids, kv_prefix_mask: [B, S] segment ids / prefix flags of every cache
-      slot, already including the new tokens (0 = empty slot).
-    prefill: the cache is empty and the new tokens are the whole context, so they
-      attend only to themselves through the training kernel (flash on GPU/TPU).
+    index: slot of the first new token (int32 scalar); slots [0, C) are the context
+      part, [C, C + N) the generated part.
+    kv_segment_ids, kv_prefix_mask: [B, C + N] segment ids / prefix flags of every
+      cache slot, already including the new tokens (0 = empty slot).
+    prefill: the new tokens are the context (written into the context part); they
+      attend only to themselves, through the training kernel (flash on GPU/TPU).
+      Otherwise they are generated tokens, written into the generated part.
     """
 
     index: jax.Array
@@ -43,7 +45,7 @@ class CacheUpdate:
 
 def missing_cache():
     raise ValueError("decoding needs a KV cache: apply the model with "
-                     "{'params': params, 'cache': glm_jax.infer.cache.init_cache(config, batch, length)} "
+                     "{'params': params, 'cache': glm_jax.infer.cache.init_cache(config, batch, context, new)} "
                      "and mutable=['cache']")
 
 
@@ -86,14 +88,33 @@ class Attention(nn.Module):
                      use_bias=cfg.out_bias, init=inits["out"], name="out", **common)(out)
 
     def _attend_with_cache(self, q, k, v, segment_ids, prefix_mask, cache: CacheUpdate):
-        """Writes k, v at cache.index and attends q over the cache (or, in prefill, over k, v)."""
-        cached_key = self.variable("cache", "cached_key", missing_cache)
-        cached_value = self.variable("cache", "cached_value", missing_cache)
-        slot = (0, cache.index, 0, 0)
-        cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, k.astype(cached_key.value.dtype), slot)
-        cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, v.astype(cached_value.value.dtype), slot)
+        """Writes k, v into their part of the cache and attends q over the cache.
+
+        Keys are stored [B, G, slots, D] and values [B, G, D, slots]: both decode
+        contractions run over the last axis of both operands, the layout the
+        matmuls read without transposing the cache.
+        """
+        parts = {name: self.variable("cache", name, missing_cache) for name in CACHE_PARTS}
+        context_length = parts["context_key"].value.shape[-2]
         if cache.prefill:
+            _write(parts["context_key"], parts["context_value"], k, v, cache.index)
             return kernels.attention(q, k, v, segment_ids, prefix_mask, impl=self.config.attention_impl)
+        _write(parts["new_key"], parts["new_value"], k, v, cache.index - context_length)
         allowed = masks.cache_mask(segment_ids, cache.index, cache.kv_segment_ids, cache.kv_prefix_mask)
-        keys, values = cached_key.value.astype(q.dtype), cached_value.value.astype(q.dtype)
-        return kernels.masked_attention(q, keys, values, allowed, scale=q.shape[-1] ** -0.5)
+        return kernels.cached_attention(q, (parts["context_key"].value, parts["new_key"].value),
+                                        (parts["context_value"].value, parts["new_value"].value), allowed)
+
+
+# The context part is written by the prefill only, so a decode loop can hold it
+# outside its loop-carried state: XLA:CPU copies every carried buffer that a step
+# both reads and updates, which for a whole context cache would cost more than
+# the attention itself (measured: 4 copies per buffer per token).
+CACHE_PARTS = ("context_key", "context_value", "new_key", "new_value")
+
+
+def _write(key_var, value_var, k, v, slot):
+    """k, v [B, T, G, D] into a key buffer [B, G, S, D] and a value buffer [B, G, D, S] at slot."""
+    key_var.value = jax.lax.dynamic_update_slice(
+        key_var.value, k.transpose(0, 2, 1, 3).astype(key_var.value.dtype), (0, 0, slot, 0))
+    value_var.value = jax.lax.dynamic_update_slice(
+        value_var.value, v.transpose(0, 2, 3, 1).astype(value_var.value.dtype), (0, 0, 0, slot))

@@ -1,0 +1,286 @@
+"""The MHA vs GQA vs MQA study in one command: train, convert, uptrain, evaluate, time, report.
+
+    python experiments/ablate_attention.py [--config experiments/configs/ablate_attention.gin]
+        [--out_dir runs/ablate_attention] [--results experiments/results] [--quick] [--gin.NAME=VALUE ...]
+
+Steps (every run shares the --config experiment; Study.* bindings size it):
+ 1. train an MHA baseline (H KV heads), and GQA-G and MQA from scratch with the same token budget;
+ 2. convert the MHA checkpoint to GQA-G and MQA with each method (mean, first, random)
+    (glm_jax.convert.uptrain), evaluate at alpha = 0, and uptrain for each alpha;
+    the identity conversion (G = H) uptrained the same way is the control: the MHA
+    model given the same extra steps;
+ 3. evaluate every model on the same eval batches (teacher-forced Part-B loss and
+    blank-infilling token accuracy, glm_jax.infer.evaluate) and time decoding of
+    each attention layout at a long context (experiments/benchmarks/decode.py);
+ 4. write RESULTS/attention_ablation.{md,json} and PNG plots.
+Finished runs are reused when the script is started again (each run directory is
+resumable), so an interrupted study continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import gin
+import jax
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "experiments" / "benchmarks"))
+
+from decode import glm_jax_decode  # noqa: E402
+
+from glm_jax import gin_utils  # noqa: E402
+from glm_jax.convert.uptrain import convert_run  # noqa: E402
+from glm_jax.infer.evaluate import evaluate_run  # noqa: E402
+from glm_jax.train.run import load_run, read_run_config  # noqa: E402
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class Study:
+    source_steps: int = 500
+    gqa_kv_heads: int = 2
+    methods: tuple = ("mean", "first", "random")
+    alphas: tuple = (0.05, 0.10)
+    eval_batches: int = 16
+    decode_context: int = 4096
+    decode_batch: int = 8
+    decode_tokens: int = 32
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=None, help="study gin file (default ablate_attention.gin)")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (ablate_attention_quick.gin): a smoke run")
+    parser.add_argument("--out_dir", default=None, help="run directories (default runs/ablate_attention[_quick])")
+    parser.add_argument("--results", default=None, help="report directory (default experiments/results)")
+    args, rest = parser.parse_known_args(argv)
+    overrides = [gin_utils.binding_from_flag(a) for a in rest if a.startswith("--gin.")]
+    if len(overrides) != len(rest):
+        parser.error(f"unrecognised arguments {[a for a in rest if not a.startswith('--gin.')]}")
+    args.config = args.config or str(gin_utils.CONFIG_DIR / ("ablate_attention_quick.gin" if args.quick
+                                                             else "ablate_attention.gin"))
+    args.out_dir = Path(args.out_dir or REPO / "runs" / ("ablate_attention_quick" if args.quick else "ablate_attention"))
+    args.results = Path(args.results or REPO / "experiments" / "results")
+    return args, overrides
+
+
+# ------------------------------------------------------------------------- runs
+def train_run(files: list, bindings: list) -> None:
+    """One glm_jax.train run in this process (resumes if its directory has checkpoints)."""
+    from glm_jax.train.loop import train
+
+    gin_utils.parse(files, bindings)
+    try:
+        train()
+    finally:
+        gin.clear_config()
+
+
+def study_settings(config_file: str, overrides: list) -> tuple[Study, int]:
+    import glm_jax.train.loop  # noqa: F401  (registers the configurables the file binds)
+
+    gin_utils.parse([config_file], overrides)
+    try:
+        from glm_jax.model import ModelConfig
+
+        return Study(), ModelConfig().num_heads
+    finally:
+        gin.clear_config()
+
+
+def run_plan(study: Study, num_heads: int) -> list[dict]:
+    """Every model of the study: name, how it is made, and its layout."""
+    G = study.gqa_kv_heads
+    plan = [{"name": "mha", "kind": "scratch", "kv_heads": num_heads},
+            {"name": f"gqa{G}_scratch", "kind": "scratch", "kv_heads": G},
+            {"name": "mqa_scratch", "kind": "scratch", "kv_heads": 1}]
+    targets = [(f"gqa{G}", G), ("mqa", 1)]
+    for label, kv_heads in targets:
+        for method in study.methods:
+            for alpha in (0.0, *study.alphas):
+                plan.append({"name": f"{label}_{method}_a{alpha:g}", "kind": "uptrain", "kv_heads": kv_heads,
+                             "method": method, "alpha": alpha, "target": label})
+    for alpha in study.alphas:  # the control: MHA given the same extra steps (identity conversion)
+        plan.append({"name": f"mha_continued_a{alpha:g}", "kind": "uptrain", "kv_heads": num_heads,
+                     "method": "mean", "alpha": alpha, "target": "mha"})
+    return plan
+
+
+def make_model(entry: dict, study: Study, args, overrides: list) -> Path:
+    run_dir = args.out_dir / entry["name"]
+    if entry["kind"] == "scratch":
+        if not (run_dir / "summary.json").exists():
+            train_run([args.config], overrides + [f"RUN_DIR = '{run_dir}'", f"STEPS = {study.source_steps}",
+                                                  f"ModelConfig.num_kv_heads = {entry['kv_heads']}"])
+        return run_dir
+    if not (run_dir / "provenance.json").exists():
+        shutil.rmtree(run_dir, ignore_errors=True)  # a conversion interrupted before it finished
+        convert_run(args.out_dir / "mha", entry["kv_heads"], entry["method"], run_dir, seed=1,
+                    alpha=entry["alpha"] or None)
+    if entry["alpha"] > 0 and not (run_dir / "summary.json").exists():
+        train_run([run_dir / "config.gin"], [])
+    return run_dir
+
+
+def measure(run_dir: Path, entry: dict, study: Study, decode_cache: dict) -> dict:
+    run = load_run(run_dir, step=0 if entry.get("alpha") == 0.0 else None)
+    scores = evaluate_run(run, study.eval_batches)
+    kv_heads = run.config.model.num_kv_heads
+    if kv_heads not in decode_cache:  # decode speed depends on the layout only
+        config = run.config.model.replace(scan_layers=False, dtype="float32")
+        decode_cache[kv_heads] = glm_jax_decode(config, study.decode_batch, study.decode_context,
+                                                study.decode_tokens, repeats=2)
+    speed = decode_cache[kv_heads]
+    slots = study.decode_batch * (study.decode_context + study.decode_tokens)
+    summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
+    return {**entry, "eval_loss": scores["loss"], "accuracy": scores["accuracy"], "perplexity": scores["perplexity"],
+            "params": run.config.model.num_params(), "kv_bytes_per_token": speed["kv_cache_bytes"] // slots,
+            "decode_tokens_per_second": speed["tokens_per_second"],
+            "seconds_per_sample": speed["seconds_per_step"] * study.decode_tokens / study.decode_batch,
+            "train_losses": summary.get("losses", []), "step": run.step}
+
+
+# ----------------------------------------------------------------------- report
+def write_report(rows: list[dict], study: Study, num_heads: int, results: Path, seconds: float, quick: bool):
+    results.mkdir(parents=True, exist_ok=True)
+    by_name = {r["name"]: r for r in rows}
+    G = study.gqa_kv_heads
+    first_alpha = study.alphas[0]
+    headline = [("MHA", "mha"), (f"GQA-{G} (scratch)", f"gqa{G}_scratch"), ("MQA (scratch)", "mqa_scratch"),
+                (f"GQA-{G} (mean, uptrained a={first_alpha:g})", f"gqa{G}_mean_a{first_alpha:g}"),
+                (f"MQA (mean, uptrained a={first_alpha:g})", f"mqa_mean_a{first_alpha:g}"),
+                (f"MHA continued a={first_alpha:g} (control)", f"mha_continued_a{first_alpha:g}")]
+    lines = [f"# Attention ablation: MHA vs GQA-{G} vs MQA{' (QUICK smoke run: sizes are meaningless)' if quick else ''}",
+             "",
+             f"Generated by `python experiments/ablate_attention.py{' --quick' if quick else ''}` in {seconds / 60:.0f} min "
+             f"on {jax.devices()[0].device_kind} ({jax.device_count()} device(s)). Source runs: {study.source_steps} steps; "
+             f"{num_heads} query heads. Quality is measured on the same {study.eval_batches} eval batches for every model "
+             "(teacher-forced Part-B cross-entropy and blank-infilling token accuracy); decode speed is the compiled "
+             f"KV-cache loop at context {study.decode_context}, batch {study.decode_batch}, {study.decode_tokens} new tokens "
+             "(float32 cache).", "",
+             "## Table 1 (the GQA paper's shape)", "",
+             "| model | params | KV cache bytes / token | decode tokens/s | time per sample (s) | eval loss | accuracy |",
+             "|---|---|---|---|---|---|---|"]
+    for label, name in headline:
+        r = by_name.get(name)
+        if r:
+            lines.append(f"| {label} | {r['params'] / 1e6:.2f}M | {r['kv_bytes_per_token']:,} | "
+                         f"{r['decode_tokens_per_second']:.1f} | {r['seconds_per_sample']:.4g} | {r['eval_loss']:.4f} | "
+                         f"{r['accuracy']:.4f} |")
+    lines += ["", "## Conversion method x uptraining proportion (eval loss; accuracy in brackets)", "",
+              "| target | method | " + " | ".join(f"alpha={a:g}" for a in (0.0, *study.alphas)) + " |",
+              "|---|---|" + "---|" * (1 + len(study.alphas))]
+    for label in (f"gqa{G}", "mqa"):
+        for method in study.methods:
+            cells = []
+            for alpha in (0.0, *study.alphas):
+                r = by_name.get(f"{label}_{method}_a{alpha:g}")
+                cells.append(f"{r['eval_loss']:.4f} ({r['accuracy']:.3f})" if r else "-")
+            lines.append(f"| {label.upper()} | {method} | " + " | ".join(cells) + " |")
+    control = [by_name.get(f"mha_continued_a{a:g}") for a in study.alphas]
+    lines.append("| MHA (control) | identity | " + f"{by_name['mha']['eval_loss']:.4f} ({by_name['mha']['accuracy']:.3f}) | "
+                 + " | ".join(f"{r['eval_loss']:.4f} ({r['accuracy']:.3f})" if r else "-" for r in control) + " |")
+    lines += ["", "Plots: `attention_quality_vs_time.png` (quality vs decode time per sample, the paper's Figure 6 "
+              "shape), `attention_alpha.png` (eval loss vs alpha per method), `attention_training_curves.png`.", ""]
+    (results / "attention_ablation.md").write_text("\n".join(lines) + "\n" + _findings_placeholder(results))
+    (results / "attention_ablation.json").write_text(json.dumps(
+        {"study": dataclasses.asdict(study), "num_heads": num_heads, "seconds": seconds, "quick": quick,
+         "rows": rows}, indent=2))
+    _plots(rows, study, results)
+
+
+def _findings_placeholder(results: Path) -> str:
+    """Keeps the hand-written findings section (below the marker) when the tables are regenerated."""
+    marker = "<!-- findings -->"
+    old = results / "attention_ablation.md"
+    if old.exists() and marker in old.read_text():
+        return marker + old.read_text().split(marker, 1)[1]
+    return f"{marker}\n## Findings\n\n(not yet written for this run)\n"
+
+
+def _plots(rows: list[dict], study: Study, results: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_name = {r["name"]: r for r in rows}
+    G, a = study.gqa_kv_heads, study.alphas[0]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, label, marker in [("mha", "MHA", "o"), (f"gqa{G}_scratch", f"GQA-{G} scratch", "s"),
+                                ("mqa_scratch", "MQA scratch", "^"), (f"gqa{G}_mean_a{a:g}", f"GQA-{G} uptrained", "s"),
+                                (f"mqa_mean_a{a:g}", "MQA uptrained", "^"), (f"mha_continued_a{a:g}", "MHA continued", "o")]:
+        r = by_name.get(name)
+        if r:
+            filled = "scratch" in name or name == "mha"
+            ax.scatter(r["seconds_per_sample"], r["eval_loss"], marker=marker, s=60, label=label,
+                       facecolors=None if filled else "none", edgecolors="C0" if filled else "C3")
+    ax.set_xlabel(f"decode time per sample (s): {study.decode_tokens} tokens at context {study.decode_context}")
+    ax.set_ylabel("eval loss (lower is better)")
+    ax.set_title("Quality vs decode time")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(results / "attention_quality_vs_time.png", dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    alphas = (0.0, *study.alphas)
+    for target, style in ((f"gqa{G}", "-"), ("mqa", "--")):
+        for i, method in enumerate(study.methods):
+            ys = [by_name[f"{target}_{method}_a{x:g}"]["eval_loss"] for x in alphas]
+            ax.plot(alphas, ys, style, marker="o", color=f"C{i}", label=f"{target.upper()} {method}")
+    ax.axhline(by_name["mha"]["eval_loss"], color="k", lw=0.8, label="MHA source")
+    ax.set_xlabel("uptraining proportion alpha")
+    ax.set_ylabel("eval loss")
+    ax.set_yscale("log")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(results / "attention_alpha.png", dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name in ("mha", f"gqa{G}_scratch", "mqa_scratch"):
+        if name in by_name:
+            ax.plot(range(1, len(by_name[name]["train_losses"]) + 1), by_name[name]["train_losses"], label=name, lw=0.8)
+    offset = study.source_steps
+    for name in (f"gqa{G}_mean_a{study.alphas[-1]:g}", f"mqa_mean_a{study.alphas[-1]:g}",
+                 f"mqa_random_a{study.alphas[-1]:g}", f"mha_continued_a{study.alphas[-1]:g}"):
+        if name in by_name:
+            losses = by_name[name]["train_losses"]
+            ax.plot(range(offset + 1, offset + len(losses) + 1), losses, label=f"{name} (uptraining)", lw=1.2)
+    ax.set_xlabel("step")
+    ax.set_ylabel("train loss")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(results / "attention_training_curves.png", dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    start = time.time()
+    study, num_heads = study_settings(args.config, overrides)
+    plan = run_plan(study, num_heads)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    for entry in plan:  # sources first: the plan lists the MHA baseline before any conversion
+        print(f"== {entry['name']}", flush=True)
+        make_model(entry, study, args, overrides)
+    decode_cache, rows = {}, []
+    for entry in plan:
+        rows.append(measure(args.out_dir / entry["name"], entry, study, decode_cache))
+        print(f"{entry['name']:<24} eval loss {rows[-1]['eval_loss']:.4f} accuracy {rows[-1]['accuracy']:.4f} "
+              f"decode {rows[-1]['decode_tokens_per_second']:.1f} tokens/s", flush=True)
+    write_report(rows, study, num_heads, args.results, time.time() - start, args.quick)
+    print(f"wrote {args.results / 'attention_ablation.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

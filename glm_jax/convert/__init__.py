@@ -1,0 +1,1 @@
+"""Checkpoint conversion: MHA -> GQA/MQA (uptrain.py)."""

@@ -1,0 +1,33 @@
+"""Scanned <-> unscanned parameter layouts of the layer stack.
+
+Training scans the blocks (`scan_layers=True`: one compiled block, every block
+parameter under 'layers' with a leading [num_layers] axis). Decoding runs the
+layers unscanned ('layers_0', 'layers_1', ...): inside a decode loop a scanned
+stack rewrites the whole stacked KV cache every token (scan outputs are fresh
+buffers), while unscanned layers update each cache buffer in place — 3.3x
+faster decoding measured on this CPU (experiments/benchmarks/decode.py).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def unscan_params(params: dict, num_layers: int) -> dict:
+    """{'layers': stacked} -> {'layers_0': ..., 'layers_{L-1}': ...}; other entries unchanged."""
+    if "layers" not in params:
+        return params
+    out = {k: v for k, v in params.items() if k != "layers"}
+    for i in range(num_layers):
+        out[f"layers_{i}"] = jax.tree_util.tree_map(lambda x, i=i: x[i], params["layers"])
+    return out
+
+
+def scan_params(params: dict, num_layers: int) -> dict:
+    """{'layers_i': ...} -> {'layers': stacked along a new leading axis}; inverse of unscan_params."""
+    if "layers_0" not in params:
+        return params
+    out = {k: v for k, v in params.items() if not k.startswith("layers_")}
+    out["layers"] = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *(params[f"layers_{i}"] for i in range(num_layers)))
+    return out

@@ -1,0 +1,32 @@
+"""`experiments/ablate_attention.py --quick` runs the whole study end to end and writes its report."""
+
+import json
+import subprocess
+import sys
+
+from data_fixtures import write_text_corpus
+from train_fixtures import REPO, subprocess_env
+
+
+def test_quick_study_writes_tables_and_plots(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    write_text_corpus(corpus, count=150)
+    results = tmp_path / "results"
+    command = [sys.executable, "experiments/ablate_attention.py", "--quick", f"--out_dir={tmp_path / 'runs'}",
+               f"--results={results}", f"--gin.DataConfig.source='text:{corpus}/*.txt'",
+               f"--gin.DataConfig.cache_dir='{tmp_path / 'cache'}'"]
+    done = subprocess.run(command, capture_output=True, text=True, env=subprocess_env(1), cwd=REPO, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+
+    report = (results / "attention_ablation.md").read_text()
+    for row in ("| MHA |", "| GQA-2 (scratch) |", "| MQA (scratch) |", "| GQA-2 (mean, uptrained a=0.1) |",
+                "| MQA (mean, uptrained a=0.1) |", "| GQA2 | mean |", "| MQA | random |", "| MHA (control) | identity |"):
+        assert row in report, f"missing {row!r} in\n{report}"
+    rows = {r["name"]: r for r in json.loads((results / "attention_ablation.json").read_text())["rows"]}
+    # The layouts' measured cache bytes per token are in the ratio of their KV heads (4 : 2 : 1).
+    assert rows["mha"]["kv_bytes_per_token"] == 2 * rows["gqa2_scratch"]["kv_bytes_per_token"] \
+        == 4 * rows["mqa_scratch"]["kv_bytes_per_token"]
+    assert rows["gqa2_mean_a0"]["step"] == 0 and rows["gqa2_mean_a0.1"]["step"] == 2
+    for png in ("attention_quality_vs_time.png", "attention_alpha.png", "attention_training_curves.png"):
+        assert (results / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,166 @@
+"""MHA -> GQA/MQA conversion: pooling math, identity and lossless cases, disk round trip, CLI, errors."""
+
+import json
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+from glm_jax.convert.uptrain import ConversionError, convert_params, convert_run, pool_heads, resolve_source
+from glm_jax.model import GLM, ModelConfig, example_inputs, init_params
+from glm_jax.train.run import load_run
+from train_fixtures import REPO, experiment, subprocess_env, summary, train_in_process
+
+H = 4
+
+
+def mha_config(scan=True, **overrides):
+    return ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=H, mlp_dim=64, position="rope",
+                       rotary_fraction=0.5, rope_style="interleaved", scan_layers=scan, **overrides)
+
+
+def random_inputs(rng):
+    tokens, positions, segment_ids, prefix_mask = map(np.asarray, example_inputs(2, 7))
+    tokens = rng.integers(0, 64, tokens.shape).astype(np.int32)
+    prefix_mask = np.arange(7)[None].repeat(2, 0) < np.array([[3], [0]])
+    return tokens, positions, segment_ids, prefix_mask
+
+
+def logits(config, params, inputs):
+    return np.asarray(GLM(config).apply({"params": params}, *inputs))
+
+
+def kv_leaves(params):
+    """{path: array} of every key / value projection parameter."""
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    return {jax.tree_util.keystr(p): np.asarray(v) for p, v in flat
+            if "'attention'" in jax.tree_util.keystr(p) and ("'key'" in jax.tree_util.keystr(p)
+                                                            or "'value'" in jax.tree_util.keystr(p))}
+
+
+def test_mean_pooling_equals_numpy_on_raw_arrays(rng):
+    kernel = rng.normal(size=(3, 16, 8, 5)).astype(np.float32)  # [layers, embed, heads, head_dim]
+    want = np.stack([np.stack([kernel[:, :, g * 4 + j, :] for j in range(4)]).mean(axis=0) for g in range(2)], axis=2)
+    np.testing.assert_allclose(pool_heads(kernel, 2, "mean"), want, rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(pool_heads(kernel, 2, "first"), kernel[:, :, [0, 4], :])
+    bias = rng.normal(size=(8, 5)).astype(np.float32)
+    np.testing.assert_allclose(pool_heads(bias, 1, "mean"), bias.mean(axis=0, keepdims=True), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_identity_conversion_keeps_logits(scan, rng):
+    config = mha_config(scan)
+    params = nn.unbox(init_params(config, jax.random.key(0)))
+    converted, target = convert_params(params, config, H, "mean")
+    inputs = random_inputs(rng)
+    np.testing.assert_allclose(logits(target, converted, inputs), logits(config, params, inputs), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("scan,groups", [(True, 2), (False, 1)])
+def test_heads_identical_within_groups_convert_losslessly(scan, groups, rng):
+    config = mha_config(scan)
+    params = nn.unbox(init_params(config, jax.random.key(1)))
+    per_group = H // groups
+
+    def tie(path, leaf):  # every head copies the first head of its group
+        name = jax.tree_util.keystr(path)
+        if "'attention'" in name and ("'key'" in name or "'value'" in name):
+            leaf = np.asarray(leaf)
+            return np.repeat(leaf[..., ::per_group, :], per_group, axis=-2)
+        return leaf
+
+    tied = jax.tree_util.tree_map_with_path(tie, params)
+    inputs = random_inputs(rng)
+    for method in ("mean", "first"):
+        converted, target = convert_params(tied, config, groups, method)
+        assert target.num_kv_heads == groups
+        np.testing.assert_allclose(logits(target, converted, inputs), logits(config, tied, inputs), rtol=1e-5, atol=1e-6)
+
+
+def test_first_and_random_values_and_untouched_projections():
+    config = mha_config(scan=True)
+    params = nn.unbox(init_params(config, jax.random.key(2)))
+    first, target = convert_params(params, config, 2, "first")
+    random, _ = convert_params(params, config, 2, "random", seed=7)
+    fresh = nn.unbox(init_params(target, jax.random.key(7)))
+    source, got_first, got_random, want_random = map(kv_leaves, (params, first, random, fresh))
+    for name, array in source.items():
+        assert got_first[name].shape == got_random[name].shape == array.shape[:-2] + (2,) + array.shape[-1:]
+        np.testing.assert_array_equal(got_first[name], array[..., [0, 2], :])
+        np.testing.assert_array_equal(got_random[name], want_random[name])
+    untouched = lambda p: {k: v for k, v in jax.tree_util.tree_flatten_with_path(p)[0]  # noqa: E731
+                           if jax.tree_util.keystr(k) not in source}
+    for converted in (first, random):
+        for (path, a), (_, b) in zip(untouched(params).items(), untouched(converted).items()):
+            np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+
+
+def test_conversion_errors():
+    config = mha_config()
+    params = nn.unbox(init_params(config, jax.random.key(0)))
+    with pytest.raises(ConversionError, match="must divide the 4 query heads"):
+        convert_params(params, config, 3)
+    with pytest.raises(ConversionError, match="fewer than the 4 asked for"):
+        convert_params(params, config.replace(num_kv_heads=2), 4)
+    with pytest.raises(ConversionError, match="unknown"):
+        convert_params(params, config, 2, "median")
+    grouped = ModelConfig(vocab_size=64, hidden_size=48, num_layers=1, num_heads=6, num_kv_heads=3, mlp_dim=32)
+    with pytest.raises(ConversionError, match="already grouped with 3 KV heads"):
+        convert_params(nn.unbox(init_params(grouped, jax.random.key(0))), grouped, 2)
+
+
+def test_missing_checkpoint_says_what_to_do(tmp_path):
+    with pytest.raises(FileNotFoundError, match="train one with glm_jax.train"):
+        resolve_source(tmp_path / "nowhere")
+
+
+@pytest.fixture(scope="module")
+def source_run(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("convert")
+    train_in_process(experiment(tmp_path, "mha", 4, ["ModelConfig.num_kv_heads = 4", "train.checkpoint_every = 4"]))
+    return tmp_path / "mha"
+
+
+def test_disk_round_trip_then_uptraining(source_run, tmp_path, rng):
+    out = tmp_path / "gqa2"
+    provenance = convert_run(source_run / "checkpoints" / "4", 2, "mean", out, alpha=0.5)
+    assert provenance["source_step"] == 4 and provenance["method"] == "mean" and provenance["uptrain_steps"] == 2
+    assert json.loads((out / "provenance.json").read_text())["num_kv_heads"] == 2
+    assert (out / "tokenizer.model").read_bytes() == (source_run / "tokenizer.model").read_bytes()
+
+    source, converted = load_run(source_run), load_run(out)
+    assert converted.step == 0 and converted.config.model.num_kv_heads == 2
+    in_memory, target = convert_params(source.params, source.config.model, 2, "mean")
+    inputs = random_inputs(rng)
+    inputs = (inputs[0] % 400,) + inputs[1:]
+    np.testing.assert_allclose(logits(converted.config.model, converted.params, inputs),
+                               logits(target, in_memory, inputs), rtol=1e-6, atol=1e-6)
+
+    # The converted run uptrains from step 0 for alpha x 4 = 2 steps.
+    from glm_jax import gin_utils
+    from glm_jax.train.loop import train
+
+    gin_utils.parse([out / "config.gin"], [])
+    try:
+        result = train()
+    finally:
+        import gin
+
+        gin.clear_config()
+    assert len(result["losses"]) == 2 and load_run(out).step == 2
+    assert summary(out)["losses"] == result["losses"]
+
+
+def test_convert_cli(source_run, tmp_path):
+    command = [sys.executable, "-m", "glm_jax.convert", "uptrain", f"--from={source_run}", "--num_kv_heads=1",
+               "--method=random", f"--out={tmp_path / 'mqa'}"]
+    result = subprocess.run(command, capture_output=True, text=True, env=subprocess_env(1), cwd=REPO, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout)["num_kv_heads"] == 1
+    assert "ModelConfig.num_kv_heads = 1" in (tmp_path / "mqa" / "config.gin").read_text()
+    again = subprocess.run(command[:-1] + [f"--out={tmp_path / 'bad'}", "--num_kv_heads=3"], capture_output=True,
+                           text=True, env=subprocess_env(1), cwd=REPO, timeout=300)
+    assert again.returncode == 2 and "must divide the 4 query heads" in again.stderr
