@@ -254,3 +254,25 @@ def test_unscanned_params_give_the_same_logits():
     np.testing.assert_allclose(GLM(config.replace(scan_layers=False)).apply({"params": unscanned}, *inputs),
                                GLM(config).apply({"params": params}, *inputs), rtol=1e-6, atol=1e-6)
     jax.tree_util.tree_map(np.testing.assert_array_equal, scan_params(unscanned, config.num_layers), params)
+
+
+def test_sharded_generation_on_the_training_mesh_equals_one_device():
+    """The decoder runs on the training mesh (fsdp_tp rules: rows over data x fsdp, KV heads over tensor)."""
+    from glm_jax.parallel.mesh import MeshConfig, make_mesh
+    from glm_jax.parallel.rules import logical_axis_rules
+    from glm_jax.train.state import param_shardings
+
+    config = tiny_config("gqa2", "rope")
+    params = nn.unbox(init_params(config, jax.random.key(0)))
+    prompts = [BLANK_PROMPTS[0], BLANK_PROMPTS[1], BLANK_PROMPTS[1][1:], BLANK_PROMPTS[0][:6]]
+    batch = prompt_lib.make_prompt_batch(prompts, SPECIALS, "blank", length_bucket=16)
+    single = Generator(config, params, SPECIALS).generate(batch, "blank", 8, record_logits=True)
+
+    mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+    rules = logical_axis_rules("fsdp_tp")
+    sharded_params = jax.device_put(params, param_shardings(config, mesh, rules))
+    generator = Generator(config, sharded_params, SPECIALS, mesh=mesh, rules=rules)
+    sharded = generator.generate(batch, "blank", 8, record_logits=True)
+    np.testing.assert_array_equal(sharded["tokens"], single["tokens"])
+    np.testing.assert_allclose(sharded["logits"], single["logits"], rtol=1e-5, atol=1e-5)
+    assert generator.params["layers_0"]["attention"]["key"]["kernel"].sharding.spec[1] == "tensor"

@@ -2,12 +2,19 @@
 
     python experiments/benchmarks/attention.py [--lengths 1024 2048 4096 8192 16384] [--time]
     python experiments/benchmarks/attention.py --backend gpu   # on a GPU: kernel vs cuDNN
+    python experiments/benchmarks/attention.py --backend tpu   # on a TPU: kernel vs Splash
+    python experiments/benchmarks/attention.py --tpu_topology v5e:2x2   # TPU HBM from the AOT compile, on CPU
 
 CPU mode: compiled temporary memory (`compiled.memory_analysis()`) of forward+backward
 for both paths at Hq=8, Hkv=2, D=128, B=1 (a GLM mask with one prefix), the
 attended-pair ratio vs the visited-block ratio of packed GLM batches, and (with
 --time) CPU wall time, where the kernel runs in interpret mode: not its target
-platform. GPU mode times the Triton kernel against jax.nn.dot_product_attention.
+platform. GPU mode times the Triton kernel against jax.nn.dot_product_attention
+(cuDNN); TPU mode times the Mosaic kernel against JAX's Splash attention (with a
+causal mask: Splash has no per-example prefix masks). --tpu_topology compiles
+forward+backward (bf16) for one chip of a TPU topology with the real TPU compiler
+(libtpu) and reports its per-device HBM for both paths. The GPU and TPU timing
+modes have not been run (no accelerator was available when they were written).
 """
 
 from __future__ import annotations
@@ -135,17 +142,93 @@ def gpu_report(lengths: list[int]) -> dict:
     return {"rows": rows}
 
 
+def tpu_fwd_bwd(impl: str, T: int):
+    from glm_jax.kernels.flash_attention_tpu import flash_attention_tpu
+
+    seg, prefix = glm_mask(T)
+
+    def loss(q, k, v):
+        if impl == "xla":
+            out = xla_attention(q, k, v, seg, prefix, scale=D ** -0.5)
+        else:
+            out = flash_attention_tpu(q, k, v, seg, prefix, scale=D ** -0.5)
+        return jnp.sum(out.astype(jnp.float32))
+
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+
+
+def tpu_hbm_report(lengths: list[int], topology: str) -> dict:
+    """Per-device HBM (arguments + outputs + temporaries) of bf16 forward+backward on one TPU chip."""
+    from jax.sharding import SingleDeviceSharding
+
+    from glm_jax.preflight import topology_devices
+
+    device = topology_devices(topology)[0]
+    sharding = SingleDeviceSharding(device)
+    rows = []
+    for T in lengths:
+        row = {"T": T}
+        for impl in ("xla", "pallas"):
+            args = [jax.ShapeDtypeStruct(a.shape, jnp.bfloat16, sharding=sharding) for a in avals(T)]
+            try:
+                memory = tpu_fwd_bwd(impl, T).lower(*args).compile().memory_analysis()
+                row[f"{impl}_hbm_bytes"] = (memory.argument_size_in_bytes + memory.output_size_in_bytes
+                                            + memory.temp_size_in_bytes)
+                row[f"{impl}_temp_bytes"] = memory.temp_size_in_bytes
+            except Exception as error:  # the TPU compiler rejects programs that do not fit in HBM
+                row[f"{impl}_hbm_bytes"] = None
+                row[f"{impl}_error"] = str(error).splitlines()[0][:200]
+        rows.append(row)
+    print(f"{topology} ({device.device_kind}), one chip, forward+backward bf16, B=1, Hq={HQ}, Hkv={HKV}, D={D}")
+    print(f"{'T':>6} {'XLA HBM MiB':>12} {'Pallas HBM MiB':>15} {'XLA temp MiB':>13} {'Pallas temp MiB':>16}")
+    for r in rows:
+        cells = [f"{r[k] / 2**20:.1f}" if r.get(k) is not None else "does not fit"
+                 for k in ("xla_hbm_bytes", "pallas_hbm_bytes", "xla_temp_bytes", "pallas_temp_bytes")]
+        print(f"{r['T']:>6} {cells[0]:>12} {cells[1]:>15} {cells[2]:>13} {cells[3]:>16}")
+    return {"topology": topology, "device_kind": device.device_kind, "tpu_rows": rows}
+
+
+def tpu_report(lengths: list[int]) -> dict:
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
+
+    rows = []
+    for T in lengths:
+        kernel = splash.make_splash_mha(splash_mask.MultiHeadMask([splash_mask.CausalMask((T, T))] * HQ),
+                                        head_shards=1, q_seq_shards=1)
+
+        def splash_loss(q, k, v):  # Splash wants [H, T, D] per example and as many K/V heads as Q heads
+            k, v = (jnp.repeat(x, HQ // HKV, axis=2) for x in (k, v))
+            out = kernel(*(x[0].transpose(1, 0, 2) for x in (q * D ** -0.5, k, v)))
+            return jnp.sum(out.astype(jnp.float32))
+
+        rng = np.random.default_rng(0)
+        args = [jnp.asarray(rng.normal(size=a.shape), jnp.bfloat16) for a in avals(T, jnp.bfloat16)]
+        timing = []
+        for fn in (tpu_fwd_bwd("pallas", T), jax.jit(jax.value_and_grad(splash_loss, argnums=(0, 1, 2)))):
+            timing.append(timed(fn, *args, steps=10))
+        rows.append({"T": T, "pallas_seconds": timing[0], "splash_causal_seconds": timing[1]})
+        print(f"T={T}: GLM kernel {timing[0] * 1e3:.2f} ms, Splash (causal) {timing[1] * 1e3:.2f} ms")
+    return {"rows": rows}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
-    parser.add_argument("--backend", choices=["cpu", "gpu"], default="cpu")
+    parser.add_argument("--backend", choices=["cpu", "gpu", "tpu"], default="cpu")
+    parser.add_argument("--tpu_topology", default=None, help="e.g. v5e:2x2: TPU HBM from the AOT compile (on CPU)")
     parser.add_argument("--time", action="store_true", help="also time both paths on CPU (T <= 4096)")
     parser.add_argument("--out", default="experiments/results/attention.json")
     args = parser.parse_args()
-    result = cpu_report(args.lengths, args.time) if args.backend == "cpu" else gpu_report(args.lengths)
+    if args.tpu_topology:
+        result, name = tpu_hbm_report(args.lengths, args.tpu_topology), f"attention (TPU AOT {args.tpu_topology})"
+        args.out = args.out.replace(".json", f"_{args.tpu_topology.replace(':', '_')}.json")
+    else:
+        report = {"cpu": lambda: cpu_report(args.lengths, args.time), "gpu": lambda: gpu_report(args.lengths),
+                  "tpu": lambda: tpu_report(args.lengths)}[args.backend]
+        result, name = report(), f"attention ({args.backend})"
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"benchmark": f"attention ({args.backend})", "jax": jax.__version__,
-                                          **result}, indent=2))
+    Path(args.out).write_text(json.dumps({"benchmark": name, "jax": jax.__version__, **result}, indent=2))
     print(f"wrote {args.out}")
 
 

@@ -16,17 +16,18 @@ from glm_jax.kernels import masks
 IMPLS = ("auto", "xla", "pallas", "pallas_interpret")
 
 
-def resolve_impl(impl: str) -> str:
-    """'auto' -> the implementation to use on the default backend.
+def resolve_impl(impl: str, backend: str | None = None) -> str:
+    """'auto' -> the implementation to use on `backend` (default: jax's default backend).
 
-    'auto' stays on XLA until the Pallas kernel has been timed on real hardware
-    (and its TPU variant exists); 'pallas' runs the kernel through Triton on GPU
-    and in interpret mode on CPU; 'pallas_interpret' forces interpret mode.
+    'auto' is the Pallas kernel on GPU (Triton) and TPU (Mosaic) and the XLA
+    reference on CPU, where the kernel only runs in interpret mode; 'pallas' on
+    CPU runs the interpret mode, and 'pallas_interpret' forces it anywhere.
     """
     if impl not in IMPLS:
         raise ValueError(f"attention impl {impl!r} is unknown; use one of {IMPLS}")
     if impl == "auto":
-        return "xla"
+        backend = backend or jax.default_backend()
+        return "pallas" if backend in ("gpu", "tpu") else "xla"
     return impl
 
 
@@ -50,19 +51,19 @@ def attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray,
     impl = resolve_impl(impl)
     if impl == "xla":
         return xla_attention(q, k, v, segment_ids, prefix_mask, scale=scale)
+    backend = jax.default_backend()
+    if backend == "tpu" and impl == "pallas":
+        from glm_jax.kernels.flash_attention_tpu import flash_attention_tpu  # Mosaic only when asked for
+
+        return flash_attention_tpu(q, k, v, segment_ids, prefix_mask, scale=scale)
     from glm_jax.kernels.flash_attention import flash_attention  # Pallas only when asked for
 
-    backend = jax.default_backend()
-    if impl == "pallas_interpret" or backend == "cpu":
+    if impl == "pallas_interpret" or backend != "gpu":
         return flash_attention(q, k, v, segment_ids, prefix_mask, scale=scale, interpret=True)
-    if backend == "gpu":
-        from jax.experimental.pallas import triton as pallas_triton
+    from jax.experimental.pallas import triton as pallas_triton
 
-        return flash_attention(q, k, v, segment_ids, prefix_mask, scale=scale,
-                               compiler_params=pallas_triton.CompilerParams(num_warps=4, num_stages=2))
-    raise NotImplementedError(
-        f"the Pallas attention kernel has no {backend} (Mosaic) variant yet; set "
-        "ModelConfig.attention_impl = 'xla' (or 'auto') on this backend.")
+    return flash_attention(q, k, v, segment_ids, prefix_mask, scale=scale,
+                           compiler_params=pallas_triton.CompilerParams(num_warps=4, num_stages=2))
 
 
 def xla_attention(q, k, v, segment_ids, prefix_mask, *, scale):

@@ -10,8 +10,7 @@ repeated, and dK/dV sum over the group's query heads in float32 inside one progr
 Reads top-down: the kernels, their pallas_call wrappers, the custom_vjp.
 `glm_jax.kernels.attention.xla_attention` is the reference the tests compare with.
 This generic (pointer-style) kernel runs in interpret mode on CPU and lowers through
-Triton on GPU; the TPU (Mosaic) variant with scalar-prefetched block bounds is not
-written yet.
+Triton on GPU; flash_attention_tpu.py is the same algorithm for Mosaic (TPU).
 """
 
 from __future__ import annotations
