@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 
 import gin
@@ -33,6 +34,10 @@ def hbm_capacity(device_kind: str) -> int:
 
 def topology_devices(topology: str):
     from jax.experimental import topologies
+
+    # Describing a topology loads libtpu; let several processes (test workers, a
+    # preflight next to another job) do so without fighting over its lockfile.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
     try:
         return topologies.get_topology_desc(platform="tpu", topology_name=topology).devices

@@ -86,6 +86,21 @@ def test_block_skipping_is_real():
     assert (visited < dense).all() and visited.mean() < 0.75 * dense
 
 
+def test_visited_and_unmasked_blocks_match_the_dense_mask():
+    """Blocks visited = blocks with any allowed pair; blocks run unmasked = blocks with only allowed pairs."""
+    from glm_jax.kernels import masks
+
+    seg, prefix, _ = random_packing(np.random.default_rng(5), 3, 256, max_segments=4, pad=True)
+    for bq, bk in [(32, 32), (64, 32), (32, 64)]:
+        dense = np.asarray(masks.dense_mask(jnp.asarray(seg), jnp.asarray(prefix)))
+        tiles = dense.reshape(3, 256 // bq, bq, 256 // bk, bk)
+        any_allowed, all_allowed = tiles.any(axis=(2, 4)).sum(axis=(1, 2)), tiles.all(axis=(2, 4)).sum(axis=(1, 2))
+        args = (jnp.asarray(seg), jnp.asarray(prefix), bq, bk)
+        np.testing.assert_array_equal(visited_blocks(*args), any_allowed)
+        np.testing.assert_array_equal(visited_blocks(*args, fully_visible=True), all_allowed)
+        assert all_allowed.sum() > 0  # the unmasked path is exercised
+
+
 def test_dispatch_uses_the_kernel_in_interpret_mode():
     x = jnp.asarray(np.random.default_rng(4).normal(size=(1, 20, 2, 16)), jnp.float32)
     seg, prefix = jnp.ones((1, 20), jnp.int32), jnp.arange(20)[None] < 7

@@ -38,9 +38,11 @@ def test_tpu_block_ranges_skip_exactly_like_the_generic_kernel(rng):
 
     seg, prefix, _ = random_packing(rng, 4, 1024, max_segments=5, pad=False)
     ks, ke = masks.key_ranges(jnp.asarray(seg), jnp.asarray(prefix))
-    first, last = _block_ranges(ks, ke, 128, 128)
+    first, full_first, full_last, last = _block_ranges(ks, ke, 128, 128)
     visited = np.asarray(jnp.sum(last - first, axis=1))
     np.testing.assert_array_equal(visited, visited_blocks(jnp.asarray(seg), jnp.asarray(prefix), 128, 128))
+    np.testing.assert_array_equal(jnp.sum(full_last - full_first, axis=1),
+                                  visited_blocks(jnp.asarray(seg), jnp.asarray(prefix), 128, 128, fully_visible=True))
     assert visited.max() < (1024 // 128) ** 2
 
 

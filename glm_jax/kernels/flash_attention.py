@@ -3,7 +3,9 @@
 The mask of every query row is one key range [k_start, k_end) (kernels/masks.py),
 so a query block visits only key blocks [min k_start // bk, ceil(max k_end / bk))
 and hidden blocks are never touched; the dK/dV pass visits only the query blocks
-that can see its keys ([min q_start // bq, ceil(max q_end / bq))). Query head h
+that can see its keys ([min q_start // bq, ceil(max q_end / bq))). Inside that
+range, the blocks [ceil(max k_start / bk), floor(min k_end / bk)) are visible to
+every row and run without building or applying a mask (`visit_ranges`). Query head h
 reads KV head h // (Hq // Hkv) through the BlockSpec index map, so K/V are never
 repeated, and dK/dV sum over the group's query heads in float32 inside one program.
 
@@ -35,6 +37,27 @@ def _allowed(rows_start, rows_end, first_col: int, width: int):
     return (cols >= rows_start[:, None]) & (cols < rows_end[:, None])
 
 
+def visit_ranges(starts, ends, block: int):
+    """Blocks of `block` columns for rows whose allowed columns are [starts, ends).
+
+    Returns (first, full_first, full_last, last): blocks [first, last) hold some
+    allowed column; [full_first, full_last) are allowed for every row (no mask needed).
+    Works on one block of rows (kernels) or, with axis=-1 reductions, on many.
+    """
+    first, last = jnp.min(starts, axis=-1) // block, -(-jnp.max(ends, axis=-1) // block)
+    full_first = jnp.clip(-(-jnp.max(starts, axis=-1) // block), first, last)
+    full_last = jnp.clip(jnp.min(ends, axis=-1) // block, full_first, last)
+    return first, full_first, full_last, last
+
+
+def _three_loops(visit, ranges, carry):
+    """Masked blocks, then the fully visible ones unmasked, then masked again."""
+    first, full_first, full_last, last = ranges
+    carry = lax.fori_loop(first, full_first, functools.partial(visit, masked=True), carry)
+    carry = lax.fori_loop(full_first, full_last, functools.partial(visit, masked=False), carry)
+    return lax.fori_loop(full_last, last, functools.partial(visit, masked=True), carry)
+
+
 # ----------------------------------------------------------------------------- forward
 def _query_block_specs(block_q: int, S: int, D: int, group: int) -> list:
     """Grid (b, h, i): q block i of head h, all of KV head h // group, row key ranges."""
@@ -52,24 +75,27 @@ def _forward_kernel(q_ref, k_ref, v_ref, ks_ref, ke_ref, o_ref, lse_ref, *, scal
     ks, ke = ks_ref[...], ke_ref[...]
     block_q, head_dim = q.shape
 
-    def visit(j, carry):
+    def visit(j, carry, masked: bool):
         o, m, l = carry
         start = j * block_k
         k = k_ref[pl.ds(start, block_k), :]
         v = v_ref[pl.ds(start, block_k), :]
-        allowed = _allowed(ks, ke, start, block_k)
-        s = jnp.where(allowed, _dot(q, k, 1, 1) * scale, MASK_VALUE)
+        s = _dot(q, k, 1, 1) * scale
+        if masked:
+            allowed = _allowed(ks, ke, start, block_k)
+            s = jnp.where(allowed, s, MASK_VALUE)
         m_new = jnp.maximum(m, s.max(axis=1))
-        p = jnp.where(allowed, jnp.exp(s - m_new[:, None]), 0.0)
+        p = jnp.exp(s - m_new[:, None])
+        if masked:
+            p = jnp.where(allowed, p, 0.0)
         correction = jnp.exp(m - m_new)
         l = correction * l + p.sum(axis=1)
         o = correction[:, None] * o + _dot(p.astype(v.dtype), v, 1, 0)
         return o, m_new, l
 
-    first, last = jnp.min(ks) // block_k, pl.cdiv(jnp.max(ke), block_k)
     init = (jnp.zeros((block_q, head_dim), jnp.float32), jnp.full((block_q,), MASK_VALUE, jnp.float32),
             jnp.zeros((block_q,), jnp.float32))
-    o, m, l = lax.fori_loop(first, last, visit, init)
+    o, m, l = _three_loops(visit, visit_ranges(ks, ke, block_k), init)
     l = jnp.maximum(l, 1e-30)  # every real row sees itself; padding rows too
     o_ref[...] = (o / l[:, None]).astype(o_ref.dtype)
     lse_ref[...] = m + jnp.log(l)
@@ -99,17 +125,17 @@ def _dq_kernel(q_ref, k_ref, v_ref, ks_ref, ke_ref, do_ref, lse_ref, delta_ref, 
     ks, ke = ks_ref[...], ke_ref[...]
     lse, delta = lse_ref[...], delta_ref[...]
 
-    def visit(j, dq):
+    def visit(j, dq, masked: bool):
         start = j * block_k
         k = k_ref[pl.ds(start, block_k), :]
         v = v_ref[pl.ds(start, block_k), :]
-        allowed = _allowed(ks, ke, start, block_k)
-        p = jnp.where(allowed, jnp.exp(_dot(q, k, 1, 1) * scale - lse[:, None]), 0.0)
+        p = jnp.exp(_dot(q, k, 1, 1) * scale - lse[:, None])
+        if masked:
+            p = jnp.where(_allowed(ks, ke, start, block_k), p, 0.0)
         ds = p * (_dot(do, v, 1, 1) - delta[:, None])
         return dq + _dot(ds.astype(k.dtype), k, 1, 0)
 
-    first, last = jnp.min(ks) // block_k, pl.cdiv(jnp.max(ke), block_k)
-    dq = lax.fori_loop(first, last, visit, jnp.zeros(q.shape, jnp.float32))
+    dq = _three_loops(visit, visit_ranges(ks, ke, block_k), jnp.zeros(q.shape, jnp.float32))
     dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
@@ -120,24 +146,26 @@ def _dkv_kernel(q_ref, k_ref, v_ref, ks_ref, ke_ref, qs_ref, qe_ref, do_ref, lse
     qs, qe = qs_ref[...], qe_ref[...]
     key_start = pl.program_id(2) * block_k
 
-    def visit(i, carry, head):
+    def visit(i, carry, head, masked: bool):
         dk, dv = carry
         start = i * block_q
         q = q_ref[pl.ds(start, block_q), head, :]
         do = do_ref[pl.ds(start, block_q), head, :]
         lse = lse_ref[head, pl.ds(start, block_q)]
         delta = delta_ref[head, pl.ds(start, block_q)]
-        allowed = _allowed(ks_ref[pl.ds(start, block_q)], ke_ref[pl.ds(start, block_q)], key_start, block_k)
-        p = jnp.where(allowed, jnp.exp(_dot(q, k, 1, 1) * scale - lse[:, None]), 0.0)  # [bq, bk]
+        p = jnp.exp(_dot(q, k, 1, 1) * scale - lse[:, None])  # [bq, bk]
+        if masked:
+            allowed = _allowed(ks_ref[pl.ds(start, block_q)], ke_ref[pl.ds(start, block_q)], key_start, block_k)
+            p = jnp.where(allowed, p, 0.0)
         dv = dv + _dot(p.astype(do.dtype), do, 0, 0)
         ds = p * (_dot(do, v, 1, 1) - delta[:, None])
         dk = dk + _dot(ds.astype(q.dtype), q, 0, 0)
         return dk, dv
 
-    first, last = jnp.min(qs) // block_q, pl.cdiv(jnp.max(qe), block_q)
+    ranges = visit_ranges(qs, qe, block_q)  # query blocks that see (all of) this key block
     carry = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
     for head in range(group):  # the query heads sharing this KV head, summed in float32
-        carry = lax.fori_loop(first, last, functools.partial(visit, head=head), carry)
+        carry = _three_loops(functools.partial(visit, head=head), ranges, carry)
     dk, dv = carry
     dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
@@ -238,12 +266,11 @@ def flash_attention(q, k, v, segment_ids, prefix_mask, *, scale: float, block_q:
     return out[:, :T, :, :D]
 
 
-def visited_blocks(segment_ids, prefix_mask, block_q: int, block_k: int) -> jax.Array:
-    """Key blocks the forward visits, summed over query blocks (per row, per head)."""
+def visited_blocks(segment_ids, prefix_mask, block_q: int, block_k: int, fully_visible: bool = False) -> jax.Array:
+    """Key blocks the forward visits (or, with fully_visible, runs unmasked), summed over query blocks, per row."""
     ks, ke = masks.key_ranges(segment_ids, prefix_mask)
     T = segment_ids.shape[1]
     padded = _pad_to(ks, 1, block_q, value=0), _pad_to(ke, 1, block_q, value=T)
     starts, ends = (x.reshape(x.shape[0], -1, block_q) for x in padded)
-    first = starts.min(axis=2) // block_k
-    last = -(-ends.max(axis=2) // block_k)
-    return jnp.sum(last - first, axis=1)
+    first, full_first, full_last, last = visit_ranges(starts, ends, block_k)
+    return jnp.sum(full_last - full_first if fully_visible else last - first, axis=1)

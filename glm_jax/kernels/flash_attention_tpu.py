@@ -4,9 +4,11 @@ Differences from the generic (Triton / interpret) kernel, all forced by Mosaic:
 - the grid visits one (query block, key block) pair per step with the reduction
   axis last and "arbitrary"; running max, sum and output accumulate in VMEM scratch;
 - block skipping uses scalar prefetch: per query block the range of key blocks
-  that hold any allowed key (and per key block the range of query blocks that can
-  see it) sits in SMEM; the kernel body runs only inside that range, and the index
-  maps clamp to it so a skipped step re-uses the previous block and costs no DMA;
+  that hold any allowed key, and the inner range visible to every row (and per key
+  block the same two ranges of query blocks) sit in SMEM; the kernel body runs only
+  inside the outer range, without any mask inside the inner one, and the index
+  maps clamp to the outer range so a skipped step re-uses the previous block and
+  costs no DMA;
 - arrays are [B, heads, T, D] with D padded to a multiple of 128 lanes; per-row
   key ranges, running statistics, logsumexp and delta are lane-replicated
   [rows, 128] tiles, as Mosaic keeps (rows, 1) vectors;
@@ -31,6 +33,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from glm_jax.kernels import masks
+from glm_jax.kernels.flash_attention import visit_ranges
 from glm_jax.kernels.masks import MASK_VALUE
 
 LANES = 128
@@ -59,11 +62,11 @@ def _allowed(ks_ref, ke_ref, key_start, block_k: int):
 
 
 def _block_ranges(starts, ends, block: int, other_block: int):
-    """Per block of `block` rows: [first, last) blocks of `other_block` columns any row may touch."""
+    """Per block of `block` rows: (first, full_first, full_last, last) blocks of `other_block`
+    columns, [B, T // block] int32 each (flash_attention.visit_ranges)."""
     B, T = starts.shape
-    first = starts.reshape(B, T // block, block).min(axis=2) // other_block
-    last = -(-ends.reshape(B, T // block, block).max(axis=2) // other_block)
-    return first.astype(jnp.int32), last.astype(jnp.int32)
+    rows = (x.reshape(B, T // block, block) for x in (starts, ends))
+    return tuple(x.astype(jnp.int32) for x in visit_ranges(*rows, other_block))
 
 
 def _clamp(j, first, last):
@@ -71,7 +74,15 @@ def _clamp(j, first, last):
 
 
 # ----------------------------------------------------------------------------- forward
-def _forward_kernel(kv_first, kv_last, q_ref, k_ref, v_ref, ks_ref, ke_ref, o_ref, lse_ref,
+def _when_visited(ranges, b, row_block, col_block, visit):
+    """Runs visit(masked=True) on the partly visible blocks and visit(masked=False) on the fully visible."""
+    first, full_first, full_last, last = (r[b, row_block] for r in ranges)
+    full = (col_block >= full_first) & (col_block < full_last)
+    pl.when((col_block >= first) & (col_block < last) & jnp.logical_not(full))(functools.partial(visit, masked=True))
+    pl.when(full)(functools.partial(visit, masked=False))
+
+
+def _forward_kernel(first, full_first, full_last, last, q_ref, k_ref, v_ref, ks_ref, ke_ref, o_ref, lse_ref,
                     m_scratch, l_scratch, acc_scratch, *, scale: float, block_k: int):
     b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
     head_dim = acc_scratch.shape[-1]
@@ -82,18 +93,23 @@ def _forward_kernel(kv_first, kv_last, q_ref, k_ref, v_ref, ks_ref, ke_ref, o_re
         l_scratch[...] = jnp.zeros(l_scratch.shape, jnp.float32)
         acc_scratch[...] = jnp.zeros(acc_scratch.shape, jnp.float32)
 
-    @pl.when((j >= kv_first[b, i]) & (j < kv_last[b, i]))
-    def _visit():
-        allowed = _allowed(ks_ref, ke_ref, j * block_k, block_k)
-        s = jnp.where(allowed, _dot(q_ref[...], k_ref[...], _NT) * scale, MASK_VALUE)
+    def visit(masked: bool):
+        s = _dot(q_ref[...], k_ref[...], _NT) * scale
+        if masked:
+            allowed = _allowed(ks_ref, ke_ref, j * block_k, block_k)
+            s = jnp.where(allowed, s, MASK_VALUE)
         m_prev, l_prev = m_scratch[...], l_scratch[...]
         m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
-        p = jnp.where(allowed, jnp.exp(s - _lanes(m_next, block_k)), 0.0)
+        p = jnp.exp(s - _lanes(m_next, block_k))
+        if masked:
+            p = jnp.where(allowed, p, 0.0)
         correction = jnp.exp(m_prev - m_next)
         l_scratch[...] = correction * l_prev + jnp.sum(p, axis=1, keepdims=True)
         m_scratch[...] = m_next
         pv = _dot(p.astype(v_ref.dtype), v_ref[...], _NN)
         acc_scratch[...] = acc_scratch[...] * _lanes(correction, head_dim) + pv
+
+    _when_visited((first, full_first, full_last, last), b, i, j, visit)
 
     @pl.when(j == pl.num_programs(3) - 1)
     def _finish():
@@ -104,18 +120,18 @@ def _forward_kernel(kv_first, kv_last, q_ref, k_ref, v_ref, ks_ref, ke_ref, o_re
 
 def _row_specs(block_q, block_k, D, group):
     """q block i of head h against key block j (clamped to the query block's range)."""
-    def kv_map(b, h, i, j, first, last):
+    def kv_map(b, h, i, j, first, full_first, full_last, last):
         return b, lax.div(h, group), _clamp(j, first[b, i], last[b, i]), 0
 
-    return [pl.BlockSpec((None, None, block_q, D), lambda b, h, i, j, f, l: (b, h, i, 0)),
+    return [pl.BlockSpec((None, None, block_q, D), lambda b, h, i, j, *ranges: (b, h, i, 0)),
             pl.BlockSpec((None, None, block_k, D), kv_map),
             pl.BlockSpec((None, None, block_k, D), kv_map),
-            pl.BlockSpec((None, block_q, LANES), lambda b, h, i, j, f, l: (b, i, 0)),
-            pl.BlockSpec((None, block_q, LANES), lambda b, h, i, j, f, l: (b, i, 0))]
+            pl.BlockSpec((None, block_q, LANES), lambda b, h, i, j, *ranges: (b, i, 0)),
+            pl.BlockSpec((None, block_q, LANES), lambda b, h, i, j, *ranges: (b, i, 0))]
 
 
 def _row_stat_spec(block_q):
-    return pl.BlockSpec((None, None, block_q, LANES), lambda b, h, i, j, f, l: (b, h, i, 0))
+    return pl.BlockSpec((None, None, block_q, LANES), lambda b, h, i, j, *ranges: (b, h, i, 0))
 
 
 def _params(interpret):
@@ -124,13 +140,13 @@ def _params(interpret):
     return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"))
 
 
-def _forward(q, k, v, ks, ke, kv_first, kv_last, *, scale, block_q, block_k, interpret):
+def _forward(q, k, v, ks, ke, kv_ranges, *, scale, block_q, block_k, interpret):
     B, Hq, T, D = q.shape
     group, S = Hq // k.shape[1], k.shape[2]
     grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=2, grid=(B, Hq, T // block_q, S // block_k),
+        num_scalar_prefetch=4, grid=(B, Hq, T // block_q, S // block_k),
         in_specs=_row_specs(block_q, block_k, D, group),
-        out_specs=[pl.BlockSpec((None, None, block_q, D), lambda b, h, i, j, f, l: (b, h, i, 0)),
+        out_specs=[pl.BlockSpec((None, None, block_q, D), lambda b, h, i, j, *ranges: (b, h, i, 0)),
                    _row_stat_spec(block_q)],
         scratch_shapes=[pltpu.VMEM((block_q, LANES), jnp.float32), pltpu.VMEM((block_q, LANES), jnp.float32),
                         pltpu.VMEM((block_q, D), jnp.float32)])
@@ -138,35 +154,36 @@ def _forward(q, k, v, ks, ke, kv_first, kv_last, *, scale, block_q, block_k, int
         functools.partial(_forward_kernel, scale=scale, block_k=block_k), grid_spec=grid_spec,
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((B, Hq, T, LANES), jnp.float32)],
         compiler_params=_params(interpret), interpret=interpret, name="glm_flash_forward_tpu",
-    )(kv_first, kv_last, q, k, v, ks, ke)
+    )(*kv_ranges, q, k, v, ks, ke)
 
 
 # ---------------------------------------------------------------------------- backward
-def _dq_kernel(kv_first, kv_last, q_ref, k_ref, v_ref, ks_ref, ke_ref, do_ref, lse_ref, delta_ref, dq_ref,
-               dq_scratch, *, scale: float, block_k: int):
+def _dq_kernel(first, full_first, full_last, last, q_ref, k_ref, v_ref, ks_ref, ke_ref, do_ref, lse_ref,
+               delta_ref, dq_ref, dq_scratch, *, scale: float, block_k: int):
     b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
 
     @pl.when(j == 0)
     def _init():
         dq_scratch[...] = jnp.zeros(dq_scratch.shape, jnp.float32)
 
-    @pl.when((j >= kv_first[b, i]) & (j < kv_last[b, i]))
-    def _visit():
+    def visit(masked: bool):
         k = k_ref[...]
-        allowed = _allowed(ks_ref, ke_ref, j * block_k, block_k)
-        s = _dot(q_ref[...], k, _NT) * scale
-        p = jnp.where(allowed, jnp.exp(s - _lanes(lse_ref[...], block_k)), 0.0)
+        p = jnp.exp(_dot(q_ref[...], k, _NT) * scale - _lanes(lse_ref[...], block_k))
+        if masked:
+            p = jnp.where(_allowed(ks_ref, ke_ref, j * block_k, block_k), p, 0.0)
         dp = _dot(do_ref[...], v_ref[...], _NT)
         ds = p * (dp - _lanes(delta_ref[...], block_k))
         dq_scratch[...] += _dot(ds.astype(k.dtype), k, _NN)
+
+    _when_visited((first, full_first, full_last, last), b, i, j, visit)
 
     @pl.when(j == pl.num_programs(3) - 1)
     def _finish():
         dq_ref[...] = (dq_scratch[...] * scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(q_first, q_last, q_ref, k_ref, v_ref, ks_ref, ke_ref, do_ref, lse_ref, delta_ref,
-                dk_ref, dv_ref, dk_scratch, dv_scratch, *, scale: float, block_k: int, num_q_blocks: int):
+def _dkv_kernel(first, full_first, full_last, last, q_ref, k_ref, v_ref, ks_ref, ke_ref, do_ref, lse_ref,
+                delta_ref, dk_ref, dv_ref, dk_scratch, dv_scratch, *, scale: float, block_k: int, num_q_blocks: int):
     b, j, t = pl.program_id(0), pl.program_id(2), pl.program_id(3)
     i = lax.rem(t, num_q_blocks)  # query block; t / num_q_blocks is the query head within the group
 
@@ -175,16 +192,17 @@ def _dkv_kernel(q_first, q_last, q_ref, k_ref, v_ref, ks_ref, ke_ref, do_ref, ls
         dk_scratch[...] = jnp.zeros(dk_scratch.shape, jnp.float32)
         dv_scratch[...] = jnp.zeros(dv_scratch.shape, jnp.float32)
 
-    @pl.when((i >= q_first[b, j]) & (i < q_last[b, j]))
-    def _visit():
+    def visit(masked: bool):
         q, do = q_ref[...], do_ref[...]
-        allowed = _allowed(ks_ref, ke_ref, j * block_k, block_k)
-        s = _dot(q, k_ref[...], _NT) * scale
-        p = jnp.where(allowed, jnp.exp(s - _lanes(lse_ref[...], block_k)), 0.0)  # [bq, bk]
+        p = jnp.exp(_dot(q, k_ref[...], _NT) * scale - _lanes(lse_ref[...], block_k))  # [bq, bk]
+        if masked:
+            p = jnp.where(_allowed(ks_ref, ke_ref, j * block_k, block_k), p, 0.0)
         dv_scratch[...] += _dot(p.astype(do.dtype), do, _TN)
         dp = _dot(do, v_ref[...], _NT)
         ds = p * (dp - _lanes(delta_ref[...], block_k))
         dk_scratch[...] += _dot(ds.astype(q.dtype), q, _TN)
+
+    _when_visited((first, full_first, full_last, last), b, j, i, visit)
 
     @pl.when(t == pl.num_programs(3) - 1)
     def _finish():
@@ -196,34 +214,34 @@ def _backward(q, k, v, ks, ke, bounds, o, lse, do, *, scale, block_q, block_k, i
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     group, nq = Hq // Hkv, T // block_q
-    kv_first, kv_last, q_first, q_last = bounds
+    kv_ranges, q_ranges = bounds
     delta = jnp.einsum("bhtd,bhtd->bht", o.astype(jnp.float32), do.astype(jnp.float32))
     delta = jnp.broadcast_to(delta[..., None], (B, Hq, T, LANES))
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, scale=scale, block_k=block_k),
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=2, grid=(B, Hq, nq, S // block_k),
+            num_scalar_prefetch=4, grid=(B, Hq, nq, S // block_k),
             in_specs=_row_specs(block_q, block_k, D, group) + [
-                pl.BlockSpec((None, None, block_q, D), lambda b, h, i, j, f, l: (b, h, i, 0)),
+                pl.BlockSpec((None, None, block_q, D), lambda b, h, i, j, *ranges: (b, h, i, 0)),
                 _row_stat_spec(block_q), _row_stat_spec(block_q)],
-            out_specs=pl.BlockSpec((None, None, block_q, D), lambda b, h, i, j, f, l: (b, h, i, 0)),
+            out_specs=pl.BlockSpec((None, None, block_q, D), lambda b, h, i, j, *ranges: (b, h, i, 0)),
             scratch_shapes=[pltpu.VMEM((block_q, D), jnp.float32)]),
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype), compiler_params=_params(interpret),
         interpret=interpret, name="glm_flash_dq_tpu",
-    )(kv_first, kv_last, q, k, v, ks, ke, do, lse, delta)
+    )(*kv_ranges, q, k, v, ks, ke, do, lse, delta)
 
-    def q_map(b, g, j, t, first, last):  # query head g*group + t // nq, query block clamped to the range
+    def q_map(b, g, j, t, first, full_first, full_last, last):  # head g*group + t / nq, block clamped
         return b, g * group + lax.div(t, nq), _clamp(lax.rem(t, nq), first[b, j], last[b, j]), 0
 
-    def row_map(b, g, j, t, first, last):
+    def row_map(b, g, j, t, first, full_first, full_last, last):
         return b, _clamp(lax.rem(t, nq), first[b, j], last[b, j]), 0
 
-    kv_block = pl.BlockSpec((None, None, block_k, D), lambda b, g, j, t, f, l: (b, g, j, 0))
+    kv_block = pl.BlockSpec((None, None, block_k, D), lambda b, g, j, t, *ranges: (b, g, j, 0))
     stat = pl.BlockSpec((None, None, block_q, LANES), q_map)
     dk, dv = pl.pallas_call(
         functools.partial(_dkv_kernel, scale=scale, block_k=block_k, num_q_blocks=nq),
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=2, grid=(B, Hkv, S // block_k, group * nq),
+            num_scalar_prefetch=4, grid=(B, Hkv, S // block_k, group * nq),
             in_specs=[pl.BlockSpec((None, None, block_q, D), q_map), kv_block, kv_block,
                       pl.BlockSpec((None, block_q, LANES), row_map), pl.BlockSpec((None, block_q, LANES), row_map),
                       pl.BlockSpec((None, None, block_q, D), q_map), stat, stat],
@@ -231,19 +249,19 @@ def _backward(q, k, v, ks, ke, bounds, o, lse, do, *, scale, block_q, block_k, i
             scratch_shapes=[pltpu.VMEM((block_k, D), jnp.float32), pltpu.VMEM((block_k, D), jnp.float32)]),
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
         compiler_params=_params(interpret), interpret=interpret, name="glm_flash_dkv_tpu",
-    )(q_first, q_last, q, k, v, ks, ke, do, lse, delta)
+    )(*q_ranges, q, k, v, ks, ke, do, lse, delta)
     return dq, dk, dv
 
 
 # ------------------------------------------------------------------------- custom_vjp
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
 def _flash(q, k, v, ks, ke, bounds, scale, block_q, block_k, interpret):
-    return _forward(q, k, v, ks, ke, *bounds[:2], scale=scale, block_q=block_q, block_k=block_k,
+    return _forward(q, k, v, ks, ke, bounds[0], scale=scale, block_q=block_q, block_k=block_k,
                     interpret=interpret)[0]
 
 
 def _flash_fwd(q, k, v, ks, ke, bounds, scale, block_q, block_k, interpret):
-    o, lse = _forward(q, k, v, ks, ke, *bounds[:2], scale=scale, block_q=block_q, block_k=block_k,
+    o, lse = _forward(q, k, v, ks, ke, bounds[0], scale=scale, block_q=block_q, block_k=block_k,
                       interpret=interpret)
     return o, (q, k, v, ks, ke, bounds, o, lse)
 
@@ -284,9 +302,9 @@ def flash_attention_tpu(q, k, v, segment_ids, prefix_mask, *, scale: float, bloc
     index = jnp.arange(padded_T, dtype=jnp.int32)[None]
     ks, qs = (jnp.where(index < T, _pad(x, 1, multiple), index) for x in (ks, qs))
     ke, qe = (jnp.where(index < T, _pad(x, 1, multiple), index + 1) for x in (ke, qe))
-    kv_first, kv_last = _block_ranges(ks, ke, block_q, block_k)
-    q_first, q_last = _block_ranges(qs, qe, block_k, block_q)
+    kv_ranges = _block_ranges(ks, ke, block_q, block_k)  # per query block, over key blocks
+    q_ranges = _block_ranges(qs, qe, block_k, block_q)  # per key block, over query blocks
     q, k, v = (_pad(_pad(x, 1, multiple), 3, LANES).transpose(0, 2, 1, 3) for x in (q, k, v))
     ks, ke = (jnp.broadcast_to(x[..., None], (*x.shape, LANES)) for x in (ks, ke))
-    out = _flash(q, k, v, ks, ke, (kv_first, kv_last, q_first, q_last), scale, block_q, block_k, interpret)
+    out = _flash(q, k, v, ks, ke, (kv_ranges, q_ranges), scale, block_q, block_k, interpret)
     return out.transpose(0, 2, 1, 3)[:, :T, :, :D]
