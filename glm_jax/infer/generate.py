@@ -1,13 +1,14 @@
 """KV-cache generation: one prefill pass, then a compiled while_loop of one-token steps.
 
     generator = Generator(config, params, tokenizer.specials)
-    out = generator.generate(make_prompt_batch(prompts, specials, 'blank'), max_new_tokens=32,
+    out = generator.generate(make_prompt_batch(prompts, specials, 'blank'), 'blank', max_new_tokens=32,
                              sampling=SamplingConfig(), seed=0)
 
 Prefill runs the whole prompt through the training attention (GLM mask,
-bidirectional context; flash kernel on GPU/TPU) and fills the cache. Each
-decode step feeds one token per row at the next cache slot and attends over
-the cache under the same mask rule. The loop is compiled once per (batch,
+bidirectional context; flash kernel on GPU/TPU) and fills the context part of
+the cache. Each decode step feeds one token per row at the next slot of the
+generated part and attends over both parts under the same mask rule; only the
+generated part is loop state (glm_jax/infer/cache.py says why). The loop is compiled once per (batch,
 prompt bucket, mask bucket, max_new_tokens, mode): prompt lengths inside a
 bucket and every sampling knob are traced values.
 
@@ -42,7 +43,7 @@ class Generator:
     def __init__(self, config: ModelConfig, params, specials: SpecialTokens, *, mesh=None, rules=(),
                  cache_dtype=None):
         # Decoding never needs rematerialisation (no backward pass), and runs the layers
-        # unscanned so each layer's cache buffer is updated in place (model/scan_layout.py).
+        # unscanned: a scanned stack rewrites its stacked cache every token (model/scan_layout.py).
         self.config = config.replace(remat_policy="none", scan_layers=False)
         self.params = unscan_params(params, config.num_layers)
         self.specials = specials

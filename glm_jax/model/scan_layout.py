@@ -4,7 +4,7 @@ Training scans the blocks (`scan_layers=True`: one compiled block, every block
 parameter under 'layers' with a leading [num_layers] axis). Decoding runs the
 layers unscanned ('layers_0', 'layers_1', ...): inside a decode loop a scanned
 stack rewrites the whole stacked KV cache every token (scan outputs are fresh
-buffers), while unscanned layers update each cache buffer in place — 3.3x
+buffers), while unscanned layers update each cache buffer in place: 3.3x
 faster decoding measured on this CPU (experiments/benchmarks/decode.py).
 """
 
