@@ -38,7 +38,7 @@ from decode import glm_jax_decode  # noqa: E402
 from glm_jax import gin_utils  # noqa: E402
 from glm_jax.convert.uptrain import convert_run  # noqa: E402
 from glm_jax.infer.evaluate import evaluate_run  # noqa: E402
-from glm_jax.train.run import load_run, read_run_config  # noqa: E402
+from glm_jax.train.run import load_run  # noqa: E402
 
 
 @gin.configurable

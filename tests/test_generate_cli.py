@@ -26,7 +26,7 @@ def test_generate_cli_fills_the_mask(run_dir):
     assert result.returncode == 0, result.stderr[-3000:]
     text = result.stdout.rstrip("\n")
     assert text.startswith("def add(a, b):\n    return ") and "[MASK]" not in text, text
-    assert f"step 6" in result.stderr
+    assert "step 6" in result.stderr
 
 
 def test_fill_blanks_matches_cli_and_eval_matches_training(run_dir):

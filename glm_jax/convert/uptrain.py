@@ -21,7 +21,6 @@ Query and output projections are untouched. A source that is already grouped
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import json
 import math
@@ -38,7 +37,7 @@ import orbax.checkpoint as ocp
 from glm_jax import gin_utils
 from glm_jax.model import ModelConfig, init_params
 from glm_jax.train.optim import OptimizerConfig, make_optimizer
-from glm_jax.train.run import read_run_config, load_run
+from glm_jax.train.run import load_run, read_run_config
 from glm_jax.train.state import TrainState
 
 METHODS = ("mean", "first", "random")

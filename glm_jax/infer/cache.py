@@ -23,7 +23,6 @@ Logical axes (mapped to the mesh by the same rules as training): rows over
 from __future__ import annotations
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 from flax import traverse_util
 

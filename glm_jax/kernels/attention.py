@@ -74,8 +74,8 @@ def xla_attention(q, k, v, segment_ids, prefix_mask, *, scale):
 def masked_attention(q, k, v, allowed, *, scale):
     """Attention of q [B, T, Hq, D] over k, v [B, S, Hkv, D] under a [B, T, S] bool mask.
 
-    The one dense implementation: the training reference (T == S, GLM's rule)
-    and KV-cache decoding (T new queries against an S-slot cache) both call it.
+    The dense reference under any mask (xla_attention passes GLM's rule);
+    KV-cache decoding uses cached_attention, which reads the cache in its layout.
     """
     B, T, Hq, D = q.shape
     Hkv = k.shape[2]
