@@ -222,13 +222,9 @@ def _plots(rows: list[dict], study: Study, results: Path) -> None:
             filled = "scratch" in name or name == "mha"
             ax.scatter(r["seconds_per_sample"], r["eval_loss"], marker=marker, s=60, label=label,
                        facecolors=None if filled else "none", edgecolors="C0" if filled else "C3")
-    ax.set_xlabel(f"decode time per sample (s): {study.decode_tokens} tokens at context {study.decode_context}")
-    ax.set_ylabel("eval loss (lower is better)")
     ax.set_title("Quality vs decode time")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(results / "attention_quality_vs_time.png", dpi=120)
-    plt.close(fig)
+    _save(fig, ax, f"decode time per sample (s): {study.decode_tokens} tokens at context {study.decode_context}",
+          "eval loss (lower is better)", results / "attention_quality_vs_time.png")
 
     fig, ax = plt.subplots(figsize=(6, 4))
     alphas = (0.0, *study.alphas)
@@ -237,13 +233,8 @@ def _plots(rows: list[dict], study: Study, results: Path) -> None:
             ys = [by_name[f"{target}_{method}_a{x:g}"]["eval_loss"] for x in alphas]
             ax.plot(alphas, ys, style, marker="o", color=f"C{i}", label=f"{target.upper()} {method}")
     ax.axhline(by_name["mha"]["eval_loss"], color="k", lw=0.8, label="MHA source")
-    ax.set_xlabel("uptraining proportion alpha")
-    ax.set_ylabel("eval loss")
     ax.set_yscale("log")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(results / "attention_alpha.png", dpi=120)
-    plt.close(fig)
+    _save(fig, ax, "uptraining proportion alpha", "eval loss", results / "attention_alpha.png")
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for name in ("mha", f"gqa{G}_scratch", "mqa_scratch"):
@@ -255,11 +246,17 @@ def _plots(rows: list[dict], study: Study, results: Path) -> None:
         if name in by_name:
             losses = by_name[name]["train_losses"]
             ax.plot(range(offset + 1, offset + len(losses) + 1), losses, label=f"{name} (uptraining)", lw=1.2)
-    ax.set_xlabel("step")
-    ax.set_ylabel("train loss")
+    _save(fig, ax, "step", "train loss", results / "attention_training_curves.png")
+
+
+def _save(fig, ax, xlabel: str, ylabel: str, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(results / "attention_training_curves.png", dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
 
 

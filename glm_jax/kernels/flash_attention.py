@@ -244,6 +244,21 @@ def _pad_to(x, axis: int, multiple: int, value=0):
     return jnp.pad(x, widths, constant_values=value)
 
 
+def padded_ranges(segment_ids, prefix_mask, multiple: int):
+    """Key ranges per query and query ranges per key (kernels/masks.py), padded to a multiple.
+
+    Padded positions form one-token segments: they see (and are seen by) only themselves.
+    Returns (k_start, k_end, q_start, q_end), each [B, T padded].
+    """
+    T = segment_ids.shape[1]
+    ks, ke = masks.key_ranges(segment_ids, prefix_mask)
+    qs, qe = masks.query_ranges(segment_ids, prefix_mask)
+    index = jnp.arange(T + (-T % multiple), dtype=jnp.int32)[None]
+    ks, qs = (jnp.where(index < T, _pad_to(x, 1, multiple), index) for x in (ks, qs))
+    ke, qe = (jnp.where(index < T, _pad_to(x, 1, multiple), index + 1) for x in (ke, qe))
+    return ks, ke, qs, qe
+
+
 def flash_attention(q, k, v, segment_ids, prefix_mask, *, scale: float, block_q: int = 64, block_k: int = 64,
                     interpret: bool = False, compiler_params=None):
     """GLM attention with the Pallas kernels; same contract as xla_attention.
@@ -252,14 +267,8 @@ def flash_attention(q, k, v, segment_ids, prefix_mask, *, scale: float, block_q:
     only to themselves. Head dims are padded to a power of two (zeros change no score).
     """
     B, T, Hq, D = q.shape
-    ks, ke = masks.key_ranges(segment_ids, prefix_mask)
-    qs, qe = masks.query_ranges(segment_ids, prefix_mask)
     multiple = max(block_q, block_k)
-    padded_T = T + (-T % multiple)
-    index = jnp.arange(padded_T, dtype=jnp.int32)[None]
-    # Padded positions form one-token segments: they see (and are seen by) only themselves.
-    ks, qs = (jnp.where(index < T, _pad_to(x, 1, multiple), index) for x in (ks, qs))
-    ke, qe = (jnp.where(index < T, _pad_to(x, 1, multiple), index + 1) for x in (ke, qe))
+    ks, ke, qs, qe = padded_ranges(segment_ids, prefix_mask, multiple)
     head_dim = max(16, 1 << (D - 1).bit_length())
     q, k, v = (_pad_to(_pad_to(x, 1, multiple), 3, head_dim) for x in (q, k, v))
     out = _flash(q, k, v, ks, ke, qs, qe, scale, block_q, block_k, interpret, compiler_params)

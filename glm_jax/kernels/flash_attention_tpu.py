@@ -32,8 +32,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from glm_jax.kernels import masks
-from glm_jax.kernels.flash_attention import visit_ranges
+from glm_jax.kernels.flash_attention import _pad_to, padded_ranges, visit_ranges
 from glm_jax.kernels.masks import MASK_VALUE
 
 LANES = 128
@@ -276,15 +275,6 @@ def _flash_bwd(scale, block_q, block_k, interpret, residuals, do):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-def _pad(x, axis: int, multiple: int):
-    extra = -x.shape[axis] % multiple
-    if not extra:
-        return x
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, extra)
-    return jnp.pad(x, widths)
-
-
 def flash_attention_tpu(q, k, v, segment_ids, prefix_mask, *, scale: float, block_q: int = 128,
                         block_k: int = 128, interpret: bool = False):
     """GLM attention with the Mosaic kernels; same contract as kernels.attention.xla_attention.
@@ -295,16 +285,11 @@ def flash_attention_tpu(q, k, v, segment_ids, prefix_mask, *, scale: float, bloc
     if block_q % LANES or block_k % LANES:
         raise ValueError(f"TPU blocks must be multiples of {LANES}; got block_q={block_q}, block_k={block_k}")
     B, T, Hq, D = q.shape
-    ks, ke = masks.key_ranges(segment_ids, prefix_mask)
-    qs, qe = masks.query_ranges(segment_ids, prefix_mask)
     multiple = max(block_q, block_k)
-    padded_T = T + (-T % multiple)
-    index = jnp.arange(padded_T, dtype=jnp.int32)[None]
-    ks, qs = (jnp.where(index < T, _pad(x, 1, multiple), index) for x in (ks, qs))
-    ke, qe = (jnp.where(index < T, _pad(x, 1, multiple), index + 1) for x in (ke, qe))
+    ks, ke, qs, qe = padded_ranges(segment_ids, prefix_mask, multiple)
     kv_ranges = _block_ranges(ks, ke, block_q, block_k)  # per query block, over key blocks
     q_ranges = _block_ranges(qs, qe, block_k, block_q)  # per key block, over query blocks
-    q, k, v = (_pad(_pad(x, 1, multiple), 3, LANES).transpose(0, 2, 1, 3) for x in (q, k, v))
+    q, k, v = (_pad_to(_pad_to(x, 1, multiple), 3, LANES).transpose(0, 2, 1, 3) for x in (q, k, v))
     ks, ke = (jnp.broadcast_to(x[..., None], (*x.shape, LANES)) for x in (ks, ke))
     out = _flash(q, k, v, ks, ke, (kv_ranges, q_ranges), scale, block_q, block_k, interpret)
     return out.transpose(0, 2, 1, 3)[:, :T, :, :D]
