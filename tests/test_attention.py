@@ -68,7 +68,7 @@ def test_bad_shapes_and_impl_are_explained():
     seg, prefix = jnp.ones((1, 4), jnp.int32), jnp.zeros((1, 4), bool)
     with pytest.raises(ValueError, match="multiple of kv heads"):
         kernels.attention(x, jnp.ones((1, 4, 2, 8)), jnp.ones((1, 4, 2, 8)), seg, prefix)
-    with pytest.raises(ValueError, match=r"\[B, T\]"):
+    with pytest.raises(ValueError, match=r"\[B, S\]"):
         kernels.attention(x, x, x, seg[:, :3], prefix)
     with pytest.raises(ValueError, match="impl"):
         kernels.attention(x, x, x, seg, prefix, impl="flash")

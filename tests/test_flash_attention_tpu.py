@@ -1,36 +1,53 @@
 """The TPU (Mosaic) flash kernel: interpret-mode semantics vs the XLA reference, block skipping,
 and a real TPU compile for v5e / v4 / v5p topologies from this CPU machine (libtpu)."""
 
+import functools
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import SingleDeviceSharding
 
-from glm_jax.kernels.attention import resolve_impl, xla_attention
+from glm_jax.kernels.attention import resolve_impl
 from glm_jax.kernels.flash_attention import visited_blocks
 from glm_jax.kernels import masks
 from glm_jax.kernels.flash_attention_tpu import _block_ranges, flash_attention_tpu
-from test_flash_attention import make_mask
+from test_flash_attention import assert_matches_reference
 
-CASES = [(2, 200, 4, 2, 64, "packed"), (1, 127, 4, 1, 128, "single_prefix"), (1, 1, 2, 2, 80, "causal"),
-         (1, 256, 2, 2, 64, "bidirectional")]
+# Every mask kind, MHA / GQA / MQA, T not a block multiple, head dims 64-256 (80 and 96
+# padded to 128 lanes), block_q != block_k both ways, query windows shorter than the keys.
+CASES = [(2, 200, 4, 2, 64, "packed", None, None, (128, 128)),
+         (1, 127, 4, 1, 128, "single_prefix", None, None, (128, 128)),
+         (1, 1, 2, 2, 80, "causal", None, None, (128, 128)),
+         (1, 256, 2, 2, 64, "bidirectional", None, None, (128, 128)),
+         (2, 37, 4, 1, 64, "packed", 300, None, (128, 256)),
+         (1, 130, 2, 2, 96, "single_prefix", 300, 0, (256, 128)),
+         (1, 150, 2, 1, 256, "packed", None, None, (128, 128))]
+interpreted = functools.partial(flash_attention_tpu, interpret=True)
 
 
-@pytest.mark.parametrize("B,T,Hq,Hkv,D,kind", CASES)
-def test_tpu_kernel_matches_reference_in_interpret_mode(B, T, Hq, Hkv, D, kind):
-    rng = np.random.default_rng(1)
-    seg, prefix = make_mask(kind, rng, B, T)
-    q, k, v, cot = (jnp.asarray(rng.normal(size=s), jnp.float32)
-                    for s in ((B, T, Hq, D), (B, T, Hkv, D), (B, T, Hkv, D), (B, T, Hq, D)))
-    scale = D ** -0.5
-    flash = lambda q, k, v: flash_attention_tpu(q, k, v, seg, prefix, scale=scale, interpret=True)  # noqa: E731
-    reference = lambda q, k, v: xla_attention(q, k, v, seg, prefix, scale=scale)  # noqa: E731
-    out, vjp = jax.vjp(flash, q, k, v)
-    want, want_vjp = jax.vjp(reference, q, k, v)
-    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
-    for name, got, ref in zip("qkv", vjp(cot), want_vjp(cot)):
-        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(ref)) + 1), err_msg=f"d{name}")
+@pytest.mark.parametrize("B,T,Hq,Hkv,D,kind,S,q_offset,blocks", CASES)
+def test_tpu_kernel_matches_reference_in_interpret_mode(B, T, Hq, Hkv, D, kind, S, q_offset, blocks):
+    kernel = functools.partial(interpreted, block_q=blocks[0], block_k=blocks[1])
+    assert_matches_reference(kernel, B, T, Hq, Hkv, D, kind, S=S, q_offset=q_offset, seed=1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("B,T,heads,D,kind", list(itertools.product(
+    [1, 2], [1, 127, 256, 1000], [(8, 8), (8, 2), (8, 1)], [64, 80, 128],
+    ["causal", "single_prefix", "packed", "bidirectional"])))
+def test_tpu_kernel_full_grid(B, T, heads, D, kind):
+    """The issue's acceptance grid for the Mosaic kernel (128-row blocks), in interpret mode."""
+    assert_matches_reference(interpreted, B, T, heads[0], heads[1], D, kind)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("T,S,q_offset", [(127, 1000, None), (256, 1000, 0), (1, 1000, None), (200, 256, 31)])
+@pytest.mark.parametrize("kind", ["causal", "single_prefix", "packed", "bidirectional"])
+def test_tpu_kernel_query_windows(T, S, q_offset, kind):
+    assert_matches_reference(interpreted, 2, T, 8, 2, 80, kind, S=S, q_offset=q_offset)
 
 
 def test_tpu_block_ranges_skip_exactly_like_the_generic_kernel(rng):
@@ -61,13 +78,14 @@ def test_forward_and_backward_compile_for_tpu(topology):
     from glm_jax.preflight import topology_devices
 
     device = SingleDeviceSharding(topology_devices(topology)[0])
-    for B, T, Hq, Hkv, D in [(1, 1000, 8, 2, 80), (2, 256, 8, 8, 64), (1, 127, 8, 1, 128)]:
+    for B, T, Hq, Hkv, D, S in [(1, 1000, 8, 2, 80, 1000), (2, 256, 8, 8, 64, 256), (1, 127, 8, 1, 128, 127),
+                                (1, 100, 8, 2, 96, 1000)]:
         def loss(q, k, v, seg, prefix):
             return jnp.sum(flash_attention_tpu(q, k, v, seg, prefix, scale=D ** -0.5).astype(jnp.float32))
 
         aval = lambda shape, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(shape, dtype, sharding=device)  # noqa: E731
         compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).lower(
-            aval((B, T, Hq, D)), aval((B, T, Hkv, D)), aval((B, T, Hkv, D)), aval((B, T), jnp.int32),
-            aval((B, T), jnp.bool_)).compile()
+            aval((B, T, Hq, D)), aval((B, S, Hkv, D)), aval((B, S, Hkv, D)), aval((B, S), jnp.int32),
+            aval((B, S), jnp.bool_)).compile()
         text = compiled.as_text()
         assert text.count("tpu_custom_call") == 3, (topology, B, T)  # forward, dQ, dK/dV

@@ -33,42 +33,54 @@ def resolve_impl(impl: str, backend: str | None = None) -> str:
 
 def attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray,
               segment_ids: jnp.ndarray, prefix_mask: jnp.ndarray, *,
-              impl: str = "auto", scale: float | None = None) -> jnp.ndarray:
+              impl: str = "auto", scale: float | None = None, q_offset: int | None = None) -> jnp.ndarray:
     """GLM attention.
 
     Args:
       q: [B, T, Hq, D] queries.
-      k, v: [B, T, Hkv, D] keys and values, Hq % Hkv == 0.
-      segment_ids: [B, T] int, 1.. per packed example, 0 for padding.
-      prefix_mask: [B, T] bool, True on each segment's bidirectional prefix.
+      k, v: [B, S, Hkv, D] keys and values, S >= T, Hq % Hkv == 0.
+      segment_ids: [B, S] int, 1.. per packed example, 0 for padding (of the keys).
+      prefix_mask: [B, S] bool, True on each segment's bidirectional prefix.
       impl: 'auto' | 'xla' | 'pallas' | 'pallas_interpret' (see resolve_impl).
       scale: softmax scale, default 1/sqrt(D).
+      q_offset: query t is key position q_offset + t; default S - T (the last T
+        positions, e.g. one chunk of a long prefill against all keys up to it).
+        With T == S the rule is DESIGN.md's; otherwise each query gets its row of
+        the full S x S mask.
     Returns:
       [B, T, Hq, D] in q's dtype.
     """
     _check_shapes(q, k, v, segment_ids, prefix_mask)
+    q_offset = masks.check_query_window(q.shape[1], k.shape[1], q_offset)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     impl = resolve_impl(impl)
     if impl == "xla":
-        return xla_attention(q, k, v, segment_ids, prefix_mask, scale=scale)
+        return xla_attention(q, k, v, segment_ids, prefix_mask, scale=scale, q_offset=q_offset)
     backend = jax.default_backend()
     if backend == "tpu" and impl == "pallas":
         from glm_jax.kernels.flash_attention_tpu import flash_attention_tpu  # Mosaic only when asked for
 
-        return flash_attention_tpu(q, k, v, segment_ids, prefix_mask, scale=scale)
+        return flash_attention_tpu(q, k, v, segment_ids, prefix_mask, scale=scale, q_offset=q_offset)
     from glm_jax.kernels.flash_attention import flash_attention  # Pallas only when asked for
 
     if impl == "pallas_interpret" or backend != "gpu":
-        return flash_attention(q, k, v, segment_ids, prefix_mask, scale=scale, interpret=True)
+        return flash_attention(q, k, v, segment_ids, prefix_mask, scale=scale, q_offset=q_offset, interpret=True)
     from jax.experimental.pallas import triton as pallas_triton
 
-    return flash_attention(q, k, v, segment_ids, prefix_mask, scale=scale,
+    return flash_attention(q, k, v, segment_ids, prefix_mask, scale=scale, q_offset=q_offset,
                            compiler_params=pallas_triton.CompilerParams(num_warps=4, num_stages=2))
 
 
-def xla_attention(q, k, v, segment_ids, prefix_mask, *, scale):
-    """Dense reference: O(T^2) scores, float32 softmax, grouped (never repeated) K/V."""
-    return masked_attention(q, k, v, masks.dense_mask(segment_ids, prefix_mask), scale=scale)
+def xla_attention(q, k, v, segment_ids, prefix_mask, *, scale, q_offset: int | None = None):
+    """Dense reference: O(T S) scores, float32 softmax, grouped (never repeated) K/V.
+
+    segment_ids, prefix_mask: [B, S] of the keys; query t is key position q_offset + t
+    (default S - T).
+    """
+    T, S = q.shape[1], k.shape[1]
+    q_offset = S - T if q_offset is None else q_offset
+    allowed = masks.dense_mask(segment_ids, prefix_mask, q_len=T, q_offset=q_offset)
+    return masked_attention(q, k, v, allowed, scale=scale)
 
 
 def masked_attention(q, k, v, allowed, *, scale):
@@ -121,13 +133,11 @@ def _check_shapes(q, k, v, segment_ids, prefix_mask):
         raise ValueError(f"attention expects q [B,T,Hq,D] and k, v [B,S,Hkv,D] of equal "
                          f"shape; got q {q.shape}, k {k.shape}, v {v.shape}")
     B, T, Hq, D = q.shape
+    S = k.shape[1]
     if k.shape[0] != B or k.shape[3] != D:
         raise ValueError(f"q {q.shape} and k {k.shape} disagree on batch or head_dim")
-    if k.shape[1] != T:
-        raise ValueError(f"q has {T} positions but k has {k.shape[1]}; the XLA reference "
-                         "needs equal query and key lengths")
     if Hq % k.shape[2]:
         raise ValueError(f"query heads {Hq} must be a multiple of kv heads {k.shape[2]}")
-    if segment_ids.shape != (B, T) or prefix_mask.shape != (B, T):
-        raise ValueError(f"segment_ids {segment_ids.shape} and prefix_mask "
-                         f"{prefix_mask.shape} must both be [B, T] = {(B, T)}")
+    if segment_ids.shape != (B, S) or prefix_mask.shape != (B, S):
+        raise ValueError(f"segment_ids {segment_ids.shape} and prefix_mask {prefix_mask.shape} describe "
+                         f"the keys and must both be [B, S] = {(B, S)}")

@@ -42,9 +42,13 @@ def visit_ranges(starts, ends, block: int):
 
     Returns (first, full_first, full_last, last): blocks [first, last) hold some
     allowed column; [full_first, full_last) are allowed for every row (no mask needed).
+    A row with nothing allowed has starts > ends (padded_ranges): it widens no range
+    and keeps its block masked; a block whose rows see nothing gets (0, 0, 0, 0).
     Works on one block of rows (kernels) or, with axis=-1 reductions, on many.
     """
     first, last = jnp.min(starts, axis=-1) // block, -(-jnp.max(ends, axis=-1) // block)
+    empty = last <= first
+    first, last = jnp.where(empty, 0, first), jnp.where(empty, 0, last)
     full_first = jnp.clip(-(-jnp.max(starts, axis=-1) // block), first, last)
     full_last = jnp.clip(jnp.min(ends, axis=-1) // block, full_first, last)
     return first, full_first, full_last, last
@@ -70,13 +74,13 @@ def _query_block_specs(block_q: int, S: int, D: int, group: int) -> list:
     ]
 
 
-def _forward_kernel(q_ref, k_ref, v_ref, ks_ref, ke_ref, o_ref, lse_ref, *, scale: float, block_k: int):
+def _forward_kernel(q_ref, k_ref, v_ref, ks_ref, ke_ref, o_ref, lse_ref, *visits_refs, scale: float, block_k: int):
     q = q_ref[...]
     ks, ke = ks_ref[...], ke_ref[...]
     block_q, head_dim = q.shape
 
     def visit(j, carry, masked: bool):
-        o, m, l = carry
+        o, m, l, masked_visits, unmasked_visits = carry
         start = j * block_k
         k = k_ref[pl.ds(start, block_k), :]
         v = v_ref[pl.ds(start, block_k), :]
@@ -91,30 +95,35 @@ def _forward_kernel(q_ref, k_ref, v_ref, ks_ref, ke_ref, o_ref, lse_ref, *, scal
         correction = jnp.exp(m - m_new)
         l = correction * l + p.sum(axis=1)
         o = correction[:, None] * o + _dot(p.astype(v.dtype), v, 1, 0)
-        return o, m_new, l
+        return o, m_new, l, masked_visits + int(masked), unmasked_visits + int(not masked)
 
     init = (jnp.zeros((block_q, head_dim), jnp.float32), jnp.full((block_q,), MASK_VALUE, jnp.float32),
-            jnp.zeros((block_q,), jnp.float32))
-    o, m, l = _three_loops(visit, visit_ranges(ks, ke, block_k), init)
+            jnp.zeros((block_q,), jnp.float32), jnp.int32(0), jnp.int32(0))
+    o, m, l, *visits = _three_loops(visit, visit_ranges(ks, ke, block_k), init)
     l = jnp.maximum(l, 1e-30)  # every real row sees itself; padding rows too
     o_ref[...] = (o / l[:, None]).astype(o_ref.dtype)
     lse_ref[...] = m + jnp.log(l)
+    for ref, count in zip(visits_refs, visits):  # only when counting (count_forward_visits)
+        ref[...] = jnp.full(ref.shape, count, jnp.int32)
 
 
-def _forward(q, k, v, ks, ke, *, scale, block_q, block_k, interpret, compiler_params):
+def _forward(q, k, v, ks, ke, *, scale, block_q, block_k, interpret, compiler_params, count_visits=False):
+    """Output and logsumexp; with count_visits also the masked and unmasked key-block
+    visits each query block's loops really ran ([B, Hq, T] each, repeated over the block's rows)."""
     B, T, Hq, D = q.shape
     group = Hq // k.shape[2]
     S = k.shape[1]
     kernel = functools.partial(_forward_kernel, scale=scale, block_k=block_k)
+    row_stat = pl.BlockSpec((None, None, block_q), lambda b, h, i: (b, h, i))
+    row_counts = [row_stat, row_stat] if count_visits else []
+    counts_shape = [jax.ShapeDtypeStruct((B, Hq, T), jnp.int32)] * len(row_counts)
     return pl.pallas_call(
         kernel,
         grid=(B, Hq, T // block_q),
         in_specs=_query_block_specs(block_q, S, D, group),
-        out_specs=[
-            pl.BlockSpec((None, block_q, None, D), lambda b, h, i: (b, i, h, 0)),
-            pl.BlockSpec((None, None, block_q), lambda b, h, i: (b, h, i)),
-        ],
-        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((B, Hq, T), jnp.float32)],
+        out_specs=[pl.BlockSpec((None, block_q, None, D), lambda b, h, i: (b, i, h, 0)), row_stat, *row_counts],
+        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((B, Hq, T), jnp.float32),
+                   *counts_shape],
         interpret=interpret, compiler_params=compiler_params, name="glm_flash_forward",
     )(q, k, v, ks, ke)
 
@@ -235,51 +244,105 @@ def _flash_bwd(scale, block_q, block_k, interpret, compiler_params, residuals, d
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-def _pad_to(x, axis: int, multiple: int, value=0):
-    extra = -x.shape[axis] % multiple
+def _pad_axis(x, axis: int, length: int):
+    extra = length - x.shape[axis]
     if not extra:
         return x
     widths = [(0, 0)] * x.ndim
     widths[axis] = (0, extra)
-    return jnp.pad(x, widths, constant_values=value)
+    return jnp.pad(x, widths)
 
 
-def padded_ranges(segment_ids, prefix_mask, multiple: int):
-    """Key ranges per query and query ranges per key (kernels/masks.py), padded to a multiple.
+def padded_lengths(q_len: int, kv_len: int, block_q: int, block_k: int) -> tuple[int, int]:
+    """Query and key lengths after padding: T to block_q, and S plus one key per padded query to block_k."""
+    padded_q = q_len + (-q_len % block_q)
+    keys = kv_len + padded_q - q_len
+    return padded_q, keys + (-keys % block_k)
 
-    Padded positions form one-token segments: they see (and are seen by) only themselves.
-    Returns (k_start, k_end, q_start, q_end), each [B, T padded].
+
+def padded_ranges(segment_ids, prefix_mask, q_len: int, q_offset: int, block_q: int, block_k: int):
+    """Key ranges per query and query ranges per key (kernels/masks.py) for a padded query window.
+
+    segment_ids, prefix_mask: [B, S] of the keys; query t is key position q_offset + t.
+    Padded query T + u sees only the padded key S + u (every row sees something, so no
+    row's softmax is empty) and the remaining padded keys are seen by no query. A key
+    that no query of the window sees gets the empty range (padded T, 0).
+    Returns (k_start, k_end) [B, T padded] in key indices and (q_start, q_end)
+    [B, S padded] in query indices.
     """
-    T = segment_ids.shape[1]
-    ks, ke = masks.key_ranges(segment_ids, prefix_mask)
-    qs, qe = masks.query_ranges(segment_ids, prefix_mask)
-    index = jnp.arange(T + (-T % multiple), dtype=jnp.int32)[None]
-    ks, qs = (jnp.where(index < T, _pad_to(x, 1, multiple), index) for x in (ks, qs))
-    ke, qe = (jnp.where(index < T, _pad_to(x, 1, multiple), index + 1) for x in (ke, qe))
+    S = segment_ids.shape[1]
+    T = q_len
+    padded_q, padded_k = padded_lengths(T, S, block_q, block_k)
+    ks, ke = (x[:, q_offset:q_offset + T] for x in masks.key_ranges(segment_ids, prefix_mask))
+    qs, qe = (jnp.clip(x - q_offset, 0, T) for x in masks.query_ranges(segment_ids, prefix_mask))
+    empty = qe <= qs
+    qs, qe = jnp.where(empty, padded_q, qs), jnp.where(empty, 0, qe)
+    query = jnp.arange(padded_q, dtype=jnp.int32)[None]
+    own_key = S + query - T  # the padded key of a padded query
+    ks = jnp.where(query < T, _pad_axis(ks, 1, padded_q), own_key)
+    ke = jnp.where(query < T, _pad_axis(ke, 1, padded_q), own_key + 1)
+    key = jnp.arange(padded_k, dtype=jnp.int32)[None]
+    own_query = T + key - S  # the padded query of a padded key, if there is one
+    has_query = own_query < padded_q
+    qs = jnp.where(key < S, _pad_axis(qs, 1, padded_k), jnp.where(has_query, own_query, padded_q))
+    qe = jnp.where(key < S, _pad_axis(qe, 1, padded_k), jnp.where(has_query, own_query + 1, 0))
     return ks, ke, qs, qe
 
 
-def flash_attention(q, k, v, segment_ids, prefix_mask, *, scale: float, block_q: int = 64, block_k: int = 64,
-                    interpret: bool = False, compiler_params=None):
+def padded_inputs(q, k, v, segment_ids, prefix_mask, q_offset, block_q: int, block_k: int, head_dim: int):
+    """q, k, v with the query window and the keys padded to the blocks and D to head_dim (zeros
+    change no score), and padded_ranges' (k_start, k_end, q_start, q_end)."""
+    T, S = q.shape[1], k.shape[1]
+    q_offset = masks.check_query_window(T, S, q_offset)
+    ranges = padded_ranges(segment_ids, prefix_mask, T, q_offset, block_q, block_k)
+    padded_q, padded_k = padded_lengths(T, S, block_q, block_k)
+    q = _pad_axis(_pad_axis(q, 1, padded_q), 3, head_dim)
+    k, v = (_pad_axis(_pad_axis(x, 1, padded_k), 3, head_dim) for x in (k, v))
+    return q, k, v, ranges
+
+
+def _power_of_two(D: int) -> int:
+    return max(16, 1 << (D - 1).bit_length())  # Triton's block dims are powers of two
+
+
+def flash_attention(q, k, v, segment_ids, prefix_mask, *, scale: float, q_offset: int | None = None,
+                    block_q: int = 64, block_k: int = 64, interpret: bool = False, compiler_params=None):
     """GLM attention with the Pallas kernels; same contract as xla_attention.
 
-    Any T: the sequence is padded to a multiple of the blocks and padded rows attend
-    only to themselves. Head dims are padded to a power of two (zeros change no score).
+    q [B, T, Hq, D]; k, v [B, S, Hkv, D]; segment_ids, prefix_mask [B, S] describe
+    the keys and query t is key position q_offset + t (default S - T: the last T
+    positions, e.g. a chunk of a prefill against everything up to it). Any T and S:
+    both are padded to the blocks and padded rows attend only to their own padded
+    key. Head dims are padded to a power of two (zeros change no score).
     """
-    B, T, Hq, D = q.shape
-    multiple = max(block_q, block_k)
-    ks, ke, qs, qe = padded_ranges(segment_ids, prefix_mask, multiple)
-    head_dim = max(16, 1 << (D - 1).bit_length())
-    q, k, v = (_pad_to(_pad_to(x, 1, multiple), 3, head_dim) for x in (q, k, v))
+    T, D = q.shape[1], q.shape[3]
+    q, k, v, (ks, ke, qs, qe) = padded_inputs(q, k, v, segment_ids, prefix_mask, q_offset, block_q, block_k,
+                                              _power_of_two(D))
     out = _flash(q, k, v, ks, ke, qs, qe, scale, block_q, block_k, interpret, compiler_params)
     return out[:, :T, :, :D]
 
 
-def visited_blocks(segment_ids, prefix_mask, block_q: int, block_k: int, fully_visible: bool = False) -> jax.Array:
-    """Key blocks the forward visits (or, with fully_visible, runs unmasked), summed over query blocks, per row."""
-    ks, ke = masks.key_ranges(segment_ids, prefix_mask)
-    T = segment_ids.shape[1]
-    padded = _pad_to(ks, 1, block_q, value=0), _pad_to(ke, 1, block_q, value=T)
-    starts, ends = (x.reshape(x.shape[0], -1, block_q) for x in padded)
+def count_forward_visits(q, k, v, segment_ids, prefix_mask, *, q_offset: int | None = None, block_q: int = 64,
+                         block_k: int = 64):
+    """Runs the forward kernel (interpret mode) and returns the key blocks its loops really visited,
+    (masked, unmasked), each [B, Hq, num query blocks]: the measured side of the block-skipping claim."""
+    q, k, v, (ks, ke, _, _) = padded_inputs(q, k, v, segment_ids, prefix_mask, q_offset, block_q, block_k,
+                                            _power_of_two(q.shape[3]))
+    _, _, masked, unmasked = _forward(q, k, v, ks, ke, scale=1.0, block_q=block_q, block_k=block_k, interpret=True,
+                                      compiler_params=None, count_visits=True)
+    return masked[:, :, ::block_q], unmasked[:, :, ::block_q]
+
+
+def visited_blocks(segment_ids, prefix_mask, block_q: int, block_k: int, fully_visible: bool = False,
+                   q_len: int | None = None, q_offset: int | None = None) -> jax.Array:
+    """Key blocks the forward visits (or, with fully_visible, runs unmasked), summed over query blocks, per row.
+
+    For the query window [q_offset, q_offset + q_len) of the keys (default: all of them).
+    """
+    S = segment_ids.shape[1]
+    q_len = S if q_len is None else q_len
+    q_offset = masks.check_query_window(q_len, S, q_offset)
+    ks, ke, _, _ = padded_ranges(segment_ids, prefix_mask, q_len, q_offset, block_q, block_k)
+    starts, ends = (x.reshape(x.shape[0], -1, block_q) for x in (ks, ke))
     first, full_first, full_last, last = visit_ranges(starts, ends, block_k)
     return jnp.sum(full_last - full_first if fully_visible else last - first, axis=1)

@@ -32,7 +32,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from glm_jax.kernels.flash_attention import _pad_to, padded_ranges, visit_ranges
+from glm_jax.kernels.flash_attention import padded_inputs, visit_ranges
 from glm_jax.kernels.masks import MASK_VALUE
 
 LANES = 128
@@ -275,21 +275,23 @@ def _flash_bwd(scale, block_q, block_k, interpret, residuals, do):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-def flash_attention_tpu(q, k, v, segment_ids, prefix_mask, *, scale: float, block_q: int = 128,
-                        block_k: int = 128, interpret: bool = False):
-    """GLM attention with the Mosaic kernels; same contract as kernels.attention.xla_attention.
+def flash_attention_tpu(q, k, v, segment_ids, prefix_mask, *, scale: float, q_offset: int | None = None,
+                        block_q: int = 128, block_k: int = 128, interpret: bool = False):
+    """GLM attention with the Mosaic kernels; same contract as flash_attention.flash_attention.
 
-    q [B, T, Hq, D], k/v [B, T, Hkv, D]. T is padded to the blocks (padded rows are
-    one-token segments), D to a multiple of 128 lanes; blocks must be multiples of 128.
+    q [B, T, Hq, D], k/v [B, S, Hkv, D], segment_ids/prefix_mask [B, S], query t at key
+    position q_offset + t (default S - T). T and S are padded to the blocks (a padded
+    query sees only its own padded key), D to a multiple of 128 lanes; blocks must be
+    multiples of 128.
     """
     if block_q % LANES or block_k % LANES:
         raise ValueError(f"TPU blocks must be multiples of {LANES}; got block_q={block_q}, block_k={block_k}")
-    B, T, Hq, D = q.shape
-    multiple = max(block_q, block_k)
-    ks, ke, qs, qe = padded_ranges(segment_ids, prefix_mask, multiple)
+    T, D = q.shape[1], q.shape[3]
+    q, k, v, (ks, ke, qs, qe) = padded_inputs(q, k, v, segment_ids, prefix_mask, q_offset, block_q, block_k,
+                                              D + (-D % LANES))
     kv_ranges = _block_ranges(ks, ke, block_q, block_k)  # per query block, over key blocks
     q_ranges = _block_ranges(qs, qe, block_k, block_q)  # per key block, over query blocks
-    q, k, v = (_pad_to(_pad_to(x, 1, multiple), 3, LANES).transpose(0, 2, 1, 3) for x in (q, k, v))
+    q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
     ks, ke = (jnp.broadcast_to(x[..., None], (*x.shape, LANES)) for x in (ks, ke))
     out = _flash(q, k, v, ks, ke, (kv_ranges, q_ranges), scale, block_q, block_k, interpret)
     return out.transpose(0, 2, 1, 3)[:, :T, :, :D]

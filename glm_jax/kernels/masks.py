@@ -19,13 +19,34 @@ import jax.numpy as jnp
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
-def dense_mask(segment_ids: jnp.ndarray, prefix_mask: jnp.ndarray) -> jnp.ndarray:
-    """[B, T] ids and prefix flags -> [B, T(query), T(key)] bool mask of the rule."""
-    T = segment_ids.shape[-1]
-    same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]
-    causal = jnp.arange(T)[None, :] <= jnp.arange(T)[:, None]  # [q, k]: k <= q
+def dense_mask(segment_ids: jnp.ndarray, prefix_mask: jnp.ndarray, q_len: int | None = None,
+               q_offset: int = 0) -> jnp.ndarray:
+    """[B, S] ids and prefix flags -> [B, q_len, S] bool mask of the rule.
+
+    Query t is key position q_offset + t (all S positions by default), so a shorter
+    query window (a chunk of a prefill, the last tokens of a sequence) gets the rows
+    of the full mask it would get inside the whole sequence.
+    """
+    S = segment_ids.shape[-1]
+    q_len = S if q_len is None else q_len
+    q_index = q_offset + jnp.arange(q_len)
+    q_segment = segment_ids[:, q_offset:q_offset + q_len]
+    same_segment = q_segment[:, :, None] == segment_ids[:, None, :]
+    causal = jnp.arange(S)[None, :] <= q_index[:, None]  # [q, k]: k <= q
     visible = causal[None] | prefix_mask[:, None, :].astype(bool)
     return same_segment & visible
+
+
+def check_query_window(q_len: int, kv_len: int, q_offset: int | None) -> int:
+    """The query window's first key position (default: the last q_len keys), validated."""
+    if q_len > kv_len:
+        raise ValueError(f"{q_len} queries but only {kv_len} keys; queries are positions of the key sequence, "
+                         "so pass at least as many keys (the whole sequence up to the last query)")
+    q_offset = kv_len - q_len if q_offset is None else q_offset
+    if not 0 <= q_offset <= kv_len - q_len:
+        raise ValueError(f"q_offset {q_offset} puts queries [{q_offset}, {q_offset + q_len}) outside the "
+                         f"{kv_len} keys; use 0 <= q_offset <= {kv_len - q_len}")
+    return q_offset
 
 
 def segment_bounds(segment_ids: jnp.ndarray):
