@@ -89,3 +89,22 @@ def test_forward_and_backward_compile_for_tpu(topology):
             aval((B, S), jnp.bool_)).compile()
         text = compiled.as_text()
         assert text.count("tpu_custom_call") == 3, (topology, B, T)  # forward, dQ, dK/dV
+
+
+def test_the_tpu_benchmark_programs_compile_for_v5e():
+    """experiments/benchmarks/attention.py --backend tpu times these two programs; both compile."""
+    pytest.importorskip("libtpu")
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments" / "benchmarks"))
+    import attention as benchmark
+    from glm_jax.preflight import topology_devices
+
+    device = SingleDeviceSharding(topology_devices("v5e:2x2")[0])
+    args = [jax.ShapeDtypeStruct(a.shape, jnp.bfloat16, sharding=device) for a in benchmark.avals(512)]
+    # Splash leaves its dots' precision to the global default, and conftest's 'highest' makes
+    # Mosaic reject bf16 dots; the benchmark runs with jax's default.
+    with jax.default_matmul_precision("default"):
+        for name, program in benchmark.tpu_programs(512).items():
+            assert program.lower(*args).compile().as_text().count("tpu_custom_call") == 3, name

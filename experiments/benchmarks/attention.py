@@ -14,7 +14,9 @@ platform. GPU mode times the Triton kernel against jax.nn.dot_product_attention
 causal mask: Splash has no per-example prefix masks). --tpu_topology compiles
 forward+backward (bf16) for one chip of a TPU topology with the real TPU compiler
 (libtpu) and reports its per-device HBM for both paths. The GPU and TPU timing
-modes have not been run (no accelerator was available when they were written).
+modes have not been run (no accelerator was available when they were written); the
+TPU mode's two programs compile for v5e from CPU (tests/test_flash_attention_tpu.py), the
+GPU mode's cuDNN peer needs a GPU even to lower.
 """
 
 from __future__ import annotations
@@ -201,27 +203,34 @@ def tpu_hbm_report(lengths: list[int], topology: str) -> dict:
     return {"topology": topology, "device_kind": device.device_kind, "tpu_rows": rows}
 
 
-def tpu_report(lengths: list[int]) -> dict:
+def tpu_programs(T: int) -> dict:
+    """The two jitted forward+backward programs the TPU mode times: the GLM kernel (GLM mask with
+    sep T/2) and JAX's Splash attention (causal: Splash has no per-example prefix masks)."""
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
 
+    kernel = splash.make_splash_mha(splash_mask.MultiHeadMask([splash_mask.CausalMask((T, T))] * HQ),
+                                    head_shards=1, q_seq_shards=1)
+
+    def splash_loss(q, k, v):  # Splash wants [H, T, D] per example and as many K/V heads as Q heads
+        k, v = (jnp.repeat(x, HQ // HKV, axis=2) for x in (k, v))
+        out = kernel(*(x[0].transpose(1, 0, 2) for x in (q * D ** -0.5, k, v)))
+        return jnp.sum(out.astype(jnp.float32))
+
+    return {"pallas": tpu_fwd_bwd("pallas", T), "splash_causal": jax.jit(jax.value_and_grad(splash_loss, argnums=(0, 1, 2)))}
+
+
+def tpu_report(lengths: list[int]) -> dict:
     rows = []
     for T in lengths:
-        kernel = splash.make_splash_mha(splash_mask.MultiHeadMask([splash_mask.CausalMask((T, T))] * HQ),
-                                        head_shards=1, q_seq_shards=1)
-
-        def splash_loss(q, k, v):  # Splash wants [H, T, D] per example and as many K/V heads as Q heads
-            k, v = (jnp.repeat(x, HQ // HKV, axis=2) for x in (k, v))
-            out = kernel(*(x[0].transpose(1, 0, 2) for x in (q * D ** -0.5, k, v)))
-            return jnp.sum(out.astype(jnp.float32))
-
         rng = np.random.default_rng(0)
         args = [jnp.asarray(rng.normal(size=a.shape), jnp.bfloat16) for a in avals(T, jnp.bfloat16)]
-        timing = []
-        for fn in (tpu_fwd_bwd("pallas", T), jax.jit(jax.value_and_grad(splash_loss, argnums=(0, 1, 2)))):
-            timing.append(timed(fn, *args, steps=10))
-        rows.append({"T": T, "pallas_seconds": timing[0], "splash_causal_seconds": timing[1]})
-        print(f"T={T}: GLM kernel {timing[0] * 1e3:.2f} ms, Splash (causal) {timing[1] * 1e3:.2f} ms")
+        row = {"T": T}
+        for name, fn in tpu_programs(T).items():
+            row[f"{name}_seconds"] = timed(fn, *args, steps=10)
+        rows.append(row)
+        print(f"T={T}: GLM kernel {row['pallas_seconds'] * 1e3:.2f} ms, "
+              f"Splash (causal) {row['splash_causal_seconds'] * 1e3:.2f} ms")
     return {"rows": rows}
 
 
