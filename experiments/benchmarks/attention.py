@@ -22,6 +22,7 @@ GPU mode's cuDNN peer needs a GPU even to lower.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -48,16 +49,22 @@ def glm_mask(T: int):
     return segment_ids, prefix_mask
 
 
-def fwd_bwd(impl: str, T: int, interpret: bool = True, compiler_params=None):
+def fwd_bwd(impl: str, T: int, **kernel_options):
+    """Jitted forward+backward (a sum of the outputs) under the GLM mask of length T.
+
+    impl: 'xla' (the reference), 'pallas' (the generic kernel with 128-blocks, interpret
+    mode unless kernel_options say otherwise) or 'tpu' (the Mosaic kernel).
+    """
+    from glm_jax.kernels.flash_attention_tpu import flash_attention_tpu
+
     seg, prefix = glm_mask(T)
+    attend = {"xla": xla_attention,
+              "pallas": functools.partial(flash_attention, block_q=128, block_k=128,
+                                          **{"interpret": True, **kernel_options}),
+              "tpu": flash_attention_tpu}[impl]
 
     def loss(q, k, v):
-        if impl == "xla":
-            out = xla_attention(q, k, v, seg, prefix, scale=D ** -0.5)
-        else:
-            out = flash_attention(q, k, v, seg, prefix, scale=D ** -0.5, block_q=128, block_k=128,
-                                  interpret=interpret, compiler_params=compiler_params)
-        return jnp.sum(out.astype(jnp.float32))
+        return jnp.sum(attend(q, k, v, seg, prefix, scale=D ** -0.5).astype(jnp.float32))
 
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
 
@@ -157,21 +164,6 @@ def gpu_report(lengths: list[int]) -> dict:
     return {"rows": rows}
 
 
-def tpu_fwd_bwd(impl: str, T: int):
-    from glm_jax.kernels.flash_attention_tpu import flash_attention_tpu
-
-    seg, prefix = glm_mask(T)
-
-    def loss(q, k, v):
-        if impl == "xla":
-            out = xla_attention(q, k, v, seg, prefix, scale=D ** -0.5)
-        else:
-            out = flash_attention_tpu(q, k, v, seg, prefix, scale=D ** -0.5)
-        return jnp.sum(out.astype(jnp.float32))
-
-    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
-
-
 def tpu_hbm_report(lengths: list[int], topology: str) -> dict:
     """Per-device HBM (arguments + outputs + temporaries) of bf16 forward+backward on one TPU chip."""
     from jax.sharding import SingleDeviceSharding
@@ -183,10 +175,10 @@ def tpu_hbm_report(lengths: list[int], topology: str) -> dict:
     rows = []
     for T in lengths:
         row = {"T": T}
-        for impl in ("xla", "pallas"):
+        for impl, program in (("xla", "xla"), ("pallas", "tpu")):
             args = [jax.ShapeDtypeStruct(a.shape, jnp.bfloat16, sharding=sharding) for a in avals(T)]
             try:
-                memory = tpu_fwd_bwd(impl, T).lower(*args).compile().memory_analysis()
+                memory = fwd_bwd(program, T).lower(*args).compile().memory_analysis()
                 row[f"{impl}_hbm_bytes"] = (memory.argument_size_in_bytes + memory.output_size_in_bytes
                                             + memory.temp_size_in_bytes)
                 row[f"{impl}_temp_bytes"] = memory.temp_size_in_bytes
@@ -217,7 +209,7 @@ def tpu_programs(T: int) -> dict:
         out = kernel(*(x[0].transpose(1, 0, 2) for x in (q * D ** -0.5, k, v)))
         return jnp.sum(out.astype(jnp.float32))
 
-    return {"pallas": tpu_fwd_bwd("pallas", T), "splash_causal": jax.jit(jax.value_and_grad(splash_loss, argnums=(0, 1, 2)))}
+    return {"pallas": fwd_bwd("tpu", T), "splash_causal": jax.jit(jax.value_and_grad(splash_loss, argnums=(0, 1, 2)))}
 
 
 def tpu_report(lengths: list[int]) -> dict:

@@ -51,7 +51,6 @@ def attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray,
       [B, T, Hq, D] in q's dtype.
     """
     _check_shapes(q, k, v, segment_ids, prefix_mask)
-    q_offset = masks.check_query_window(q.shape[1], k.shape[1], q_offset)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     impl = resolve_impl(impl)
     if impl == "xla":
@@ -77,8 +76,8 @@ def xla_attention(q, k, v, segment_ids, prefix_mask, *, scale, q_offset: int | N
     segment_ids, prefix_mask: [B, S] of the keys; query t is key position q_offset + t
     (default S - T).
     """
-    T, S = q.shape[1], k.shape[1]
-    q_offset = S - T if q_offset is None else q_offset
+    T = q.shape[1]
+    q_offset = masks.check_query_window(T, k.shape[1], q_offset)
     allowed = masks.dense_mask(segment_ids, prefix_mask, q_len=T, q_offset=q_offset)
     return masked_attention(q, k, v, allowed, scale=scale)
 

@@ -80,7 +80,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, ks_ref, ke_ref, o_ref, lse_ref, *visits
     block_q, head_dim = q.shape
 
     def visit(j, carry, masked: bool):
-        o, m, l, masked_visits, unmasked_visits = carry
+        o, m, l, *visits = carry
         start = j * block_k
         k = k_ref[pl.ds(start, block_k), :]
         v = v_ref[pl.ds(start, block_k), :]
@@ -95,15 +95,18 @@ def _forward_kernel(q_ref, k_ref, v_ref, ks_ref, ke_ref, o_ref, lse_ref, *visits
         correction = jnp.exp(m - m_new)
         l = correction * l + p.sum(axis=1)
         o = correction[:, None] * o + _dot(p.astype(v.dtype), v, 1, 0)
-        return o, m_new, l, masked_visits + int(masked), unmasked_visits + int(not masked)
+        if visits:  # count_forward_visits: (masked, unmasked) blocks this loop body really ran
+            visits = [visits[0] + int(masked), visits[1] + int(not masked)]
+        return o, m_new, l, *visits
 
+    counters = [jnp.int32(0), jnp.int32(0)] if visits_refs else []  # carried only when counting
     init = (jnp.zeros((block_q, head_dim), jnp.float32), jnp.full((block_q,), MASK_VALUE, jnp.float32),
-            jnp.zeros((block_q,), jnp.float32), jnp.int32(0), jnp.int32(0))
+            jnp.zeros((block_q,), jnp.float32), *counters)
     o, m, l, *visits = _three_loops(visit, visit_ranges(ks, ke, block_k), init)
     l = jnp.maximum(l, 1e-30)  # every real row sees itself; padding rows too
     o_ref[...] = (o / l[:, None]).astype(o_ref.dtype)
     lse_ref[...] = m + jnp.log(l)
-    for ref, count in zip(visits_refs, visits):  # only when counting (count_forward_visits)
+    for ref, count in zip(visits_refs, visits):
         ref[...] = jnp.full(ref.shape, count, jnp.int32)
 
 
