@@ -85,7 +85,7 @@ case "$cmd" in
     config="$1"; shift
     ensure_venv test
     cpu_unless_accelerator
-    exec .venv/bin/python -m glm_jax.train --gin_file="$config" "$@"
+    exec .venv/bin/python -m glm_jax train --gin_file="$config" "$@"
     ;;
   multiprocess)
     n="${1:-}"
@@ -102,7 +102,7 @@ case "$cmd" in
     for ((i = 0; i < n; i++)); do
       JAX_PLATFORMS=cpu XLA_FLAGS="--xla_force_host_platform_device_count=${devices}" \
       GLM_JAX_COORDINATOR="127.0.0.1:${port}" GLM_JAX_NUM_PROCESSES="$n" GLM_JAX_PROCESS_ID="$i" \
-        .venv/bin/python -m glm_jax.train --gin_file="$config" "$@" &
+        .venv/bin/python -m glm_jax train --gin_file="$config" "$@" &
       pids+=($!)
     done
     status=0
@@ -126,12 +126,12 @@ case "$cmd" in
     if [ $# -lt 1 ]; then echo "launch.sh slurm: need CONFIG" >&2; usage >&2; exit 2; fi
     config="$1"; shift
     [ "$DRY_RUN" = 0 ] && ensure_venv test
-    run_or_print srun --kill-on-bad-exit=1 .venv/bin/python -m glm_jax.train --gin_file="$config" "$@"
+    run_or_print srun --kill-on-bad-exit=1 .venv/bin/python -m glm_jax train --gin_file="$config" "$@"
     ;;
   preflight)
     ensure_venv test,tpu
     export JAX_PLATFORMS=cpu  # compile for the TPU topology from this machine
-    exec .venv/bin/python -m glm_jax.preflight "$@"
+    exec .venv/bin/python -m glm_jax preflight "$@"
     ;;
   -h|--help|help)
     usage

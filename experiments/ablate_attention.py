@@ -10,7 +10,7 @@ Steps (every run shares the --config experiment; Study.* bindings size it):
     the identity conversion (G = H) uptrained the same way is the control: the MHA
     model given the same extra steps;
  3. evaluate every model on the same eval batches (teacher-forced Part-B loss and
-    blank-infilling token accuracy, glm_jax.infer.evaluate) and time decoding of
+    blank-infilling token accuracy, glm_jax.evaluation) and time decoding of
     each attention layout at a long context (experiments/benchmarks/decode.py);
  4. write RESULTS/attention_ablation.{md,json} and PNG plots.
 Finished runs are reused when the script is started again (each run directory is
@@ -27,7 +27,6 @@ import sys
 import time
 from pathlib import Path
 
-import gin
 import jax
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,13 +34,14 @@ sys.path.insert(0, str(REPO / "experiments" / "benchmarks"))
 
 from decode import glm_jax_decode  # noqa: E402
 
-from glm_jax import gin_utils  # noqa: E402
+from glm_jax import experiment as experiment_lib  # noqa: E402
+from glm_jax.cli import flags  # noqa: E402
 from glm_jax.convert.uptrain import convert_run  # noqa: E402
-from glm_jax.infer.evaluate import evaluate_run  # noqa: E402
-from glm_jax.train.run import load_run  # noqa: E402
+from glm_jax.evaluation import evaluate_run  # noqa: E402
+from glm_jax.run_dir import RunDir, load_run  # noqa: E402
+from glm_jax.train.loop import train  # noqa: E402
 
 
-@gin.configurable
 @dataclasses.dataclass(frozen=True)
 class Study:
     source_steps: int = 500
@@ -54,18 +54,18 @@ class Study:
     decode_tokens: int = 32
 
 
+experiment_lib.register("Study", Study)  # bound as Study.* in the study's gin files
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=None, help="study gin file (default ablate_attention.gin)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (ablate_attention_quick.gin): a smoke run")
     parser.add_argument("--out_dir", default=None, help="run directories (default runs/ablate_attention[_quick])")
     parser.add_argument("--results", default=None, help="report directory (default experiments/results)")
-    args, rest = parser.parse_known_args(argv)
-    overrides = [gin_utils.binding_from_flag(a) for a in rest if a.startswith("--gin.")]
-    if len(overrides) != len(rest):
-        parser.error(f"unrecognised arguments {[a for a in rest if not a.startswith('--gin.')]}")
-    args.config = args.config or str(gin_utils.CONFIG_DIR / ("ablate_attention_quick.gin" if args.quick
-                                                             else "ablate_attention.gin"))
+    args, overrides = flags.parse_with_gin(parser, argv)
+    args.config = args.config or str(REPO / "experiments" / "configs" / ("ablate_attention_quick.gin" if args.quick
+                                                                         else "ablate_attention.gin"))
     args.out_dir = Path(args.out_dir or REPO / "runs" / ("ablate_attention_quick" if args.quick else "ablate_attention"))
     args.results = Path(args.results or REPO / "experiments" / "results")
     return args, overrides
@@ -73,26 +73,13 @@ def parse_args(argv):
 
 # ------------------------------------------------------------------------- runs
 def train_run(files: list, bindings: list) -> None:
-    """One glm_jax.train run in this process (resumes if its directory has checkpoints)."""
-    from glm_jax.train.loop import train
-
-    gin_utils.parse(files, bindings)
-    try:
-        train()
-    finally:
-        gin.clear_config()
+    """One training run in this process (resumes if its directory has checkpoints)."""
+    train(experiment_lib.from_gin(files, bindings))
 
 
 def study_settings(config_file: str, overrides: list) -> tuple[Study, int]:
-    import glm_jax.train.loop  # noqa: F401  (registers the configurables the file binds)
-
-    gin_utils.parse([config_file], overrides)
-    try:
-        from glm_jax.model import ModelConfig
-
-        return Study(), ModelConfig().num_heads
-    finally:
-        gin.clear_config()
+    study, model = experiment_lib.read([config_file], overrides, "Study", "ModelConfig")
+    return study, model.num_heads
 
 
 def run_plan(study: Study, num_heads: int) -> list[dict]:
@@ -125,23 +112,23 @@ def make_model(entry: dict, study: Study, args, overrides: list) -> Path:
         convert_run(args.out_dir / "mha", entry["kv_heads"], entry["method"], run_dir, seed=1,
                     alpha=entry["alpha"] or None)
     if entry["alpha"] > 0 and not (run_dir / "summary.json").exists():
-        train_run([run_dir / "config.gin"], [])
+        train(RunDir(run_dir).read_experiment())
     return run_dir
 
 
 def measure(run_dir: Path, entry: dict, study: Study, decode_cache: dict) -> dict:
     run = load_run(run_dir, step=0 if entry.get("alpha") == 0.0 else None)
     scores = evaluate_run(run, study.eval_batches)
-    kv_heads = run.config.model.num_kv_heads
+    kv_heads = run.experiment.model.num_kv_heads
     if kv_heads not in decode_cache:  # decode speed depends on the layout only
-        config = run.config.model.replace(scan_layers=False, dtype="float32")
+        config = run.experiment.model.replace(scan_layers=False, dtype="float32")
         decode_cache[kv_heads] = glm_jax_decode(config, study.decode_batch, study.decode_context,
                                                 study.decode_tokens, repeats=2)
     speed = decode_cache[kv_heads]
     slots = study.decode_batch * (study.decode_context + study.decode_tokens)
     summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
     return {**entry, "eval_loss": scores["loss"], "accuracy": scores["accuracy"], "perplexity": scores["perplexity"],
-            "params": run.config.model.num_params(), "kv_bytes_per_token": speed["kv_cache_bytes"] // slots,
+            "params": run.experiment.model.num_params(), "kv_bytes_per_token": speed["kv_cache_bytes"] // slots,
             "decode_tokens_per_second": speed["tokens_per_second"],
             "seconds_per_sample": speed["seconds_per_step"] * study.decode_tokens / study.decode_batch,
             "train_losses": summary.get("losses", []), "step": run.step}

@@ -4,7 +4,7 @@ import jax
 import pytest
 
 from glm_jax.model import ModelConfig, abstract_params
-from glm_jax.model.presets import load_preset, preset_names
+from glm_jax.experiment import load_preset, preset_names
 
 # Published sizes: ChatGLM2-6B and GLM-4-9B model cards; GLM-130B is the rounded
 # "130B" of its paper (its exact config gives 128.7B, 1.0% below the name).

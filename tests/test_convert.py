@@ -9,9 +9,9 @@ import jax
 import numpy as np
 import pytest
 
-from glm_jax.convert.uptrain import ConversionError, convert_params, convert_run, pool_heads, resolve_source
+from glm_jax.convert.uptrain import ConversionError, convert_params, convert_run, pool_heads
 from glm_jax.model import GLM, ModelConfig, example_inputs, init_params
-from glm_jax.train.run import load_run
+from glm_jax.run_dir import RunDir, load_run
 from train_fixtures import REPO, experiment, subprocess_env, summary, train_in_process
 
 H = 4
@@ -114,7 +114,7 @@ def test_conversion_errors():
 
 def test_missing_checkpoint_says_what_to_do(tmp_path):
     with pytest.raises(FileNotFoundError, match="train one with glm_jax.train"):
-        resolve_source(tmp_path / "nowhere")
+        RunDir.resolve(tmp_path / "nowhere")
 
 
 @pytest.fixture(scope="module")
@@ -132,30 +132,23 @@ def test_disk_round_trip_then_uptraining(source_run, tmp_path, rng):
     assert (out / "tokenizer.model").read_bytes() == (source_run / "tokenizer.model").read_bytes()
 
     source, converted = load_run(source_run), load_run(out)
-    assert converted.step == 0 and converted.config.model.num_kv_heads == 2
-    in_memory, target = convert_params(source.params, source.config.model, 2, "mean")
+    assert converted.step == 0 and converted.experiment.model.num_kv_heads == 2
+    in_memory, target = convert_params(source.params, source.experiment.model, 2, "mean")
     inputs = random_inputs(rng)
     inputs = (inputs[0] % 400,) + inputs[1:]
-    np.testing.assert_allclose(logits(converted.config.model, converted.params, inputs),
+    np.testing.assert_allclose(logits(converted.experiment.model, converted.params, inputs),
                                logits(target, in_memory, inputs), rtol=1e-6, atol=1e-6)
 
     # The converted run uptrains from step 0 for alpha x 4 = 2 steps.
-    from glm_jax import gin_utils
     from glm_jax.train.loop import train
 
-    gin_utils.parse([out / "config.gin"], [])
-    try:
-        result = train()
-    finally:
-        import gin
-
-        gin.clear_config()
+    result = train(RunDir(out).read_experiment())
     assert len(result["losses"]) == 2 and load_run(out).step == 2
     assert summary(out)["losses"] == result["losses"]
 
 
 def test_convert_cli(source_run, tmp_path):
-    command = [sys.executable, "-m", "glm_jax.convert", "uptrain", f"--from={source_run}", "--num_kv_heads=1",
+    command = [sys.executable, "-m", "glm_jax", "convert", "uptrain", f"--from={source_run}", "--num_kv_heads=1",
                "--method=random", f"--out={tmp_path / 'mqa'}"]
     result = subprocess.run(command, capture_output=True, text=True, env=subprocess_env(1), cwd=REPO, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -11,7 +11,8 @@ import pytest
 from conftest import random_packing
 from glm_jax import kernels
 from glm_jax.kernels.attention import xla_attention
-from glm_jax.kernels.flash_attention import count_forward_visits, flash_attention, visited_blocks
+from glm_jax.kernels.blocks import visited_blocks
+from glm_jax.kernels.flash_attention import count_forward_visits, flash_attention
 
 
 def make_mask(kind, rng, B, T):
@@ -182,7 +183,7 @@ def test_glm_with_pallas_trains_like_xla():
 
     from test_model import packed_batch, params_of, tiny
     from glm_jax.model import GLM
-    from glm_jax.train.loss import masked_cross_entropy
+    from glm_jax.model.loss import masked_cross_entropy
 
     xla = tiny("chatglm2", num_layers=1)
     pallas = xla.replace(attention_impl="pallas_interpret")

@@ -6,9 +6,9 @@ import sys
 import numpy as np
 import pytest
 
-from glm_jax.infer.evaluate import evaluate_run
+from glm_jax.evaluation import evaluate_run
 from glm_jax.infer.generate import Generator, fill_blanks
-from glm_jax.train.run import load_run
+from glm_jax.run_dir import load_run
 from train_fixtures import REPO, experiment, subprocess_env, summary, train_in_process
 
 
@@ -21,7 +21,7 @@ def run_dir(tmp_path_factory):
 
 def test_generate_cli_fills_the_mask(run_dir):
     result = subprocess.run(
-        [sys.executable, "-m", "glm_jax.generate", f"--run_dir={run_dir}", "--prompt=def add(a, b):\\n    return [MASK]",
+        [sys.executable, "-m", "glm_jax", "generate", f"--run_dir={run_dir}", "--prompt=def add(a, b):\\n    return [MASK]",
          "--max_new_tokens=6"], capture_output=True, text=True, env=subprocess_env(1), cwd=REPO, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     text = result.stdout.rstrip("\n")
@@ -31,8 +31,8 @@ def test_generate_cli_fills_the_mask(run_dir):
 
 def test_fill_blanks_matches_cli_and_eval_matches_training(run_dir):
     run = load_run(run_dir)
-    assert run.step == 6 and run.config.model.hidden_size == 32
-    generator = Generator(run.config.model, run.params, run.tokenizer.specials)
+    assert run.step == 6 and run.experiment.model.hidden_size == 32
+    generator = Generator(run.experiment.model, run.params, run.tokenizer.specials)
     texts = fill_blanks(generator, run.tokenizer, ["x = [MASK] + 1", "import [MASK]"], max_new_tokens=6)
     assert len(texts) == 2 and texts[1].startswith("import ") and "[MASK]" not in texts[1]
     # The teacher-forced eval over the training loop's eval batches gives its eval loss.

@@ -7,8 +7,8 @@ import numpy as np
 from conftest import random_packing
 from glm_jax.kernels import masks
 from glm_jax.model import ModelConfig, abstract_params
-from glm_jax.train import metrics
-from glm_jax.train.loss import masked_cross_entropy
+from glm_jax.train import flops as metrics
+from glm_jax.model.loss import masked_cross_entropy
 
 
 def test_attended_pairs_equals_dense_mask_count():

@@ -126,7 +126,7 @@ def test_sentence_infilling_invariants(doc, seed):
 
 def test_causal_mode():
     doc = np.arange(20, 30)
-    ex = objectives.blank_infill(doc, np.random.default_rng(0), SPECIALS, "causal")
+    ex = objectives.make_example(doc, np.random.default_rng(0), SPECIALS, "causal")
     assert ex["tokens"].tolist() == doc[:-1].tolist() and ex["targets"].tolist() == doc[1:].tolist()
     assert ex["sep"] == 0 and ex["loss_mask"].all()
 

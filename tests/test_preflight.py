@@ -4,20 +4,14 @@ import pytest
 
 pytest.importorskip("libtpu", reason="preflight needs the tpu extra (pip install 'glm_jax[tpu]')")
 
-import gin  # noqa: E402
+from glm_jax.cli import preflight  # noqa: E402
+from train_fixtures import REPO  # noqa: E402
 
-from glm_jax import preflight  # noqa: E402
-
-
-def run(argv):
-    try:
-        return preflight.main(argv)
-    finally:
-        gin.clear_config()
+MAIN_CONFIG = REPO / "experiments/configs/glm_tiny_stdlib.gin"
 
 
 def test_glm_tiny_compiles_and_fits_a_v5e_slice(capsys):
-    code = run(["--topology=v5e:2x2", "--gin_file=glm_tiny_stdlib.gin", "--gin.MeshConfig.tensor=2",
+    code = preflight.main(["--topology=v5e:2x2", f"--gin_file={MAIN_CONFIG}", "--gin.MeshConfig.tensor=2",
                 "--gin.train.sharding='fsdp_tp'"])
     out = capsys.readouterr().out
     assert code == 0, out
@@ -25,6 +19,6 @@ def test_glm_tiny_compiles_and_fits_a_v5e_slice(capsys):
 
 
 def test_too_large_config_is_rejected(capsys):
-    code = run(["--topology=v5e:2x2", "--gin_file=glm_tiny_stdlib.gin", "--gin_file=models/glm_10b.gin"])
+    code = preflight.main(["--topology=v5e:2x2", f"--gin_file={MAIN_CONFIG}", "--gin_file=models/glm_10b.gin"])
     assert code == 1
     assert "DOES NOT FIT" in capsys.readouterr().out

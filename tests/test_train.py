@@ -11,9 +11,9 @@ import pytest
 from jax.sharding import PartitionSpec
 
 from train_fixtures import REPO, experiment, subprocess_env, summary, train_command, train_in_process
-from glm_jax import gin_utils
+from glm_jax import experiment as experiment_lib
 from glm_jax.model import ModelConfig, abstract_params
-from glm_jax.train.checkpoint import Checkpointer, CheckpointShapeError, restore_params
+from glm_jax.checkpoint import Checkpointer, CheckpointShapeError, restore_params
 from glm_jax.train.loop import TrainingDiverged
 
 
@@ -54,7 +54,7 @@ def test_multiprocess_run_equals_single_process(tmp_path):
     overrides = [f"--gin_param={b}" for b in bindings if not b.startswith("include")]
     env = subprocess_env(4)
     env["DEVICES_PER_PROCESS"] = "2"
-    subprocess.run([str(REPO / "launch.sh"), "multiprocess", "2", str(REPO / "experiments/configs/base.gin"),
+    subprocess.run([str(REPO / "launch.sh"), "multiprocess", "2", str(REPO / "glm_jax/configs/base.gin"),
                     *overrides], check=True, env=env, capture_output=True, timeout=300)
     np.testing.assert_allclose(summary(tmp_path / "multi")["losses"], summary(tmp_path / "single")["losses"],
                                rtol=1e-5)
@@ -116,7 +116,7 @@ def test_unknown_gin_binding_fails_fast_with_the_file(tmp_path):
     bad = tmp_path / "typo.gin"
     bad.write_text("include 'base.gin'\nModelConfig.hiden_size = 12\n")
     with pytest.raises(ValueError, match=r"typo\.gin.*hiden_size"):
-        gin_utils.parse([bad], [])
+        experiment_lib.from_gin([bad], [])
     result = subprocess.run(train_command(["train.stepz = 3"]), env=subprocess_env(1), capture_output=True, text=True)
     assert result.returncode != 0 and "stepz" in result.stderr
 

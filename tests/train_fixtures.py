@@ -5,10 +5,8 @@ import os
 import sys
 from pathlib import Path
 
-import gin
-
 from data_fixtures import write_text_corpus
-from glm_jax import gin_utils
+from glm_jax import experiment as experiment_lib
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,15 +35,11 @@ def experiment(tmp_path: Path, run_name: str, steps: int, extra=()) -> list[str]
 def train_in_process(bindings: list[str]) -> dict:
     from glm_jax.train.loop import train
 
-    gin_utils.parse([], bindings)
-    try:
-        return train()
-    finally:
-        gin.clear_config()
+    return train(experiment_lib.from_gin([], bindings))
 
 
 def train_command(bindings: list[str]) -> list[str]:
-    return [sys.executable, "-m", "glm_jax.train", f"--gin_file={REPO / 'experiments/configs/base.gin'}",
+    return [sys.executable, "-m", "glm_jax", "train", "--gin_file=base.gin",
             *[f"--gin_param={b}" for b in bindings if not b.startswith("include")]]
 
 

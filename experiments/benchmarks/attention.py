@@ -37,7 +37,8 @@ from model_step import timed  # noqa: E402
 
 from glm_jax.kernels import masks
 from glm_jax.kernels.attention import xla_attention
-from glm_jax.kernels.flash_attention import count_forward_visits, flash_attention, visited_blocks
+from glm_jax.kernels.blocks import visited_blocks
+from glm_jax.kernels.flash_attention import count_forward_visits, flash_attention
 
 HQ, HKV, D = 8, 2, 128
 LIMIT_BYTES = 16 << 30
@@ -168,7 +169,7 @@ def tpu_hbm_report(lengths: list[int], topology: str) -> dict:
     """Per-device HBM (arguments + outputs + temporaries) of bf16 forward+backward on one TPU chip."""
     from jax.sharding import SingleDeviceSharding
 
-    from glm_jax.preflight import topology_devices
+    from glm_jax.train.preflight import topology_devices
 
     device = topology_devices(topology)[0]
     sharding = SingleDeviceSharding(device)

@@ -51,7 +51,7 @@ def glm_tiny_tokens_per_second(batch: int, seq_len: int) -> float:
     from model_step import measure as measure_step  # noqa: E402
     from model_step import matmul_peak
 
-    from glm_jax.model.presets import load_preset
+    from glm_jax.experiment import load_preset
 
     return measure_step("glm_tiny", load_preset("glm_tiny"), batch, seq_len, 3, matmul_peak())["tokens_per_second"]
 

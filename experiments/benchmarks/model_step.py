@@ -4,7 +4,7 @@
 
 Everything is measured in one run, so the ratios (model FLOP/s / matmul FLOP/s)
 are comparable even on a noisy machine. Model FLOPs are analytic
-(glm_jax.train.metrics): 'attended' follows GLM's mask, 'full_matrix' counts
+(glm_jax.train.flops): 'attended' follows GLM's mask, 'full_matrix' counts
 T x T per row like MaxText / Levanter.
 """
 
@@ -23,9 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from glm_jax.model import GLM, ModelConfig, init_params
-from glm_jax.model.presets import load_preset
-from glm_jax.train.loss import masked_cross_entropy
-from glm_jax.train.metrics import training_flops_both
+from glm_jax.experiment import load_preset
+from glm_jax.model.loss import masked_cross_entropy
+from glm_jax.train.flops import training_flops_both
 
 # The Foundation issue's benchmark model: 59M parameters, SwiGLU, float32.
 BENCH_59M = dict(vocab_size=32768, hidden_size=512, num_layers=8, num_heads=8, mlp_dim=1408,

@@ -8,7 +8,7 @@ glm_jax train step exactly as glm_jax.train runs it (jit, donated state, clip +
 AdamW), (c) Hugging Face transformers GlmForCausalLM (the same architecture:
 SwiGLU, RMSNorm, partial interleaved RoPE, QKV bias, untied head) trained with
 torch.optim.AdamW on the same token ids. MFU uses analytic FLOPs
-(glm_jax.train.metrics): 6 * matmul params per token + attention over attended pairs.
+(glm_jax.train.flops): 6 * matmul params per token + attention over attended pairs.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from model_step import BENCH_59M, glm_batch, matmul_peak, timed  # noqa: E402
 from glm_jax.model import ModelConfig  # noqa: E402
 from glm_jax.parallel.mesh import MeshConfig, make_mesh  # noqa: E402
 from glm_jax.parallel.rules import logical_axis_rules  # noqa: E402
-from glm_jax.train.metrics import training_flops, training_flops_both  # noqa: E402
-from glm_jax.train.optim import OptimizerConfig, make_optimizer  # noqa: E402
+from glm_jax.train.flops import training_flops, training_flops_both  # noqa: E402
+from glm_jax.optim import OptimizerConfig, make_optimizer  # noqa: E402
 from glm_jax.train.state import init_state, state_shardings  # noqa: E402
 from glm_jax.train.step import make_train_step  # noqa: E402
 

@@ -9,40 +9,36 @@ and each group becomes one head:
 Query and output projections are untouched. A source that is already grouped
 (G0 KV heads) can be pooled further to any G dividing G0.
 
-`convert_run` writes a new run directory that `glm_jax.train` resumes from step 0:
-  checkpoints/0   params converted, a fresh optimizer state (moments are not
-                  carried over), the source's data position (uptraining reads on
-                  where the source stopped);
+`convert_run` writes a new run directory that training resumes from step 0:
+  checkpoints/0   params converted, no optimizer state (training starts a fresh
+                  one: moments are not carried over), the source's data position
+                  (uptraining reads on where the source stopped);
   config.gin      the source's operative config + the uptraining recipe
-                  (experiments/configs/uptrain_gqa.gin): train.steps = alpha x the
+                  (glm_jax/configs/uptrain_gqa.gin): train.steps = alpha x the
                   source's steps, train.run_dir = out, num_kv_heads = G;
   tokenizer.model the source's; provenance.json  source, step, method, alpha, date.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
-import json
 import math
 import shutil
 from pathlib import Path
 
 import flax.linen as nn
-import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 
-from glm_jax import gin_utils
+from glm_jax import experiment as experiment_lib
 from glm_jax.model import ModelConfig, init_params
-from glm_jax.train.optim import OptimizerConfig, make_optimizer
-from glm_jax.train.run import load_run, read_run_config
-from glm_jax.train.state import TrainState
+from glm_jax.run_dir import RunDir
 
 METHODS = ("mean", "first", "random")
 KV_PROJECTIONS = ("key", "value")
-DEFAULT_RECIPE = gin_utils.CONFIG_DIR / "uptrain_gqa.gin"
+DEFAULT_RECIPE = "uptrain_gqa.gin"  # shipped in glm_jax/configs
 
 
 class ConversionError(ValueError):
@@ -107,99 +103,65 @@ def _lookup(tree: dict, keys: list):
 
 
 # ------------------------------------------------------------------- run directories
-def resolve_source(path: str | Path) -> tuple[Path, int | None]:
-    """A run directory, its checkpoints/ folder or one checkpoint step folder -> (run dir, step or None)."""
-    path = Path(path)
-    if (path / "config.gin").is_file():
-        return path, None
-    if path.name == "checkpoints" and (path.parent / "config.gin").is_file():
-        return path.parent, None
-    if path.name.isdigit() and (path.parent.parent / "config.gin").is_file():
-        return path.parent.parent, int(path.name)
-    raise FileNotFoundError(f"{path} is not a run directory (with config.gin and checkpoints/) or a checkpoint "
-                            "step inside one (RUN/checkpoints/STEP); train one with glm_jax.train first")
+@dataclasses.dataclass(frozen=True)
+class UptrainRecipe:
+    """How a converted model is uptrained (bound as uptrain_recipe.* in glm_jax/configs/uptrain_gqa.gin)."""
+
+    alpha: float = 0.05
+    learning_rate_scale: float = 1.0
+    warmup_fraction: float = 0.1
+
+    def __post_init__(self):
+        if not 0 < self.alpha <= 1:
+            raise ConversionError(f"uptrain_recipe.alpha {self.alpha} must be in (0, 1]")
 
 
-@gin.configurable
-def uptrain_recipe(alpha: float = 0.05, learning_rate_scale: float = 1.0, warmup_fraction: float = 0.1) -> dict:
-    """The uptraining recipe (bound in experiments/configs/uptrain_gqa.gin)."""
-    if not 0 < alpha <= 1:
-        raise ConversionError(f"uptrain_recipe.alpha {alpha} must be in (0, 1]")
-    return {"alpha": alpha, "learning_rate_scale": learning_rate_scale, "warmup_fraction": warmup_fraction}
+experiment_lib.register("uptrain_recipe", UptrainRecipe)
+
+
+def read_recipe(recipe_file: str | Path = DEFAULT_RECIPE, alpha: float | None = None) -> UptrainRecipe:
+    bindings = [] if alpha is None else [f"uptrain_recipe.alpha = {alpha!r}"]
+    (recipe,) = experiment_lib.read([recipe_file], bindings, "uptrain_recipe")
+    return recipe
 
 
 def convert_run(source: str | Path, num_kv_heads: int, method: str, out: str | Path, *, seed: int = 0,
                 alpha: float | None = None, recipe_file: str | Path = DEFAULT_RECIPE) -> dict:
-    """Writes the converted, ready-to-uptrain run directory `out`; returns its provenance record."""
-    run_dir, step = resolve_source(source)
-    out = Path(out).absolute()
-    if (out / "checkpoints").exists():
-        raise FileExistsError(f"{out} already holds checkpoints; choose a new --out directory")
-    source_config = read_run_config(run_dir)
-    check_target(source_config.model, num_kv_heads)
-    run = load_run(run_dir, step)
-    params, target = convert_params(run.params, run.config.model, num_kv_heads, method, seed)
+    """Writes the converted, ready-to-uptrain run directory `out`; returns its provenance record.
 
-    source_steps, source_lr = _source_schedule(run.config.gin_text)
-    recipe = _read_recipe(recipe_file, alpha)
-    steps = max(1, math.ceil(recipe["alpha"] * source_steps))
-    learning_rate = source_lr * recipe["learning_rate_scale"]
-    provenance = {"source_run": str(run_dir.absolute()), "source_step": int(run.step), "method": method,
-                  "num_kv_heads": num_kv_heads, "source_num_kv_heads": run.config.model.num_kv_heads,
-                  "alpha": recipe["alpha"], "uptrain_steps": steps, "learning_rate": learning_rate,
-                  "warmup_fraction": recipe["warmup_fraction"], "seed": seed,
+    The new run holds a step-0 checkpoint of the converted parameters without optimizer
+    state (training starts a fresh one) and the source's data position, the source's
+    config.gin plus the recipe's bindings, the tokenizer and provenance.json.
+    """
+    source_run, step = RunDir.resolve(source)
+    target_run = RunDir(out)
+    if target_run.checkpoints_path.exists():
+        raise FileExistsError(f"{target_run.path} already holds checkpoints; choose a new --out directory")
+    source = source_run.read_experiment()
+    check_target(source.model, num_kv_heads)
+    source_params, step = source_run.restore_params(source.model, step)
+    params, _ = convert_params(source_params, source.model, num_kv_heads, method, seed)
+
+    recipe = read_recipe(recipe_file, alpha)
+    steps = max(1, math.ceil(recipe.alpha * source.train.steps))
+    learning_rate = source.optimizer.learning_rate * recipe.learning_rate_scale
+    provenance = {"source_run": str(source_run.path), "source_step": int(step), "method": method,
+                  "num_kv_heads": num_kv_heads, "source_num_kv_heads": source.model.num_kv_heads,
+                  "alpha": recipe.alpha, "uptrain_steps": steps, "learning_rate": learning_rate,
+                  "warmup_fraction": recipe.warmup_fraction, "seed": seed,
                   "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    overrides = [f"# glm_jax.convert uptrain: {method} pooling to {num_kv_heads} KV heads "
+    overrides = [f"# glm_jax convert uptrain: {method} pooling to {num_kv_heads} KV heads "
                  f"(provenance.json), then the recipe of {Path(recipe_file).name}",
-                 f"train.run_dir = '{out}'", f"train.steps = {steps}", f"ModelConfig.num_kv_heads = {num_kv_heads}",
+                 f"train.run_dir = '{target_run.path}'", f"train.steps = {steps}",
+                 f"ModelConfig.num_kv_heads = {num_kv_heads}",
                  f"OptimizerConfig.learning_rate = {learning_rate!r}",
-                 f"OptimizerConfig.warmup_fraction = {recipe['warmup_fraction']!r}",
+                 f"OptimizerConfig.warmup_fraction = {recipe.warmup_fraction!r}",
                  "OptimizerConfig.warmup_steps = None"]
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.gin").write_text(run.config.gin_text.rstrip("\n") + "\n\n" + "\n".join(overrides) + "\n")
-    shutil.copyfile(run_dir / "tokenizer.model", out / "tokenizer.model")
-    _write_step0(out, params, target, run_dir, run.step, (out / "config.gin").read_text())
-    (out / "provenance.json").write_text(json.dumps(provenance, indent=2))
-    return provenance
-
-
-def _source_schedule(gin_text: str) -> tuple[int, float]:
-    """(train steps, peak learning rate) of an operative config."""
-    import glm_jax.train.loop  # noqa: F401
-
-    gin_utils.parse([], [gin_text])
-    try:
-        steps = gin.query_parameter("train.steps")
-        if str(steps).startswith("%"):  # a macro such as %STEPS
-            steps = gin.query_parameter(f"{str(steps)[1:]}/macro.value")
-        return int(steps), OptimizerConfig().learning_rate
-    finally:
-        gin.clear_config()
-
-
-def _read_recipe(recipe_file: str | Path, alpha: float | None) -> dict:
-    gin_utils.parse([recipe_file], [] if alpha is None else [f"uptrain_recipe.alpha = {alpha!r}"])
-    try:
-        return uptrain_recipe()
-    finally:
-        gin.clear_config()
-
-
-def _write_step0(out: Path, params, config: ModelConfig, source_run: Path, source_step: int, gin_text: str):
-    """A complete step-0 checkpoint: converted params, fresh optimizer state, the source's data position."""
-    from glm_jax.train.checkpoint import Checkpointer
-
-    tx, _ = make_optimizer(OptimizerConfig(), 1)
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
-    source_meta = _source_meta(source_run, source_step)
-    checkpoints = Checkpointer(out / "checkpoints", keep=None, async_save=False)
-    checkpoints.save(0, state, source_meta["data"], gin_text)
+    gin_text = source_run.config_path.read_text().rstrip("\n") + "\n\n" + "\n".join(overrides) + "\n"
+    target_run.write_config(gin_text)
+    shutil.copyfile(source_run.tokenizer_path, target_run.tokenizer_path)
+    checkpoints = target_run.checkpointer(keep=None, async_save=False)
+    checkpoints.save(0, params, None, source_run.read_meta(step)["data"], gin_text)
     checkpoints.close()
-
-
-def _source_meta(run_dir: Path, step: int) -> dict:
-    manager = ocp.CheckpointManager(run_dir / "checkpoints", options=ocp.CheckpointManagerOptions(read_only=True),
-                                    item_handlers={"meta": ocp.JsonCheckpointHandler()})
-    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    manager.close()
-    return meta
+    target_run.write_provenance(provenance)
+    return provenance

@@ -1,6 +1,6 @@
 """GLM blank-infilling objectives: pure numpy functions of (document, rng).
 
-The algorithm is the THUDM/GLM reference (../shared/reference/glm_objective.md):
+The algorithm is the THUDM/GLM reference (docs/glm_objective.md):
 spans are chosen, Part A is the document with each span replaced by one mask
 token, Part B is the spans in shuffled order as `<sop> + span` -> `span + <eop>`,
 with 2D positions and targets aligned to inputs (no shift).
@@ -17,12 +17,12 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import gin
 import numpy as np
 
 from glm_jax.data.tokenizer import SpecialTokens
 
-MODES = ("token", "sentence", "document", "causal")
+INFILL_MODES = ("token", "sentence", "document")
+MODES = (*INFILL_MODES, "causal")
 
 
 class DocumentTooShort(ValueError):
@@ -157,13 +157,13 @@ def blank_infill(doc: np.ndarray, rng: np.random.Generator, specials: SpecialTok
                  mask_ratio: float = 0.15, span_lambda: float = 3.0, max_span: int = 39,
                  sentence_end: np.ndarray | None = None, gmask_ratio_min: float = 0.5,
                  gpt_infill_prob: float = 0.5) -> dict:
-    """One GLM training example from one document (the DESIGN.md contract).
+    """One GLM blank-infilling example from one document (the contract of docs/design.md).
 
     Args:
       doc: 1-D int token array (may start with [CLS] and end with <eos>).
       rng: the only randomness source.
       specials: GLM special token ids.
-      mode: 'token' | 'sentence' | 'document' | 'causal'.
+      mode: 'token' ([MASK] spans) | 'sentence' ([sMASK]) | 'document' ([gMASK]).
       mask_ratio: fraction of tokens masked in 'token' / 'sentence' modes (0.15).
       span_lambda, max_span: truncated Poisson(3) over 1..39 span lengths.
       sentence_end: bool[vocab] table (Tokenizer.sentence_end), needed by 'sentence'.
@@ -174,8 +174,6 @@ def blank_infill(doc: np.ndarray, rng: np.random.Generator, specials: SpecialTok
       dict(tokens, targets, loss_mask, positions [2, L'], sep) for one example.
     """
     doc = np.asarray(doc, np.int32)
-    if mode == "causal":
-        return causal(doc)
     start, end = interior(doc, specials)
     n = end - start
     if mode == "token":
@@ -193,16 +191,25 @@ def blank_infill(doc: np.ndarray, rng: np.random.Generator, specials: SpecialTok
         offset = int(rng.integers(0, n - g + 1))
         spans, mask_id, eop = [(offset, offset + g)], specials.gmask, True
     else:
-        raise ValueError(f"objective mode {mode!r} is unknown; use one of {MODES}")
+        hint = "; a causal LM example is make_example(..., mode='causal')" if mode == "causal" else ""
+        raise ValueError(f"blank-infilling mode {mode!r} is unknown; use one of {INFILL_MODES}{hint}")
     spans = [(s + start, e + start) for s, e in spans]
     return build_infill_example(doc, spans, rng.permutation(len(spans)), mask_id, specials, eop)
 
 
+def make_example(doc: np.ndarray, rng: np.random.Generator, specials: SpecialTokens, mode: str, **options) -> dict:
+    """One training example of any mode: blank infilling (token / sentence / document) or 'causal' LM."""
+    if mode == "causal":
+        return causal(np.asarray(doc, np.int32))
+    if mode not in MODES:
+        raise ValueError(f"objective mode {mode!r} is unknown; use one of {MODES}")
+    return blank_infill(doc, rng, specials, mode, **options)
+
+
 # ---------------------------------------------------------------------- mixture
-@gin.configurable
 @dataclasses.dataclass(frozen=True)
 class Objective:
-    """A per-example mixture of modes and the options of blank_infill.
+    """A per-example mixture of modes and the options of make_example / blank_infill.
 
     One mode is drawn per example (the reference draws one per batch); per example
     keeps every example a pure function of its own seed, which makes sharding and
@@ -252,5 +259,5 @@ class Objective:
 
     def __call__(self, doc, rng, specials, sentence_end=None) -> dict:
         mode = self.sample_mode(rng)
-        example = blank_infill(doc, rng, specials, mode, sentence_end=sentence_end, **self.options())
+        example = make_example(doc, rng, specials, mode, sentence_end=sentence_end, **self.options())
         return {**example, "mode": mode}

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-ROW_KEYS = ("tokens", "targets", "loss_mask", "positions", "segment_ids", "prefix_mask")
+from glm_jax.data import batch as batch_schema
 
 
 def split_windows(length: int, max_window: int, sentence_ends: np.ndarray) -> list[tuple[int, int]]:
@@ -54,14 +54,7 @@ def plan_rows(lengths: list[int], row_length: int) -> list[list[int]]:
 
 def pack_row(examples: list[dict], row_length: int, pad_id: int) -> dict:
     """One row from examples (blank_infill outputs) whose total length fits row_length."""
-    row = {
-        "tokens": np.full(row_length, pad_id, np.int32),
-        "targets": np.full(row_length, pad_id, np.int32),
-        "loss_mask": np.zeros(row_length, np.float32),
-        "positions": np.zeros((2, row_length), np.int32),
-        "segment_ids": np.zeros(row_length, np.int32),
-        "prefix_mask": np.zeros(row_length, bool),
-    }
+    row = batch_schema.empty_row(row_length, pad_id)
     cursor = 0
     for segment, ex in enumerate(examples, start=1):
         n = len(ex["tokens"])

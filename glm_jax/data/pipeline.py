@@ -18,17 +18,16 @@ import dataclasses
 import functools
 from pathlib import Path
 
-import gin
 import grain
 import numpy as np
 
+from glm_jax.data import batch as batch_schema
 from glm_jax.data import packing
 from glm_jax.data.corpus import DEFAULT_CACHE, TokenizedCorpus, default_tokenizer, tokenize_corpus
 from glm_jax.data.objectives import DocumentTooShort, Objective
 from glm_jax.data.tokenizer import Tokenizer
 
 
-@gin.configurable
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     """Where the text comes from and how batches are shaped.
@@ -156,6 +155,9 @@ class GLMDataset:
         return iterator
 
 
+STATE_FIELDS = ("epoch", "group", "row")
+
+
 class BatchIterator:
     """Yields one shard's rows of each global batch ({key: [rows, ...]}); state is 3 integers."""
 
@@ -169,7 +171,7 @@ class BatchIterator:
 
     def __next__(self) -> dict:
         rows = [self._next_row() for _ in range(self.dataset.local_batch)]
-        batch = {key: np.stack([r[key] for r in rows]) for key in packing.ROW_KEYS}
+        batch = batch_schema.stack_rows(rows)
         self.rows_seen += len(rows)
         self.real_tokens += int((batch["segment_ids"] > 0).sum())
         return batch
@@ -190,10 +192,10 @@ class BatchIterator:
         return self.real_tokens / max(1, self.rows_seen * self.dataset.config.seq_len)
 
     def get_state(self) -> dict:
-        return {"epoch": self.epoch, "group": self.group, "row": self.row}
+        return dict(zip(STATE_FIELDS, (self.epoch, self.group, self.row)))
 
     def set_state(self, state: dict) -> None:
-        self.epoch, self.group, self.row = int(state["epoch"]), int(state["group"]), int(state["row"])
+        self.epoch, self.group, self.row = (int(state[k]) for k in STATE_FIELDS)
 
 
 def _mix(seed: int, epoch: int) -> int:
@@ -212,7 +214,7 @@ class LocalBatches:
 
     def __next__(self) -> dict:
         parts = [next(it) for it in self.iterators]
-        return {key: np.concatenate([p[key] for p in parts]) for key in packing.ROW_KEYS}
+        return batch_schema.concatenate(parts)
 
     @property
     def packing_efficiency(self) -> float:
@@ -220,6 +222,15 @@ class LocalBatches:
 
     def get_state(self) -> dict:
         return {"shards": [it.get_state() for it in self.iterators]}
+
+    def state_array(self) -> np.ndarray:
+        """The state as int64 [shards, 3] (epoch, group, row): what processes all-gather before a save."""
+        return np.asarray([[s[k] for k in STATE_FIELDS] for s in self.get_state()["shards"]], np.int64)
+
+    @staticmethod
+    def state_from_array(array: np.ndarray) -> dict:
+        """get_state()'s dict from state_array()'s rows."""
+        return {"shards": [dict(zip(STATE_FIELDS, map(int, row))) for row in np.asarray(array)]}
 
     def rewind(self) -> None:
         """Back to the first batch (evaluation reads the same batches every time)."""

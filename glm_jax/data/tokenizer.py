@@ -26,7 +26,7 @@ SPECIAL_PIECES = {
 NUM_RESERVED = 8  # room for later specials without changing any existing id
 RESERVED_PIECES = tuple(f"<|reserved_{i}|>" for i in range(NUM_RESERVED))
 
-# A piece ends a sentence if its text contains one of these (glm_objective.md).
+# A piece ends a sentence if its text contains one of these (docs/glm_objective.md).
 SENTENCE_END_CHARS = tuple(".?!;:。？！；…\n")
 
 

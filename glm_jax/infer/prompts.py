@@ -1,6 +1,6 @@
 """Prompts -> the padded arrays the decoder compiles for.
 
-Two modes, matching how the family is used (glm_objective.md, "Generation"):
+Two modes, matching how the family is used (docs/glm_objective.md, "Generation"):
 - 'blank' (GLM): the prompt is Part A, bidirectional, with [MASK] / [sMASK] /
   [gMASK] tokens in place; each mask is filled in order, decoding from <sop>
   with position id = the mask's position and block position ids 1, 2, ...

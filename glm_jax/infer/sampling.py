@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 
-import gin
 import jax
 import jax.numpy as jnp
 
 
-@gin.configurable
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
     """How to pick each token. The defaults are greedy decoding."""

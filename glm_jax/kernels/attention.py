@@ -45,7 +45,7 @@ def attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray,
       scale: softmax scale, default 1/sqrt(D).
       q_offset: query t is key position q_offset + t; default S - T (the last T
         positions, e.g. one chunk of a long prefill against all keys up to it).
-        With T == S the rule is DESIGN.md's; otherwise each query gets its row of
+        With T == S the rule is docs/design.md's; otherwise each query gets its row of
         the full S x S mask.
     Returns:
       [B, T, Hq, D] in q's dtype.

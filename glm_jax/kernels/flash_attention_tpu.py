@@ -32,7 +32,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from glm_jax.kernels.flash_attention import padded_inputs, visit_ranges
+from glm_jax.kernels.blocks import padded_inputs, visit_ranges
 from glm_jax.kernels.masks import MASK_VALUE
 
 LANES = 128
@@ -62,7 +62,7 @@ def _allowed(ks_ref, ke_ref, key_start, block_k: int):
 
 def _block_ranges(starts, ends, block: int, other_block: int):
     """Per block of `block` rows: (first, full_first, full_last, last) blocks of `other_block`
-    columns, [B, T // block] int32 each (flash_attention.visit_ranges)."""
+    columns, [B, T // block] int32 each (blocks.visit_ranges)."""
     B, T = starts.shape
     rows = (x.reshape(B, T // block, block) for x in (starts, ends))
     return tuple(x.astype(jnp.int32) for x in visit_ranges(*rows, other_block))

@@ -1,6 +1,6 @@
 """GLM's attention mask: the dense rule and its key-range form.
 
-The rule (../shared/DESIGN.md), for query q and key k of one row:
+The rule (docs/design.md), for query q and key k of one row:
     allowed(q, k) = seg[q] == seg[k] and (k <= q or prefix[k])
 Segments are contiguous runs of equal segment ids (packing puts padding, id 0,
 at the end), and a segment's prefix (Part A) is contiguous at its start. Under

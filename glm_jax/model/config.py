@@ -1,9 +1,9 @@
 """ModelConfig: every GLM-family architecture as one frozen, validated dataclass.
 
 A model variant is a set of field values (a gin preset under
-experiments/configs/models/), never a new code path. Field meanings follow
-../shared/reference/architectures.md; the docstring of each choice names the
-reference model that uses it.
+glm_jax/configs/models/), never a new code path. Field meanings follow
+docs/architectures.md; the docstring of each choice names the reference model
+that uses it.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import dataclasses
 import math
 from typing import Literal
 
-import gin
 import jax.numpy as jnp
 
 MlpActivation = Literal["gelu", "geglu", "swiglu"]
@@ -36,7 +35,6 @@ _CHOICES = {
 }
 
 
-@gin.configurable
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Architecture of a GLM-family decoder.

@@ -1,6 +1,6 @@
 """The GLM decoder: embeddings, a stack of blocks, final norm, output head.
 
-Call contract (../shared/DESIGN.md):
+Call contract (docs/design.md):
     GLM(config).apply({'params': params}, tokens, positions, segment_ids, prefix_mask)
     tokens [B, T] int32, positions [B, 2, T] (position ids, block position ids),
     segment_ids [B, T], prefix_mask [B, T] bool  ->  logits [B, T, vocab] float32.

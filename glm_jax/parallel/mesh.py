@@ -1,6 +1,6 @@
 """Device meshes ('data', 'fsdp', 'tensor') and multi-host initialisation.
 
-Mesh sizes come from gin; one size may be -1 and takes the remaining devices.
+Mesh sizes come from the experiment's MeshConfig; one size may be -1 and takes the remaining devices.
 Multi-slice TPU runs give the DCN (between-slice) factor of each axis and get a
 hybrid ICI x DCN mesh from jax.experimental.mesh_utils.
 """
@@ -11,7 +11,6 @@ import dataclasses
 import math
 import os
 
-import gin
 import jax
 import numpy as np
 from jax.experimental import mesh_utils
@@ -20,7 +19,6 @@ from jax.sharding import Mesh
 from glm_jax.parallel.rules import MESH_AXES
 
 
-@gin.configurable
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
     """Sizes of the mesh axes; -1 fills the rest. dcn_* are between-slice factors.

@@ -10,7 +10,6 @@ A logical name absent from a table is replicated.
 
 from __future__ import annotations
 
-import gin
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -37,7 +36,6 @@ RULES: dict[str, tuple[tuple[str, object], ...]] = {
 }
 
 
-@gin.configurable
 def logical_axis_rules(strategy: str = "fsdp"):
     """The rules table of a strategy: 'data_parallel', 'fsdp' or 'fsdp_tp'."""
     if strategy not in RULES:

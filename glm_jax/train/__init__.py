@@ -1,1 +1,3 @@
-"""Training: metrics (FLOPs/MFU) today; state, optimizer, step and loop arrive with the training issue."""
+"""Training: the loop (loop.py), the pure train step (step.py), TrainState and its shardings
+(state.py), analytic FLOPs / MFU (flops.py), the run's logger (log.py) and the TPU preflight
+compile (preflight.py)."""

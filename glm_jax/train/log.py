@@ -2,30 +2,30 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import jax
+
+from glm_jax.run_dir import RunDir
 
 
 class RunLogger:
     """Process 0 writes; other processes stay silent."""
 
-    def __init__(self, run_dir: Path, total_steps: int, start_step: int, gin_config: str, tokenizer):
+    def __init__(self, run: RunDir, total_steps: int, start_step: int, gin_config: str, tokenizer):
         self.enabled = jax.process_index() == 0
-        self.run_dir = run_dir
+        self.run = run
         self.history: list[dict] = []
         self.eval_history: list[dict] = []
         self.tokens_per_second: list[float] = []
         if not self.enabled:
             return
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.gin").write_text(gin_config)  # the operative config of this run
-        tokenizer.save(run_dir / "tokenizer.model")
+        run.write_config(gin_config)  # the operative config of this run
+        run.write_tokenizer(tokenizer)
         from tensorboardX import SummaryWriter
         from tqdm import tqdm
 
-        self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+        self.writer = SummaryWriter(str(run.tensorboard_path))
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
 
     def log_step(self, step: int, metrics: dict) -> None:
@@ -59,7 +59,7 @@ class RunLogger:
         if self.enabled:
             self.bar.close()
             self.writer.close()
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            self.run.write_summary(summary)
             eval_loss = summary["final_eval_loss"]
             print(f"{'preempted' if preempted else 'done'}: train loss {summary['final_train_loss']:.4f}, "
                   f"eval loss {eval_loss if eval_loss is None else f'{eval_loss:.4f}'}, "

@@ -8,9 +8,11 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from glm_jax.checkpoint import Checkpointer
 from glm_jax.model import ModelConfig, init_params
 
 
@@ -53,3 +55,19 @@ def abstract_state(config: ModelConfig, tx: optax.GradientTransformation) -> Tra
 def init_state(config: ModelConfig, tx, rng: jax.Array, shardings: TrainState) -> TrainState:
     """The TrainState created directly in its shards (never whole on one device)."""
     return jax.jit(lambda r: create_state(config, tx, r), out_shardings=shardings)(rng)
+
+
+def restore_state(checkpoints: Checkpointer, step: int, config: ModelConfig, tx: optax.GradientTransformation,
+                  shardings: TrainState) -> tuple[TrainState, dict]:
+    """(TrainState placed on `shardings`, meta) of a saved step.
+
+    A checkpoint without optimizer state (a converted or imported model) gets a fresh
+    one, created directly in its shards.
+    """
+    targets = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                     abstract_state(config, tx), shardings)
+    params, opt_state, meta = checkpoints.restore(step, targets.params, targets.opt_state)
+    if opt_state is None:
+        opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
+    step_array = jax.device_put(np.asarray(meta["step"], np.int32), shardings.step)
+    return TrainState(step=step_array, params=params, opt_state=opt_state), meta

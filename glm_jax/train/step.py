@@ -1,8 +1,10 @@
-"""The pure train and eval steps: (state, batch) -> (state, metrics).
+"""The pure train step: (state, batch) -> (state, metrics).
 
 The loss is the float32 cross-entropy summed over loss_mask and divided by the
 number of masked tokens of the WHOLE batch, so gradient accumulation over
-micro-batches gives exactly the gradient of one big batch.
+micro-batches gives exactly the gradient of one big batch. Micro-batches are a
+strided split that keeps every device's share equal (glm_jax.parallel.batch).
+The eval step is glm_jax.evaluation.make_eval_step.
 """
 
 from __future__ import annotations
@@ -12,30 +14,22 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from glm_jax.evaluation import loss_sums
 from glm_jax.model import GLM, ModelConfig
-from glm_jax.train.loss import cross_entropy_sums
+from glm_jax.parallel.batch import split_micro_batches
 from glm_jax.train.state import TrainState
-
-MODEL_INPUTS = ("tokens", "positions", "segment_ids", "prefix_mask")
-
-
-def batch_sums(model: GLM, params, batch: dict, z_loss: float) -> tuple[jax.Array, dict]:
-    logits = model.apply({"params": params}, *(batch[k] for k in MODEL_INPUTS))
-    sums = cross_entropy_sums(logits, batch["targets"], batch["loss_mask"], z_loss)
-    return sums["loss_sum"] + sums["z_sum"], sums
 
 
 def make_train_step(config: ModelConfig, tx: optax.GradientTransformation, schedule: optax.Schedule,
                     rules, grad_accum_steps: int = 1, z_loss: float = 0.0):
     """A pure train step; compile it with jax.jit(in_shardings, out_shardings, donate_argnums=0)."""
     model = GLM(config)
-    grad_fn = jax.grad(lambda p, b: batch_sums(model, p, b, z_loss), has_aux=True)
+    grad_fn = jax.grad(lambda p, b: loss_sums(model, p, b, z_loss), has_aux=True)
 
     def accumulate(params, batch):
         if grad_accum_steps == 1:
             return grad_fn(params, batch)
-        micro = jax.tree_util.tree_map(
-            lambda x: x.reshape(grad_accum_steps, x.shape[0] // grad_accum_steps, *x.shape[1:]), batch)
+        micro = split_micro_batches(batch, grad_accum_steps)
 
         def add(carry, micro_batch):
             grads, sums = grad_fn(params, micro_batch)
@@ -59,15 +53,3 @@ def make_train_step(config: ModelConfig, tx: optax.GradientTransformation, sched
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return train_step
-
-
-def make_eval_step(config: ModelConfig, rules):
-    """Sums of loss, correct and count over one batch (add them up across batches)."""
-    model = GLM(config)
-
-    def eval_step(params, batch: dict):
-        with nn.logical_axis_rules(rules):
-            _, sums = batch_sums(model, params, batch, 0.0)
-        return sums
-
-    return eval_step

@@ -1,21 +1,19 @@
 """AdamW with GLM-10B defaults, warmup + cosine decay to 10%, global-norm clipping.
 
 Weight decay applies to matmul kernels and embedding tables, not to norm scales
-and biases (glm_objective.md: GLM-10B recipe).
+and biases (docs/glm_objective.md: the GLM-10B recipe).
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-import gin
 import jax
 import optax
 
 NO_DECAY = ("bias", "scale")
 
 
-@gin.configurable
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
     """learning_rate is the peak; warmup_steps (if set) overrides warmup_fraction."""

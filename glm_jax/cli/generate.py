@@ -1,4 +1,4 @@
-"""python -m glm_jax.generate --run_dir RUN --prompt "def add(a, b):\\n    return [MASK]"
+"""glm_jax generate --run_dir RUN --prompt "def add(a, b):\\n    return [MASK]"
 
 Fills every [MASK] / [sMASK] / [gMASK] of the prompt (a prompt without one gets
 [gMASK] appended: open-ended generation) with the latest checkpoint of a run
@@ -13,8 +13,8 @@ import sys
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="python -m glm_jax.generate", description=__doc__.splitlines()[0])
-    parser.add_argument("--run_dir", required=True, help="run directory written by glm_jax.train")
+    parser = argparse.ArgumentParser(prog="glm_jax generate", description=__doc__.splitlines()[0])
+    parser.add_argument("--run_dir", required=True, help="run directory written by glm_jax train")
     parser.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable: one batch)")
     parser.add_argument("--mode", choices=("blank", "causal"), default="blank")
     parser.add_argument("--max_new_tokens", type=int, default=64)
@@ -26,23 +26,19 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def main(argv=None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
     from glm_jax.infer.generate import Generator, continue_text, fill_blanks
     from glm_jax.infer.sampling import SamplingConfig
-    from glm_jax.train.run import load_run
+    from glm_jax.run_dir import load_run
 
     run = load_run(args.run_dir, args.step)
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
     prompts = [p.replace("\\n", "\n").replace("\\t", "\t") for p in args.prompt]
-    generator = Generator(run.config.model, run.params, run.tokenizer.specials)
+    generator = Generator(run.experiment.model, run.params, run.tokenizer.specials)
     complete = fill_blanks if args.mode == "blank" else continue_text
     texts = complete(generator, run.tokenizer, prompts, args.max_new_tokens, sampling, args.seed)
     print(f"# {run.directory} step {run.step}", file=sys.stderr)
     for prompt, text in zip(prompts, texts):
         print(text if args.mode == "blank" else prompt + text)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -12,7 +12,7 @@ def cross_entropy_sums(logits: jnp.ndarray, targets: jnp.ndarray, loss_mask: jnp
 
     Returns loss_sum (cross-entropy), z_sum (z_loss * log(Z)^2, PaLM's stabiliser),
     correct (argmax hits) and count (masked tokens). logits [B, T, V]; the logit at
-    i predicts targets[i] (glm_objective.md: GLM targets are aligned, not shifted).
+    i predicts targets[i] (docs/glm_objective.md: GLM targets are aligned, not shifted).
     """
     logits = logits.astype(jnp.float32)
     mask = loss_mask.astype(jnp.float32)

@@ -1,0 +1,188 @@
+"""The experiment: gin files + bindings -> one frozen object. The only module that reads gin.
+
+Every program (training, the preflight, conversion, the ablation study) takes an
+`Experiment`; gin is parsed at the command-line edge (glm_jax.cli) or when a run
+directory's config.gin is read back (glm_jax.run_dir), and nowhere else. The config
+dataclasses themselves (ModelConfig, DataConfig, Objective, OptimizerConfig,
+MeshConfig) know nothing of gin: this module registers them under the names every
+gin file and run directory uses (`ModelConfig.hidden_size = 256`, `train.steps = 200`).
+
+Includes resolve against the configs shipped in the package (glm_jax/configs:
+'base.gin', 'models/glm_tiny.gin', ...), the working directory and the directory of
+every gin file given.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+from pathlib import Path
+
+import gin
+
+from glm_jax import configs
+from glm_jax.data.objectives import Objective
+from glm_jax.data.pipeline import DataConfig
+from glm_jax.model.config import ModelConfig
+from glm_jax.optim import OptimizerConfig
+from glm_jax.parallel.mesh import MeshConfig
+from glm_jax.parallel.rules import RULES
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSettings:
+    """The run itself: where it lives, how long it trains, how often it saves and evaluates.
+
+    Bound as `train.NAME` (base.gin: train.run_dir = %RUN_DIR, train.steps = %STEPS).
+    sharding names a rules table of glm_jax/parallel/rules.py.
+    """
+
+    run_dir: str
+    steps: int
+    sharding: str = "fsdp"
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 3
+    eval_every: int = 100
+    eval_batches: int = 4
+    seed: int = 0
+    z_loss: float = 0.0
+
+    def __post_init__(self):
+        if self.sharding not in RULES:
+            raise ValueError(f"train.sharding {self.sharding!r} is unknown; choose one of {sorted(RULES)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+    """Everything a run is built from. gin_text is the operative gin config it was read from
+    (written into run directories and checkpoints so a run can be rebuilt exactly)."""
+
+    model: ModelConfig
+    data: DataConfig
+    objective: Objective
+    optimizer: OptimizerConfig
+    mesh: MeshConfig
+    train: TrainSettings
+    gin_text: str = ""
+
+    def replace(self, **changes) -> "Experiment":
+        return dataclasses.replace(self, **changes)
+
+
+# gin name -> the frozen dataclass it builds. Names are the ones run directories use.
+_EXPERIMENT_PARTS = {"model": "ModelConfig", "data": "DataConfig", "objective": "Objective",
+                     "optimizer": "OptimizerConfig", "mesh": "MeshConfig", "train": "train"}
+_REGISTRY: dict[str, tuple[type, object]] = {}
+
+
+def register(name: str, cls: type) -> None:
+    """Makes a frozen dataclass bindable as `name.field = value` (e.g. a recipe or a study's settings)."""
+    if name in _REGISTRY:
+        if _REGISTRY[name][0] is not cls:
+            raise ValueError(f"gin name {name!r} is already registered for {_REGISTRY[name][0].__name__}")
+        return
+    _REGISTRY[name] = (cls, gin.external_configurable(cls, name=name, module="glm_jax"))
+
+
+for _name, _cls in (("ModelConfig", ModelConfig), ("DataConfig", DataConfig), ("Objective", Objective),
+                    ("OptimizerConfig", OptimizerConfig), ("MeshConfig", MeshConfig), ("train", TrainSettings)):
+    register(_name, _cls)
+
+
+class _QuietProbe(logging.Filter):
+    # gin's package-resource reader logs "Path not found" for every search path it
+    # probes before the one that has the file; the include still succeeds.
+    def filter(self, record):
+        return not record.getMessage().startswith("Path not found")
+
+
+logging.getLogger().addFilter(_QuietProbe())
+_SEARCH_PATHS: list[str] = []
+
+
+def _add_search_path(directory: Path) -> None:
+    """Lets includes name files in `directory` (gin resolves includes against search paths only)."""
+    if str(directory) not in _SEARCH_PATHS:
+        _SEARCH_PATHS.append(str(directory))
+        gin.add_config_file_search_path(str(directory))
+
+
+_add_search_path(configs.config_dir())
+
+
+# ------------------------------------------------------------------ reading gin
+def _parse(files: list[str | Path], bindings: list[str]) -> None:
+    """Parses files then bindings into gin's (cleared) global config; errors name the file or binding."""
+    shipped = configs.config_dir()
+    for file in files:
+        path = Path(file) if Path(file).exists() else shipped / file
+        if not path.exists():
+            raise FileNotFoundError(f"gin config {file} does not exist (looked in the working directory and "
+                                    f"in the shipped configs {shipped})")
+        _add_search_path(path.absolute().parent)  # its includes may name its neighbours
+        try:
+            gin.parse_config_file(str(path))
+        except (ValueError, KeyError, SyntaxError, NameError) as error:
+            raise ValueError(f"in gin config {path}: {error}") from error
+    for binding in bindings:
+        try:
+            gin.parse_config(binding)
+        except (ValueError, KeyError, SyntaxError, NameError) as error:
+            raise ValueError(f"in gin binding {binding!r}: {error}") from error
+    gin.finalize()
+
+
+@contextlib.contextmanager
+def _gin_scope(files, bindings):
+    """gin's global state holds these files and bindings inside the block, and nothing outside it."""
+    gin.clear_config()
+    try:
+        _parse(list(files), list(bindings))
+        yield
+    finally:
+        gin.clear_config()
+
+
+def _build(name: str):
+    """An instance of the plain dataclass registered as `name`, its fields from the parsed bindings."""
+    cls, configurable = _REGISTRY[name]
+    built = configurable()
+    # gin builds a subclass of its own; hand out the plain class so instances compare and pickle-free
+    # serialise like directly constructed ones.
+    return cls(**{f.name: getattr(built, f.name) for f in dataclasses.fields(cls) if f.init})
+
+
+def read(files=(), bindings=(), *names: str) -> tuple:
+    """The registered dataclasses `names`, built from gin files and bindings (nothing leaks into gin)."""
+    unknown = [n for n in names if n not in _REGISTRY]
+    if unknown:
+        raise ValueError(f"{unknown} are not registered gin names; known: {sorted(_REGISTRY)}")
+    with _gin_scope(files, bindings):
+        return tuple(_build(name) for name in names)
+
+
+def from_gin(files=(), bindings=()) -> Experiment:
+    """The experiment of gin files (paths, or names of shipped configs) and 'NAME = VALUE' bindings."""
+    with _gin_scope(files, bindings):
+        parts = {field: _build(name) for field, name in _EXPERIMENT_PARTS.items()}
+        return Experiment(**parts, gin_text=gin.operative_config_str())
+
+
+def from_gin_text(text: str) -> Experiment:
+    """The experiment of an operative config (a run directory's config.gin)."""
+    return from_gin([], [text])
+
+
+# ------------------------------------------------------------------ presets
+def preset_names() -> list[str]:
+    return configs.model_preset_names()
+
+
+def load_preset(name: str, **overrides) -> ModelConfig:
+    """ModelConfig of preset `name` (e.g. 'chatglm2_6b', glm_jax/configs/models/), with field overrides."""
+    if name not in preset_names():
+        raise ValueError(f"model preset {name!r} not found in {configs.config_dir() / 'models'}; "
+                         f"known presets: {preset_names()}")
+    (config,) = read([f"models/{name}.gin"], [], "ModelConfig")
+    return config.replace(**overrides) if overrides else config

@@ -1,0 +1,128 @@
+"""A run directory: the one owner of its layout, written and read by training, conversion,
+generation and evaluation alike.
+
+    RUN/config.gin        the operative gin config (glm_jax.experiment reads it back)
+    RUN/tokenizer.model   the SentencePiece model with the GLM specials
+    RUN/summary.json      the last training session's summary
+    RUN/provenance.json   where a converted or imported run came from
+    RUN/tensorboard/      training events
+    RUN/checkpoints/STEP/ params, opt_state, meta, config (glm_jax.checkpoint)
+
+Paths are made absolute on entry, so relative run directories work everywhere
+(Orbax accepts only absolute paths).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import flax.linen as nn
+
+from glm_jax import experiment as experiment_lib
+from glm_jax.checkpoint import Checkpointer
+from glm_jax.data.tokenizer import Tokenizer
+from glm_jax.model import ModelConfig, abstract_params
+
+
+@dataclasses.dataclass
+class Run:
+    """A run read back: its experiment, tokenizer and the parameters of one checkpoint."""
+
+    directory: Path
+    experiment: experiment_lib.Experiment
+    tokenizer: Tokenizer
+    params: object
+    step: int
+
+
+class RunDir:
+    def __init__(self, path: str | Path):
+        self.path = Path(path).absolute()
+
+    config_path = property(lambda self: self.path / "config.gin")
+    tokenizer_path = property(lambda self: self.path / "tokenizer.model")
+    summary_path = property(lambda self: self.path / "summary.json")
+    provenance_path = property(lambda self: self.path / "provenance.json")
+    tensorboard_path = property(lambda self: self.path / "tensorboard")
+    checkpoints_path = property(lambda self: self.path / "checkpoints")
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    @classmethod
+    def resolve(cls, path: str | Path) -> tuple["RunDir", int | None]:
+        """A run directory, its checkpoints/ folder or one step folder (RUN/checkpoints/STEP) -> (run, step or None)."""
+        path = Path(path).absolute()
+        if (path / "config.gin").is_file():
+            return cls(path), None
+        if path.name == "checkpoints" and (path.parent / "config.gin").is_file():
+            return cls(path.parent), None
+        if path.name.isdigit() and (path.parent.parent / "config.gin").is_file():
+            return cls(path.parent.parent), int(path.name)
+        raise FileNotFoundError(f"{path} is not a run directory (with config.gin and checkpoints/) or a checkpoint "
+                                "step inside one (RUN/checkpoints/STEP); train one with glm_jax.train first")
+
+    # ------------------------------------------------------------ what a run is
+    def write_config(self, gin_text: str) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text(gin_text)
+
+    def read_experiment(self) -> experiment_lib.Experiment:
+        if not self.config_path.is_file():
+            raise FileNotFoundError(f"{self.config_path} does not exist: pass a run directory written by glm_jax "
+                                    "training or conversion (it holds config.gin, tokenizer.model and checkpoints/)")
+        return experiment_lib.from_gin([self.config_path])
+
+    def write_tokenizer(self, tokenizer: Tokenizer) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        tokenizer.save(self.tokenizer_path)
+
+    def tokenizer(self) -> Tokenizer:
+        return Tokenizer.load(self.tokenizer_path)
+
+    def write_summary(self, summary: dict) -> None:
+        self.summary_path.write_text(json.dumps(summary, indent=2))
+
+    def summary(self) -> dict | None:
+        return json.loads(self.summary_path.read_text()) if self.summary_path.is_file() else None
+
+    def write_provenance(self, provenance: dict) -> None:
+        self.provenance_path.write_text(json.dumps(provenance, indent=2))
+
+    def provenance(self) -> dict | None:
+        return json.loads(self.provenance_path.read_text()) if self.provenance_path.is_file() else None
+
+    # ------------------------------------------------------------ checkpoints
+    def checkpointer(self, keep: int | None = 3, async_save: bool = True, read_only: bool = False) -> Checkpointer:
+        if read_only and not self.checkpoints_path.is_dir():
+            raise FileNotFoundError(f"no checkpoint directory at {self.checkpoints_path}; train the run first")
+        return Checkpointer(self.checkpoints_path, keep=keep, async_save=async_save, read_only=read_only)
+
+    def restore_params(self, model: ModelConfig, step: int | None = None, shardings=None) -> tuple[object, int]:
+        """(parameters, step) of the latest (or given) checkpoint, no optimizer state."""
+        checkpoints = self.checkpointer(read_only=True)
+        try:
+            return checkpoints.restore_params(step, nn.unbox(abstract_params(model)), shardings)
+        finally:
+            checkpoints.close()
+
+    def read_meta(self, step: int) -> dict:
+        """A checkpoint's meta item (its step and every process's data position)."""
+        checkpoints = self.checkpointer(read_only=True)
+        try:
+            return checkpoints.read_meta(step)
+        finally:
+            checkpoints.close()
+
+    def load(self, step: int | None = None, shardings=None) -> Run:
+        """The latest (or given) checkpoint's parameters (no optimizer state), experiment and tokenizer."""
+        experiment = self.read_experiment()
+        params, step = self.restore_params(experiment.model, step, shardings)
+        return Run(self.path, experiment, self.tokenizer(), params, step)
+
+
+def load_run(path: str | Path, step: int | None = None, shardings=None) -> Run:
+    """RunDir(path).load(step): what generation, evaluation and conversion start from."""
+    return RunDir(path).load(step, shardings)
