@@ -30,7 +30,7 @@ def random_packing(rng: np.random.Generator, batch: int, length: int, max_segmen
     """Packed rows: 1..max_segments contiguous segments with random prefixes, padding at the end.
 
     Returns numpy (segment_ids [B,T] int32, prefix_mask [B,T] bool, positions [B,2,T] int32)
-    following the DESIGN.md contract: positions restart at 0 in every segment.
+    following the batch contract (docs/design.md): positions restart at 0 in every segment.
     """
     segment_ids = np.zeros((batch, length), np.int32)
     prefix_mask = np.zeros((batch, length), bool)

@@ -1,4 +1,4 @@
-"""An independent float64 numpy GLM, written from ../shared/reference/architectures.md.
+"""An independent float64 numpy GLM, written from docs/architectures.md.
 
 It shares no code with glm_jax: attention loops over heads with a mask built
 from the rule by explicit loops, RoPE uses complex multiplication, norms and

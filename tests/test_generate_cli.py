@@ -9,7 +9,7 @@ import pytest
 from glm_jax.evaluation import evaluate_run
 from glm_jax.infer.generate import Generator, fill_blanks
 from glm_jax.run_dir import load_run
-from train_fixtures import REPO, experiment, subprocess_env, summary, train_in_process
+from train_fixtures import experiment, subprocess_env, summary, train_in_process
 
 
 @pytest.fixture(scope="module")
@@ -21,8 +21,9 @@ def run_dir(tmp_path_factory):
 
 def test_generate_cli_fills_the_mask(run_dir):
     result = subprocess.run(
-        [sys.executable, "-m", "glm_jax", "generate", f"--run_dir={run_dir}", "--prompt=def add(a, b):\\n    return [MASK]",
-         "--max_new_tokens=6"], capture_output=True, text=True, env=subprocess_env(1), cwd=REPO, timeout=300)
+        [sys.executable, "-m", "glm_jax", "generate", f"--run_dir={run_dir.name}",  # relative, as users type it
+         "--prompt=def add(a, b):\\n    return [MASK]", "--max_new_tokens=6"],
+        capture_output=True, text=True, env=subprocess_env(1), cwd=run_dir.parent, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     text = result.stdout.rstrip("\n")
     assert text.startswith("def add(a, b):\n    return ") and "[MASK]" not in text, text

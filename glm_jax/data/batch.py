@@ -1,4 +1,4 @@
-"""The batch: the one definition of its fields (DESIGN contract in docs/design.md).
+"""The batch: the one definition of its fields (the batch contract of docs/design.md).
 
 Every field is [B, T] except positions [B, 2, T] (position ids, block position
 ids). The packer fills rows from it, the training loop derives its input shardings
