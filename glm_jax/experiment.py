@@ -70,9 +70,10 @@ class Experiment:
         return dataclasses.replace(self, **changes)
 
 
-# gin name -> the frozen dataclass it builds. Names are the ones run directories use.
-_EXPERIMENT_PARTS = {"model": "ModelConfig", "data": "DataConfig", "objective": "Objective",
-                     "optimizer": "OptimizerConfig", "mesh": "MeshConfig", "train": "train"}
+# Experiment field -> (gin name, the frozen dataclass it builds). Names are the ones run directories use.
+_EXPERIMENT_PARTS = {"model": ("ModelConfig", ModelConfig), "data": ("DataConfig", DataConfig),
+                     "objective": ("Objective", Objective), "optimizer": ("OptimizerConfig", OptimizerConfig),
+                     "mesh": ("MeshConfig", MeshConfig), "train": ("train", TrainSettings)}
 _REGISTRY: dict[str, tuple[type, object]] = {}
 
 
@@ -85,8 +86,7 @@ def register(name: str, cls: type) -> None:
     _REGISTRY[name] = (cls, gin.external_configurable(cls, name=name, module="glm_jax"))
 
 
-for _name, _cls in (("ModelConfig", ModelConfig), ("DataConfig", DataConfig), ("Objective", Objective),
-                    ("OptimizerConfig", OptimizerConfig), ("MeshConfig", MeshConfig), ("train", TrainSettings)):
+for _name, _cls in _EXPERIMENT_PARTS.values():
     register(_name, _cls)
 
 
@@ -153,7 +153,7 @@ def _build(name: str):
     return cls(**{f.name: getattr(built, f.name) for f in dataclasses.fields(cls) if f.init})
 
 
-def read(files=(), bindings=(), *names: str) -> tuple:
+def read(files, bindings, *names: str) -> tuple:
     """The registered dataclasses `names`, built from gin files and bindings (nothing leaks into gin)."""
     unknown = [n for n in names if n not in _REGISTRY]
     if unknown:
@@ -165,7 +165,7 @@ def read(files=(), bindings=(), *names: str) -> tuple:
 def from_gin(files=(), bindings=()) -> Experiment:
     """The experiment of gin files (paths, or names of shipped configs) and 'NAME = VALUE' bindings."""
     with _gin_scope(files, bindings):
-        parts = {field: _build(name) for field, name in _EXPERIMENT_PARTS.items()}
+        parts = {field: _build(name) for field, (name, _) in _EXPERIMENT_PARTS.items()}
         return Experiment(**parts, gin_text=gin.operative_config_str())
 
 
