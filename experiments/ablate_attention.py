@@ -64,8 +64,8 @@ def parse_args(argv):
     parser.add_argument("--out_dir", default=None, help="run directories (default runs/ablate_attention[_quick])")
     parser.add_argument("--results", default=None, help="report directory (default experiments/results)")
     args, overrides = flags.parse_with_gin(parser, argv)
-    args.config = args.config or str(REPO / "experiments" / "configs" / ("ablate_attention_quick.gin" if args.quick
-                                                                         else "ablate_attention.gin"))
+    default_config = "ablate_attention_quick.gin" if args.quick else "ablate_attention.gin"
+    args.config = args.config or str(REPO / "experiments" / "configs" / default_config)
     args.out_dir = Path(args.out_dir or REPO / "runs" / ("ablate_attention_quick" if args.quick else "ablate_attention"))
     args.results = Path(args.results or REPO / "experiments" / "results")
     return args, overrides

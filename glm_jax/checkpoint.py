@@ -9,14 +9,55 @@ training starts a fresh optimizer state from it. Saves are asynchronous and atom
 Orbax writes into a temporary directory and renames it when complete, so a crash
 during a save leaves the previous checkpoint as the latest complete one.
 Parameters-only restore (evaluation, conversion) reads just the `params` item.
+
+What is read is validated: a step whose commit marker or item metadata is missing,
+or whose arrays fail to read (a truncated file), raises `DamagedCheckpoint` naming
+the step and the file; `move_aside` puts such a step beside the checkpoints (never
+deleting it). A failed save raises `CheckpointSaveError` naming the step, the cause
+and the newest complete checkpoint, which stays loadable.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import shutil
 from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
+
+COMMIT_MARKER = "commit_success.txt"  # Orbax writes it last, before the atomic rename
+ARRAY_ITEMS = ("params", "opt_state")  # item -> metadata file: _METADATA (arrays) or metadata (JSON)
+
+
+class _QuietReadOnly(logging.Filter):
+    # Orbax warns on every read-only manager that its directory is read only; that is the point.
+    def filter(self, record):
+        return "Given directory is read only" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_QuietReadOnly())
+
+
+class DamagedCheckpoint(RuntimeError):
+    """A checkpoint step is incomplete or unreadable."""
+
+    def __init__(self, directory: Path, step: int, reason: str):
+        self.directory, self.step, self.reason = directory, step, reason
+        super().__init__(f"checkpoint step {step} in {directory} is damaged: {reason}")
+
+
+class CheckpointSaveError(RuntimeError):
+    """Writing a checkpoint failed (full disk, read-only or vanished directory)."""
+
+
+def _root_cause(error: BaseException) -> str:
+    """The first line of the innermost error of a chain (TensorStore names the array and the file there)."""
+    while error.__cause__ is not None or error.__context__ is not None:
+        error = error.__cause__ or error.__context__
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
 
 
 def _manager(directory: Path, options: ocp.CheckpointManagerOptions) -> ocp.CheckpointManager:
@@ -34,42 +75,101 @@ class Checkpointer:
 
     def __init__(self, directory: str | Path, keep: int | None = 3, async_save: bool = True,
                  read_only: bool = False):
-        self.directory = Path(directory).absolute()
+        self.directory = Path(directory).expanduser().absolute()
         if read_only:
             options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
         else:
             options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                                    cleanup_tmp_directories=True, create=True)
         self.manager = _manager(self.directory, options)
+        self._pending: int | None = None  # the step of an asynchronous save not yet known to be complete
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    # ------------------------------------------------------------------ saving
     def save(self, step: int, params, opt_state, data_states: list, gin_config: str) -> None:
         """Starts an asynchronous save of everything needed to resume at `step`.
 
         opt_state None saves a model without optimizer state (conversion, import).
+        Raises CheckpointSaveError if this save (or the previous asynchronous one) fails.
         """
         items = {"params": ocp.args.StandardSave(params),
                  "meta": ocp.args.JsonSave({"step": int(step), "data": data_states}),
                  "config": ocp.args.JsonSave({"gin": gin_config})}
         if opt_state is not None:
             items["opt_state"] = ocp.args.StandardSave(opt_state)
-        self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        self._guard_save(step, lambda: self.manager.save(step, args=ocp.args.Composite(**items), force=True))
+        self._pending = step
 
+    def _guard_save(self, step: int, action) -> None:
+        try:
+            action()
+        except Exception as error:  # the storage's error, whatever layer raised it
+            with contextlib.suppress(Exception):  # an earlier save still in flight decides the newest complete step
+                self.manager.wait_until_finished()
+            self.manager.reload()
+            # The error is the previous asynchronous save's if that one never completed, else this step's.
+            previous_failed = self._pending is not None and self._pending not in self.manager.all_steps()
+            failed = self._pending if previous_failed or step is None else step
+            self._pending = None
+            latest = self.manager.latest_step()
+            kept = (f"the newest complete checkpoint is step {latest}, which is unchanged and restores as before"
+                    if latest is not None else "there is no complete checkpoint yet")
+            raise CheckpointSaveError(
+                f"saving checkpoint step {failed} to {self.directory} failed ({_root_cause(error)}); {kept}. "
+                "Free disk space or make the run directory writable, then run again to resume from it") from error
+
+    def wait(self) -> None:
+        self._guard_save(None, self.manager.wait_until_finished)
+        self._pending = None
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self.manager.close()
+
+    # ------------------------------------------------------------------ reading
     def has_opt_state(self, step: int) -> bool:
         return (self.directory / str(step) / "opt_state").is_dir()
+
+    def verify(self, step: int, items: tuple[str, ...]) -> None:
+        """Raises DamagedCheckpoint unless the step's commit marker and each item's metadata are present."""
+        step_dir = self.directory / str(step)
+        required = [step_dir / COMMIT_MARKER]
+        required += [step_dir / item / ("_METADATA" if item in ARRAY_ITEMS else "metadata") for item in items]
+        for path in required:
+            if not path.is_file():
+                raise DamagedCheckpoint(self.directory, step, f"{path} is missing (an interrupted or damaged save)")
+
+    def _read(self, step: int, items: tuple[str, ...], read):
+        """read() after verify(); any storage error becomes DamagedCheckpoint naming the step and file."""
+        self.verify(step, items)
+        try:
+            return read()
+        except CheckpointShapeError:
+            raise
+        except Exception as error:
+            raise DamagedCheckpoint(self.directory, step, _root_cause(error)) from error
 
     def restore(self, step: int, params_target, opt_state_target) -> tuple:
         """(params, opt_state or None, meta) of a saved step; targets are ShapeDtypeStructs with shardings.
 
         opt_state is None when the checkpoint has none (a converted or imported model).
         """
-        check_param_shapes(self.manager, step, params_target)
         items = {"params": ocp.args.StandardRestore(params_target), "meta": ocp.args.JsonRestore()}
         if self.has_opt_state(step):
             items["opt_state"] = ocp.args.StandardRestore(opt_state_target)
-        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+
+        def read():
+            check_param_shapes(self.manager, step, params_target)
+            return self.manager.restore(step, args=ocp.args.Composite(**items))
+
+        restored = self._read(step, tuple(items), read)
         return restored["params"], restored.get("opt_state"), restored["meta"]
 
     def restore_params(self, step: int | None, abstract_params, shardings=None):
@@ -77,25 +177,36 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no complete checkpoint in {self.directory}; train first or check the path")
-        check_param_shapes(self.manager, step, abstract_params)
+        if step not in self.all_steps():
+            raise FileNotFoundError(f"there is no checkpoint step {step} in {self.directory}; it has steps "
+                                    f"{self.all_steps()}")
         if shardings is None:  # whole arrays on one device, whatever mesh the run was saved from
             device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
             shardings = jax.tree_util.tree_map(lambda _: device, abstract_params)
         targets = jax.tree_util.tree_map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_params, shardings)
-        restored = self.manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(targets)))
-        return restored["params"], step
+
+        def read():
+            check_param_shapes(self.manager, step, abstract_params)
+            return self.manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(targets)))
+
+        return self._read(step, ("params",), read)["params"], step
 
     def read_meta(self, step: int) -> dict:
         """The step's JSON meta item: {'step', 'data': every process's data-iterator state}."""
-        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        return self._read(step, ("meta",), lambda: self.manager.restore(
+            step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())))["meta"]
 
-    def wait(self) -> None:
-        self.manager.wait_until_finished()
-
-    def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+    def move_aside(self, step: int, destination: Path) -> Path:
+        """Moves a (damaged) step directory into `destination` (never deletes it); returns its new path."""
+        destination.mkdir(parents=True, exist_ok=True)
+        target = destination / str(step)
+        suffix = 1
+        while target.exists():
+            target, suffix = destination / f"{step}.{suffix}", suffix + 1
+        shutil.move(str(self.directory / str(step)), str(target))
+        self.manager.reload()
+        return target
 
 
 def checkpoint_dir(path: str | Path) -> Path:

@@ -16,7 +16,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import logging
+import re
+import types
+import typing
 from pathlib import Path
 
 import gin
@@ -116,7 +120,8 @@ def _parse(files: list[str | Path], bindings: list[str]) -> None:
     """Parses files then bindings into gin's (cleared) global config; errors name the file or binding."""
     shipped = configs.config_dir()
     for file in files:
-        path = Path(file) if Path(file).exists() else shipped / file
+        file = Path(file).expanduser()
+        path = file if file.exists() else shipped / file
         if not path.exists():
             raise FileNotFoundError(f"gin config {file} does not exist (looked in the working directory and "
                                     f"in the shipped configs {shipped})")
@@ -129,8 +134,86 @@ def _parse(files: list[str | Path], bindings: list[str]) -> None:
         try:
             gin.parse_config(binding)
         except (ValueError, KeyError, SyntaxError, NameError) as error:
-            raise ValueError(f"in gin binding {binding!r}: {error}") from error
+            first_line = str(error).splitlines()[0].rstrip(".")
+            raise ValueError(f"in gin binding {binding!r}: {first_line}{_suggest(error)}") from error
     gin.finalize()
+
+
+def _suggest(error: Exception) -> str:
+    """'; did you mean ...' for gin's unknown-configurable and unknown-parameter errors."""
+    message = str(error)
+    unknown_parameter = re.search(r"Configurable '(\w+)' doesn't have a parameter named '(\w+)'", message)
+    if unknown_parameter and unknown_parameter.group(1) in _REGISTRY:
+        name, field = unknown_parameter.groups()
+        return _closest(field, _field_names(_REGISTRY[name][0]), prefix=f"{name}.")
+    unknown_configurable = re.search(r"No configurable matching '([\w.]+)'", message)
+    if unknown_configurable:
+        return _closest(unknown_configurable.group(1), sorted(_REGISTRY))
+    return ""
+
+
+def _closest(name: str, known: list[str], prefix: str = "") -> str:
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    if close:
+        return f"; did you mean {prefix}{close[0]}?"
+    return f"; known: {', '.join(prefix + k for k in known)}"
+
+
+def _field_names(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls) if f.init]
+
+
+_MACRO_BINDING = re.compile(r"^\s*([A-Za-z_]\w*)\s*=")
+_OPERATIVE_MACRO = re.compile(r"^([A-Za-z_]\w*) = ", re.MULTILINE)
+
+
+def _check_overrides_are_used(bindings, operative_text: str) -> None:
+    """A macro override (NAME = VALUE) that nothing in the config reads is a typo: say so and suggest."""
+    macros_section = operative_text.split("# Parameters for", 1)[0]
+    used = _OPERATIVE_MACRO.findall(macros_section)
+    for binding in bindings:
+        match = _MACRO_BINDING.match(binding)
+        if match and match.group(1) not in used and "\n" not in binding.strip():
+            raise ValueError(f"gin override {binding.strip()!r} sets macro {match.group(1)} but nothing in the "
+                             f"config reads it{_closest(match.group(1), used)}")
+
+
+# ------------------------------------------------------------------ types
+def _type_matches(value, annotation) -> bool:
+    """Whether a bound value fits a dataclass field's annotation (int for float is fine; bool is not int)."""
+    origin = typing.get_origin(annotation)
+    if annotation is typing.Any:
+        return True
+    if annotation is type(None) or annotation is None:
+        return value is None
+    if origin is typing.Literal:
+        return value in typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_matches(value, arg) for arg in typing.get_args(annotation))
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin is tuple or annotation is tuple:
+        return isinstance(value, (tuple, list))
+    if isinstance(annotation, type):
+        return isinstance(value, annotation)
+    return True  # an annotation this check does not model
+
+
+def _check_types(name: str, cls: type, bound: dict) -> None:
+    """Raises ValueError naming the binding, its value and the expected type for any mismatch."""
+    hints = typing.get_type_hints(cls)
+    for field, value in bound.items():
+        if field in hints and not _type_matches(value, hints[field]):
+            raise ValueError(f"gin binding {name}.{field} = {value!r} ({type(value).__name__}) must be "
+                             f"{_describe(hints[field])}; fix the config or the --gin override")
+
+
+def _describe(annotation) -> str:
+    if typing.get_origin(annotation) is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(annotation))
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
 
 
 @contextlib.contextmanager
@@ -147,6 +230,8 @@ def _gin_scope(files, bindings):
 def _build(name: str):
     """An instance of the plain dataclass registered as `name`, its fields from the parsed bindings."""
     cls, configurable = _REGISTRY[name]
+    # Types first: a value of the wrong type would otherwise fail inside validation or much later.
+    _check_types(name, cls, gin.get_bindings(name))
     built = configurable()
     # gin builds a subclass of its own; hand out the plain class so instances compare and pickle-free
     # serialise like directly constructed ones.
@@ -166,7 +251,9 @@ def from_gin(files=(), bindings=()) -> Experiment:
     """The experiment of gin files (paths, or names of shipped configs) and 'NAME = VALUE' bindings."""
     with _gin_scope(files, bindings):
         parts = {field: _build(name) for field, (name, _) in _EXPERIMENT_PARTS.items()}
-        return Experiment(**parts, gin_text=gin.operative_config_str())
+        text = gin.operative_config_str()
+    _check_overrides_are_used(bindings, text)
+    return Experiment(**parts, gin_text=text)
 
 
 def from_gin_text(text: str) -> Experiment:

@@ -7,6 +7,7 @@ generation and evaluation alike.
     RUN/provenance.json   where a converted or imported run came from
     RUN/tensorboard/      training events
     RUN/checkpoints/STEP/ params, opt_state, meta, config (glm_jax.checkpoint)
+    RUN/checkpoints_damaged/STEP/  steps that failed to restore, moved aside by training
 
 Paths are made absolute on entry, so relative run directories work everywhere
 (Orbax accepts only absolute paths).
@@ -21,7 +22,7 @@ from pathlib import Path
 import flax.linen as nn
 
 from glm_jax import experiment as experiment_lib
-from glm_jax.checkpoint import Checkpointer
+from glm_jax.checkpoint import Checkpointer, DamagedCheckpoint
 from glm_jax.data.tokenizer import Tokenizer
 from glm_jax.model import ModelConfig, abstract_params
 
@@ -39,7 +40,7 @@ class Run:
 
 class RunDir:
     def __init__(self, path: str | Path):
-        self.path = Path(path).absolute()
+        self.path = Path(path).expanduser().absolute()
 
     config_path = property(lambda self: self.path / "config.gin")
     tokenizer_path = property(lambda self: self.path / "tokenizer.model")
@@ -47,6 +48,7 @@ class RunDir:
     provenance_path = property(lambda self: self.path / "provenance.json")
     tensorboard_path = property(lambda self: self.path / "tensorboard")
     checkpoints_path = property(lambda self: self.path / "checkpoints")
+    damaged_checkpoints_path = property(lambda self: self.path / "checkpoints_damaged")
 
     def __repr__(self) -> str:
         return f"RunDir({str(self.path)!r})"
@@ -54,7 +56,7 @@ class RunDir:
     @classmethod
     def resolve(cls, path: str | Path) -> tuple["RunDir", int | None]:
         """A run directory, its checkpoints/ folder or one step folder (RUN/checkpoints/STEP) -> (run, step or None)."""
-        path = Path(path).absolute()
+        path = Path(path).expanduser().absolute()
         if (path / "config.gin").is_file():
             return cls(path), None
         if path.name == "checkpoints" and (path.parent / "config.gin").is_file():
@@ -101,10 +103,18 @@ class RunDir:
         return Checkpointer(self.checkpoints_path, keep=keep, async_save=async_save, read_only=read_only)
 
     def restore_params(self, model: ModelConfig, step: int | None = None, shardings=None) -> tuple[object, int]:
-        """(parameters, step) of the latest (or given) checkpoint, no optimizer state."""
+        """(parameters, step) of the latest (or given) checkpoint, no optimizer state.
+
+        A damaged step raises DamagedCheckpoint that names it and the earlier steps to use instead.
+        """
         checkpoints = self.checkpointer(read_only=True)
         try:
             return checkpoints.restore_params(step, nn.unbox(abstract_params(model)), shardings)
+        except DamagedCheckpoint as damaged:
+            earlier = [s for s in checkpoints.all_steps() if s < damaged.step]
+            hint = (f"use an earlier step: {earlier} (e.g. --step {earlier[-1]}, or "
+                    f"{self.checkpoints_path / str(earlier[-1])})" if earlier else "no earlier checkpoint exists")
+            raise DamagedCheckpoint(damaged.directory, damaged.step, f"{damaged.reason}; {hint}") from damaged
         finally:
             checkpoints.close()
 

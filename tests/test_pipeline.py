@@ -118,7 +118,7 @@ def test_jsonl_source_and_counted_skips(tmp_path):
                                                 + ["not json", json.dumps({"title": "no text"})]))
     (tmp_path / "b.jsonl").write_bytes(b"\xff\xfe\x00bad")
     stats = corpus.CorpusStats()
-    docs = list(corpus.read_documents(f"jsonl:{tmp_path}/*.jsonl", stats=stats))
+    docs = list(corpus.read_documents(f"jsonl:{tmp_path}/*.jsonl", stats=stats, skip_bad_input=True))
     assert len(docs) == 5 and stats.skipped_bad_json == 2 and stats.skipped_non_utf8 == 1
 
 

@@ -7,6 +7,7 @@ inputs (an Experiment from gin flags, a run directory) and calls the library.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 COMMANDS = {
@@ -32,4 +33,19 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"glm_jax: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
         return 2
-    return importlib.import_module(f"glm_jax.cli.{command}").main(rest)
+    try:
+        return importlib.import_module(f"glm_jax.cli.{command}").main(rest)
+    except _user_errors() as error:
+        if os.environ.get("GLM_JAX_TRACEBACK"):
+            raise
+        print(f"glm_jax {command}: {error}\n(set GLM_JAX_TRACEBACK=1 for the full traceback)", file=sys.stderr)
+        return 2
+
+
+def _user_errors() -> tuple[type, ...]:
+    """What a user's input can cause (bad config, path, checkpoint, data, disk): a message, not a traceback."""
+    from glm_jax.checkpoint import CheckpointSaveError, DamagedCheckpoint
+    from glm_jax.train.loop import TrainingDiverged
+
+    return (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError, DamagedCheckpoint,
+            CheckpointSaveError, TrainingDiverged)

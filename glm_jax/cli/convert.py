@@ -30,14 +30,10 @@ def parse_args(argv):
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    from glm_jax.convert.uptrain import DEFAULT_RECIPE, ConversionError, convert_run
+    from glm_jax.convert.uptrain import DEFAULT_RECIPE, convert_run
 
-    try:
-        provenance = convert_run(args.source, args.num_kv_heads, args.method, args.out, seed=args.seed,
-                                 alpha=args.alpha, recipe_file=args.recipe or DEFAULT_RECIPE)
-    except (ConversionError, FileNotFoundError, FileExistsError) as error:
-        print(f"glm_jax convert: {error}", file=sys.stderr)
-        return 2
+    provenance = convert_run(args.source, args.num_kv_heads, args.method, args.out, seed=args.seed,
+                             alpha=args.alpha, recipe_file=args.recipe or DEFAULT_RECIPE)
     print(json.dumps(provenance, indent=2))
     print(f"uptrain it with: ./launch.sh train {args.out}/config.gin", file=sys.stderr)
     return 0

@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import sysconfig
 import zlib
 from pathlib import Path
@@ -69,22 +70,33 @@ def source_files(source: str) -> list[Path]:
     return _expand(patterns)
 
 
-def read_documents(source: str, split: str = "blank_line", stats: CorpusStats | None = None
-                   ) -> Iterator[tuple[str, str]]:
-    """(document id, text) pairs of a source, in a stable order."""
+SKIP_HINT = "or set DataConfig.skip_bad_input = True to skip such input (it is counted and reported)"
+
+
+def read_documents(source: str, split: str = "blank_line", stats: CorpusStats | None = None,
+                   skip_bad_input: bool = False) -> Iterator[tuple[str, str]]:
+    """(document id, text) pairs of a source, in a stable order.
+
+    A non-UTF-8 file, a malformed jsonl line or a record without a string 'text' field
+    raises ValueError naming the file (and line) unless skip_bad_input, which counts
+    them in `stats` instead. The standard library's few non-UTF-8 files are always skipped.
+    """
     stats = stats if stats is not None else CorpusStats()
     kind = source.partition(":")[0]
     for path in source_files(source):
         stats.files += 1
         try:
             text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
+        except UnicodeDecodeError as error:
+            if not (skip_bad_input or kind == "stdlib"):
+                raise ValueError(f"{path} is not UTF-8 text ({error.reason} at byte {error.start}); convert it "
+                                 f"to UTF-8 or leave it out of the source, {SKIP_HINT}") from error
             stats.skipped_non_utf8 += 1
             continue
         if kind == "stdlib":
             parts = [(str(path.relative_to(stdlib_root())), text)]
         elif kind == "jsonl":
-            parts = list(_jsonl_documents(path, text, stats))
+            parts = list(_jsonl_documents(path, text, stats, skip_bad_input))
         elif split == "line":
             parts = [(f"{path}:{i}", line) for i, line in enumerate(text.splitlines())]
         elif split == "blank_line":
@@ -99,15 +111,30 @@ def read_documents(source: str, split: str = "blank_line", stats: CorpusStats | 
                 stats.skipped_empty += 1
 
 
-def _jsonl_documents(path: Path, text: str, stats: CorpusStats):
+def _jsonl_documents(path: Path, text: str, stats: CorpusStats, skip_bad_input: bool):
     for i, line in enumerate(text.splitlines()):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
-            yield f"{path}:{i}", str(record["text"])
-        except (json.JSONDecodeError, KeyError, TypeError):
+            problem = None
+        except json.JSONDecodeError as error:
+            record, problem = None, f"not valid JSON ({error.msg} at column {error.colno})"
+        if problem is None and not (isinstance(record, dict) and isinstance(record.get("text"), str)):
+            problem = "not a JSON object with a string 'text' field"
+        if problem is None:
+            yield f"{path}:{i}", record["text"]
+        elif skip_bad_input:
             stats.skipped_bad_json += 1
+        else:
+            raise ValueError(f"{path}:{i + 1}: {problem}; fix the line, {SKIP_HINT}")
+
+
+def report_skipped(source: str, stats: CorpusStats) -> None:
+    """One line on stderr when bad input was skipped (DataConfig.skip_bad_input)."""
+    if stats.skipped_bad_json or (stats.skipped_non_utf8 and not source.startswith("stdlib")):
+        print(f"data source {source!r}: skipped {stats.skipped_bad_json} malformed jsonl lines and "
+              f"{stats.skipped_non_utf8} non-UTF-8 files (DataConfig.skip_bad_input)", file=sys.stderr)
 
 
 def in_eval_split(doc_id: str, eval_fraction: float) -> bool:
@@ -141,24 +168,26 @@ class TokenizedCorpus:
 
 
 def tokenize_corpus(source: str, tokenizer: Tokenizer, *, split: str = "blank_line", eval_fraction: float = 0.02,
-                    cache_dir: str | Path = DEFAULT_CACHE) -> dict[str, TokenizedCorpus]:
+                    cache_dir: str | Path = DEFAULT_CACHE, skip_bad_input: bool = False) -> dict[str, TokenizedCorpus]:
     """{'train': ..., 'eval': ...}, tokenised once and cached under cache_dir."""
-    key = hashlib.sha256(f"{fingerprint(source, split)}|{eval_fraction}".encode()
+    key = hashlib.sha256(f"{fingerprint(source, split)}|{eval_fraction}{'|skip' if skip_bad_input else ''}".encode()
                          + tokenizer.model_proto).hexdigest()[:16]
-    directory = Path(cache_dir) / "tokens" / key
+    directory = Path(cache_dir).expanduser() / "tokens" / key
     if not (directory / "done.json").exists():
-        _build_cache(directory, source, split, eval_fraction, tokenizer)
+        _build_cache(directory, source, split, eval_fraction, tokenizer, skip_bad_input)
     stats = json.loads((directory / "done.json").read_text())
     return {name: TokenizedCorpus(np.load(directory / f"{name}_tokens.npy", mmap_mode="r"),
                                   np.load(directory / f"{name}_offsets.npy"), stats)
             for name in ("train", "eval")}
 
 
-def _build_cache(directory: Path, source: str, split: str, eval_fraction: float, tokenizer: Tokenizer):
+def _build_cache(directory: Path, source: str, split: str, eval_fraction: float, tokenizer: Tokenizer,
+                 skip_bad_input: bool):
     stats = CorpusStats()
     texts = {"train": [], "eval": []}
-    for doc_id, text in read_documents(source, split, stats):
+    for doc_id, text in read_documents(source, split, stats, skip_bad_input):
         texts["eval" if in_eval_split(doc_id, eval_fraction) else "train"].append(text)
+    report_skipped(source, stats)
     if not texts["train"]:
         raise ValueError(f"data source {source!r} has no training documents ({stats}); point it at "
                          "non-empty UTF-8 files")
@@ -179,13 +208,14 @@ def _build_cache(directory: Path, source: str, split: str, eval_fraction: float,
 
 
 def default_tokenizer(source: str, vocab_size: int, *, split: str = "blank_line", eval_fraction: float = 0.02,
-                      cache_dir: str | Path = DEFAULT_CACHE, max_chars: int = 8_000_000) -> Tokenizer:
+                      cache_dir: str | Path = DEFAULT_CACHE, max_chars: int = 8_000_000,
+                      skip_bad_input: bool = False) -> Tokenizer:
     """A tokenizer trained on (a stable sample of) the source's train split, cached."""
-    key = f"{fingerprint(source, split)}-{eval_fraction}-{vocab_size}"
-    path = Path(cache_dir) / "tokenizers" / f"{key}.model"
+    key = f"{fingerprint(source, split)}-{eval_fraction}-{vocab_size}{'-skip' if skip_bad_input else ''}"
+    path = Path(cache_dir).expanduser() / "tokenizers" / f"{key}.model"
     if path.exists():
         return Tokenizer.load(path)
-    train = [(doc_id, text) for doc_id, text in read_documents(source, split)
+    train = [(doc_id, text) for doc_id, text in read_documents(source, split, skip_bad_input=skip_bad_input)
              if not in_eval_split(doc_id, eval_fraction)]
     if not train:
         raise ValueError(f"data source {source!r} has no training documents to train a tokenizer on")

@@ -43,6 +43,8 @@ class DataConfig:
       the same global batches when the process count changes.
     tokenizer_path: a SentencePiece .model with the GLM specials; None trains one on
       the source (cached) with vocab_size pieces.
+    skip_bad_input: skip (and count) malformed jsonl lines and non-UTF-8 files instead
+      of stopping with the file and line.
     """
 
     source: str = "stdlib"
@@ -57,6 +59,7 @@ class DataConfig:
     window_fraction: float | None = None
     group_size: int = 64
     num_shards: int | None = None
+    skip_bad_input: bool = False
 
     def __post_init__(self):
         if self.seq_len < 16:
@@ -71,7 +74,8 @@ def load_tokenizer(config: DataConfig) -> Tokenizer:
     if config.tokenizer_path:
         return Tokenizer.load(config.tokenizer_path)
     return default_tokenizer(config.source, config.vocab_size, split=config.text_split,
-                             eval_fraction=config.eval_fraction, cache_dir=config.cache_dir)
+                             eval_fraction=config.eval_fraction, cache_dir=config.cache_dir,
+                             skip_bad_input=config.skip_bad_input)
 
 
 class GLMDataset:
@@ -90,7 +94,9 @@ class GLMDataset:
         self.max_window = int(fraction * config.seq_len) - 2  # room for [CLS] and <eos>
         self.windows = self._make_windows() if windows is None else windows  # shards of one split share them
         if len(self.windows) < shard_count:
-            raise ValueError(f"the corpus has {len(self.windows)} windows, fewer than {shard_count} data shards")
+            raise ValueError(f"the {corpus_name(config)} corpus has {len(self.windows)} windows of text, fewer than "
+                             f"its {shard_count} data shards; set DataConfig.num_shards to at most "
+                             f"{max(len(self.windows), 1)} (it must divide DataConfig.batch_size) or add text")
         self.counts = {"skipped_too_short": 0, "split_overflow": 0}
 
     def _make_windows(self) -> np.ndarray:
@@ -177,11 +183,18 @@ class BatchIterator:
         return batch
 
     def _next_row(self) -> dict:
+        empty_groups = 0
         while True:
             rows = self.dataset.group_rows(self.epoch, self.group)
             if self.row < len(rows):
                 self.row += 1
                 return rows[self.row - 1]
+            empty_groups = empty_groups + 1 if not rows else 0
+            if empty_groups > self.dataset.num_groups(self.epoch):  # a whole epoch without one example
+                raise ValueError(f"no document of the {corpus_name(self.dataset.config)} corpus makes a training "
+                                 f"example: every one is too short for the objective ({self.dataset.counts}); "
+                                 "use longer documents (e.g. DataConfig.text_split = 'blank_line' instead of "
+                                 "'line') or an objective with shorter spans")
             self.group, self.row = self.group + 1, 0
             if self.group >= self.dataset.num_groups(self.epoch):
                 self.epoch, self.group = self.epoch + 1, 0
@@ -196,6 +209,10 @@ class BatchIterator:
 
     def set_state(self, state: dict) -> None:
         self.epoch, self.group, self.row = (int(state[k]) for k in STATE_FIELDS)
+
+
+def corpus_name(config: DataConfig) -> str:
+    return repr(config.source)
 
 
 def _mix(seed: int, epoch: int) -> int:
@@ -256,7 +273,8 @@ def _split_corpus(config: DataConfig, tokenizer: Tokenizer, split: str) -> Token
     if split not in ("train", "eval"):
         raise ValueError(f"split {split!r} is unknown; use 'train' or 'eval'")
     corpora = tokenize_corpus(config.source, tokenizer, split=config.text_split,
-                              eval_fraction=config.eval_fraction, cache_dir=Path(config.cache_dir))
+                              eval_fraction=config.eval_fraction, cache_dir=Path(config.cache_dir),
+                              skip_bad_input=config.skip_bad_input)
     if corpora[split].num_documents == 0:
         raise ValueError(f"the {split} split of {config.source!r} is empty; raise DataConfig.eval_fraction "
                          "or add documents")

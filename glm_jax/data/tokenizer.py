@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import re
 import shutil
 from pathlib import Path
 from typing import Iterable
@@ -67,7 +68,7 @@ class Tokenizer:
     # ------------------------------------------------------------------ I/O
     @classmethod
     def load(cls, path: str | Path) -> "Tokenizer":
-        path = Path(path)
+        path = Path(path).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer model {path} does not exist; train one with "
                                     "train_tokenizer(...) or point to an existing .model file")
@@ -133,8 +134,12 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 8192, *, max_texts: 
             seed_sentencepiece_size=seed_sentencepiece_size, max_sentencepiece_length=16,
             num_threads=2, minloglevel=2)
     except RuntimeError as error:
+        most = re.search(r"value <= (\d+)", str(error))
+        if most:
+            raise ValueError(f"the corpus is too small for a vocabulary of {vocab_size} pieces: SentencePiece can "
+                             f"make at most {most.group(1)} from it; lower DataConfig.vocab_size to at most "
+                             f"{most.group(1)} (and ModelConfig.vocab_size with it if you like) or add text") from error
         raise ValueError(f"SentencePiece training with vocab_size={vocab_size} failed ({error}). "
                          "vocab_size must exceed the 256 byte-fallback pieces plus the specials and the "
-                         "corpus's characters, and a tiny corpus cannot fill a large one: adjust "
-                         "vocab_size") from error
+                         "corpus's characters: adjust DataConfig.vocab_size") from error
     return Tokenizer(model.getvalue(), source="<trained>")

@@ -28,6 +28,18 @@ class RunLogger:
         self.writer = SummaryWriter(str(run.tensorboard_path))
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
 
+    def __enter__(self) -> "RunLogger":
+        return self
+
+    def __exit__(self, error_type, error, traceback) -> None:
+        """On an error, closes the progress bar and event writer without masking the error (a full disk)."""
+        if error is not None and self.enabled:
+            self.bar.close()
+            try:
+                self.writer.close()
+            except OSError:
+                pass
+
     def log_step(self, step: int, metrics: dict) -> None:
         self.history.append({"step": step, **metrics})
         self.tokens_per_second.append(metrics["tokens_per_second"])

@@ -8,12 +8,14 @@ command line (glm_jax.cli.train).
 from __future__ import annotations
 
 import signal
+import sys
 import time
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from glm_jax.checkpoint import DamagedCheckpoint
 from glm_jax.data.pipeline import LocalBatches, load_tokenizer, make_batches
 from glm_jax.evaluation import eval_stream, evaluate, make_eval_step
 from glm_jax.experiment import Experiment
@@ -50,17 +52,18 @@ def train(experiment: Experiment) -> dict:
     batch_sharding = batch_shardings(mesh)
 
     checkpoints = run.checkpointer(keep=settings.keep_checkpoints)
-    latest = checkpoints.latest_step()
-    if latest is None:
+    restored = _restore_newest_intact(run, checkpoints, model, tx, shardings)
+    if restored is None:
         state, data_state = init_state(model, tx, jax.random.key(settings.seed), shardings), None
     else:
-        state, meta = restore_state(checkpoints, latest, model, tx, shardings)
+        state, meta = restored
         data_state = meta["data"][jax.process_index()]
     if int(state.step) >= settings.steps:
         checkpoints.close()
         print(f"{run.path} is already trained to step {int(state.step)} (train.steps = {settings.steps}); raise "
               "train.steps to continue it or choose another RUN_DIR", flush=True)
-        return {"final_train_loss": None, "losses": [], "checkpoint": str(checkpoints.directory / str(latest)),
+        return {"final_train_loss": None, "losses": [],
+                "checkpoint": str(checkpoints.directory / str(checkpoints.latest_step())),
                 "preempted": False}
     batches = make_batches(experiment.data, experiment.objective, "train", tokenizer=tokenizer, state=data_state)
     eval_data = eval_stream(experiment.data, experiment.objective, tokenizer)
@@ -71,41 +74,57 @@ def train(experiment: Experiment) -> dict:
                              in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
                              donate_argnums=0)
         eval_step = jax.jit(make_eval_step(model, rules), in_shardings=(shardings.params, batch_sharding))
-    logger = RunLogger(run, settings.steps, start_step=int(state.step), gin_config=experiment.gin_text,
-                       tokenizer=tokenizer)
     peak, peak_source = flops.peak_flops_per_device(jax.devices()[0])
-
-    last = {}
-    for step in range(int(state.step), settings.steps):
-        local = next(batches)
-        start = time.perf_counter()
-        with jax.set_mesh(mesh):
-            state, step_metrics = train_step(state, global_batch(local, batch_sharding))
-        last = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-        seconds = time.perf_counter() - start
-        if not np.isfinite(last["loss"]):
-            checkpoints.close()
-            raise TrainingDiverged(
-                f"loss is {last['loss']} at step {step + 1}; stopped without saving. The last good checkpoint "
-                f"is step {checkpoints.latest_step()} in {checkpoints.directory}; lower the learning rate or "
-                "raise grad clipping / z_loss and resume from it")
-        last.update(_throughput(model, local, seconds, peak))
-        logger.log_step(step + 1, last)
-
-        done = step + 1 == settings.steps or stop.agreed()
-        if (step + 1) % settings.checkpoint_every == 0 or done:
-            checkpoints.save(step + 1, state.params, state.opt_state, _all_data_states(batches), experiment.gin_text)
-        if (step + 1) % settings.eval_every == 0 or step + 1 == settings.steps:
+    with RunLogger(run, settings.steps, start_step=int(state.step), gin_config=experiment.gin_text,
+                   tokenizer=tokenizer) as logger:
+        last = {}
+        for step in range(int(state.step), settings.steps):
+            local = next(batches)
+            start = time.perf_counter()
             with jax.set_mesh(mesh):
-                scores = evaluate(eval_step, state.params, eval_data, settings.eval_batches,
-                                  to_device=lambda batch: global_batch(batch, batch_sharding))
-            logger.log_eval(step + 1, scores)
-        if done:
-            break
+                state, step_metrics = train_step(state, global_batch(local, batch_sharding))
+            last = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+            seconds = time.perf_counter() - start
+            if not np.isfinite(last["loss"]):
+                checkpoints.close()
+                raise TrainingDiverged(
+                    f"loss is {last['loss']} at step {step + 1}; stopped without saving. The last good checkpoint "
+                    f"is step {checkpoints.latest_step()} in {checkpoints.directory}; lower the learning rate or "
+                    "raise grad clipping / z_loss and resume from it")
+            last.update(_throughput(model, local, seconds, peak))
+            logger.log_step(step + 1, last)
 
-    checkpoints.close()
-    return logger.finish(last, peak_source, checkpoints.directory, checkpoints.latest_step(),
-                         preempted=stop.requested)
+            done = step + 1 == settings.steps or stop.agreed()
+            if (step + 1) % settings.checkpoint_every == 0 or done:
+                checkpoints.save(step + 1, state.params, state.opt_state, _all_data_states(batches),
+                                 experiment.gin_text)
+            if (step + 1) % settings.eval_every == 0 or step + 1 == settings.steps:
+                with jax.set_mesh(mesh):
+                    scores = evaluate(eval_step, state.params, eval_data, settings.eval_batches,
+                                      to_device=lambda batch: global_batch(batch, batch_sharding))
+                logger.log_eval(step + 1, scores)
+            if done:
+                break
+
+        checkpoints.close()
+        return logger.finish(last, peak_source, checkpoints.directory, checkpoints.latest_step(),
+                             preempted=stop.requested)
+
+
+def _restore_newest_intact(run: RunDir, checkpoints, model: ModelConfig, tx, shardings):
+    """(state, meta) of the newest checkpoint that restores, or None. Damaged steps are moved aside, loudly."""
+    for step in reversed(checkpoints.all_steps()):
+        try:
+            return restore_state(checkpoints, step, model, tx, shardings)
+        except DamagedCheckpoint as damaged:
+            if jax.process_index() == 0:
+                moved = checkpoints.move_aside(step, run.damaged_checkpoints_path)
+                print(f"WARNING: {damaged}. Moved it to {moved} (nothing is deleted); trying the checkpoint "
+                      "before it.", file=sys.stderr, flush=True)
+            if jax.process_count() > 1:
+                multihost_utils.sync_global_devices(f"moved damaged checkpoint {step}")
+                checkpoints.manager.reload()
+    return None
 
 
 def _check_vocabulary(model: ModelConfig, tokenizer_size: int) -> None:

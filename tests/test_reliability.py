@@ -1,0 +1,304 @@
+"""Everyday mistakes and faults give clear answers and lose nothing: damaged checkpoints, full disks,
+gin typos and wrong types, bad data lines, relative and ~ paths, and no noise a user cannot act on."""
+
+import errno
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import hypothesis
+import hypothesis.strategies as st
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from data_fixtures import write_text_corpus
+from glm_jax import cli
+from glm_jax import experiment as experiment_lib
+from glm_jax.checkpoint import CheckpointSaveError, DamagedCheckpoint
+from glm_jax.data import corpus
+from glm_jax.data.objectives import Objective
+from glm_jax.data.pipeline import DataConfig, make_batches
+from glm_jax.run_dir import RunDir, load_run
+from train_fixtures import REPO, TINY_BINDINGS, experiment, summary, train_in_process
+
+
+# ------------------------------------------------------------------ checkpoints
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A 4-step run with checkpoints at steps 2 and 4, and its own losses."""
+    tmp_path = tmp_path_factory.mktemp("reliability")
+    train_in_process(experiment(tmp_path, "run", 4, ["train.checkpoint_every = 2"]))
+    return tmp_path
+
+
+def _params(run_dir: Path, step: int):
+    run = RunDir(run_dir)
+    return run.restore_params(run.read_experiment().model, step)[0]
+
+
+def _truncate_an_array(step_dir: Path) -> str:
+    files = (step_dir / "params" / "ocdbt.process_0" / "d").iterdir()
+    data = max(files, key=lambda f: f.stat().st_size)  # the array data (the others are small index nodes)
+    data.write_bytes(data.read_bytes()[:10])
+    return "OUT_OF_RANGE"
+
+
+def _delete_metadata(step_dir: Path) -> str:
+    (step_dir / "params" / "_METADATA").unlink()
+    return "_METADATA is missing"
+
+
+def _delete_commit_marker(step_dir: Path) -> str:
+    (step_dir / ocp.path.atomicity_types.COMMIT_SUCCESS_FILE).unlink()
+    return "commit_success.txt is missing"
+
+
+@pytest.mark.parametrize("damage", [_truncate_an_array, _delete_metadata, _delete_commit_marker])
+def test_damaged_newest_checkpoint_is_moved_aside_and_training_resumes_from_the_previous(trained, tmp_path, damage,
+                                                                                          capfd):
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained / "run", run_dir)
+    expected_message = damage(run_dir / "checkpoints" / "4")
+    # Reading it (generate, evaluate, convert) names the step, the file and the earlier step to use.
+    with pytest.raises(DamagedCheckpoint, match=rf"step 4 .*{expected_message}.*use an earlier step: \[2\]"):
+        load_run(run_dir)
+    assert cli.main(["generate", f"--run_dir={run_dir}", "--prompt=alpha [MASK]"]) == 2
+    assert "checkpoint step 4" in capfd.readouterr().err
+    # Training moves it aside (never deletes it), says so, and resumes exactly from step 2.
+    bindings = experiment(trained, "run", 4, ["train.checkpoint_every = 2", f"RUN_DIR = '{run_dir}'"])
+    resumed = train_in_process(bindings)
+    err = capfd.readouterr().err
+    assert f"checkpoint step 4 in {run_dir / 'checkpoints'} is damaged" in err and "checkpoints_damaged" in err
+    assert (run_dir / "checkpoints_damaged" / "4").is_dir()
+    assert resumed["losses"] == summary(trained / "run")["losses"][2:]  # bitwise
+    jax.tree_util.tree_map(np.testing.assert_array_equal, _params(run_dir, 4), _params(trained / "run", 4))
+
+
+def _fill_after(step_to_fail: int, monkeypatch):
+    """Makes Orbax's save of `step_to_fail` fail as a full disk does."""
+    original = ocp.CheckpointManager.save
+
+    def save(self, step, *args, **kwargs):
+        if step == step_to_fail:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", save)
+
+
+def test_failed_save_says_what_failed_and_keeps_the_previous_checkpoint(trained, tmp_path, monkeypatch):
+    _fill_after(4, monkeypatch)
+    with pytest.raises(CheckpointSaveError, match=r"step 4 .*No space left on device.*newest complete checkpoint is "
+                                                  r"step 2, which is unchanged"):
+        train_in_process(experiment(trained, "full", 4, ["train.checkpoint_every = 2",
+                                                         f"RUN_DIR = '{tmp_path / 'full'}'"]))
+    jax.tree_util.tree_map(np.testing.assert_array_equal, _params(tmp_path / "full", 2), _params(trained / "run", 2))
+
+
+def _mount_tmpfs(directory: Path, size: str) -> bool:
+    directory.mkdir()
+    try:
+        return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(directory)],
+                              capture_output=True).returncode == 0
+    except FileNotFoundError:
+        return False
+
+
+def test_a_really_full_disk_keeps_the_previous_checkpoint(trained, tmp_path):
+    disk = tmp_path / "disk"
+    if not _mount_tmpfs(disk, "8m"):
+        pytest.skip("mounting a small tmpfs needs root")
+    try:
+        bindings = ["train.checkpoint_every = 2", f"RUN_DIR = '{disk / 'run'}'"]
+        train_in_process(experiment(trained, "onfull", 2, bindings))
+        before = _params(disk / "run", 2)
+        free = shutil.disk_usage(disk).free
+        (disk / "filler").write_bytes(b"\0" * (free - 64 * 1024))  # what another job on the disk might do
+        with pytest.raises(CheckpointSaveError, match=r"step 4 .*newest complete checkpoint is step 2, which is "
+                                                      r"unchanged"):
+            train_in_process(experiment(trained, "onfull", 4, bindings))
+        jax.tree_util.tree_map(np.testing.assert_array_equal, _params(disk / "run", 2), before)
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
+
+
+# ------------------------------------------------------------------ gin
+@pytest.mark.parametrize("binding,message", [
+    ("STEP = 50", "sets macro STEP but nothing in the config reads it; did you mean STEPS?"),
+    ("NO_SUCH = 1", "sets macro NO_SUCH but nothing in the config reads it; known: RUN_DIR, STEPS"),
+    ("train.stepz = 3", "doesn't have a parameter named 'stepz'; did you mean train.steps?"),
+    ("Modelconfig.hidden_size = 3", "No configurable matching 'Modelconfig'; did you mean ModelConfig?"),
+    ("STEPS = 'abc'", "train.steps = 'abc' (str) must be int"),
+    ("ModelConfig.norm = 3", "ModelConfig.norm = 3 (int) must be one of 'layernorm', 'rmsnorm'"),
+    ("MeshConfig.num_devices = 2.5", "MeshConfig.num_devices = 2.5 (float) must be int | None"),
+])
+def test_gin_overrides_are_checked(binding, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        experiment_lib.from_gin([REPO / "experiments/configs/glm_tiny_stdlib.gin"], [binding])
+
+
+def test_train_command_reports_a_typo_in_one_line(capsys):
+    code = cli.main(["train", f"--gin_file={REPO / 'experiments/configs/glm_tiny_stdlib.gin'}", "--gin.STEP=50"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("glm_jax train: gin override 'STEP = 50'") and "Traceback" not in err
+
+
+# ------------------------------------------------------------------ data
+def _jsonl(tmp_path: Path, lines: list[str]) -> str:
+    (tmp_path / "a.jsonl").write_text("\n".join(lines) + "\n")
+    return f"jsonl:{tmp_path}/*.jsonl"
+
+
+GOOD = json.dumps({"text": "alpha beta. gamma delta! " * 20})
+
+
+@pytest.mark.parametrize("bad,problem", [
+    ("not json", r"a.jsonl:3: not valid JSON"),
+    (json.dumps({"title": "no text"}), r"a.jsonl:3: not a JSON object with a string 'text' field"),
+    (json.dumps({"text": 5}), r"a.jsonl:3: not a JSON object with a string 'text' field"),
+])
+def test_bad_jsonl_lines_name_the_file_and_line(tmp_path, bad, problem):
+    source = _jsonl(tmp_path, [GOOD, GOOD, bad, GOOD])
+    with pytest.raises(ValueError, match=problem + r".*DataConfig.skip_bad_input"):
+        list(corpus.read_documents(source))
+
+
+def test_skipping_bad_input_counts_and_reports_it(tmp_path, capsys):
+    source = _jsonl(tmp_path, [GOOD] * 5 + ["not json", json.dumps({"title": "no text"})])
+    (tmp_path / "b.jsonl").write_bytes(b"\xff\xfe\x00bad")
+    stats = corpus.CorpusStats()
+    assert len(list(corpus.read_documents(source, stats=stats, skip_bad_input=True))) == 5
+    assert stats.skipped_bad_json == 2 and stats.skipped_non_utf8 == 1
+    corpus.report_skipped(source, stats)
+    assert "skipped 2 malformed jsonl lines and 1 non-UTF-8 files" in capsys.readouterr().err
+
+
+def test_undecodable_text_file_is_named(tmp_path):
+    (tmp_path / "good.txt").write_text("alpha beta gamma.")
+    (tmp_path / "latin.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin.txt is not UTF-8 text \(invalid continuation byte at byte 3\)"):
+        list(corpus.read_documents(f"text:{tmp_path}/*.txt"))
+
+
+def test_too_small_corpus_says_which_setting_to_lower_and_to_what(tmp_path):
+    (tmp_path / "t.txt").write_text("\n\n".join(["alpha beta gamma delta. epsilon zeta eta!"] * 20))
+    config = DataConfig(source=f"text:{tmp_path}/t.txt", cache_dir=str(tmp_path / "cache"), vocab_size=4000,
+                        seq_len=64, batch_size=4)
+    with pytest.raises(ValueError, match=r"lower DataConfig.vocab_size to at most \d+"):
+        make_batches(config, Objective(), process_index=0, process_count=1)
+    small_vocab = DataConfig(**{**config.__dict__, "vocab_size": 300, "num_shards": 4, "eval_fraction": 0.0,
+                                "text_split": "line"})
+    (tmp_path / "t.txt").write_text("alpha beta gamma delta.\nepsilon zeta eta theta!\n")
+    with pytest.raises(ValueError, match=r"set DataConfig.num_shards to at most 2"):
+        make_batches(small_vocab, Objective(), process_index=0, process_count=1)
+
+
+def test_documents_too_short_for_every_example_stop_with_a_message_instead_of_hanging(tmp_path):
+    from data_fixtures import small_tokenizer
+
+    (tmp_path / "t.txt").write_text("\n".join(["a."] * 300) + "\n")
+    tokenizer = small_tokenizer().save(tmp_path / "tok.model")
+    config = DataConfig(source=f"text:{tmp_path}/t.txt", cache_dir=str(tmp_path / "cache"), tokenizer_path=str(tokenizer),
+                        seq_len=64, batch_size=4, text_split="line", eval_fraction=0.0, group_size=8)
+    one_sentence_each = Objective(token=0.0, sentence=1.0)  # sentence infilling needs two sentences
+    batches = make_batches(config, one_sentence_each, process_index=0, process_count=1)
+    with pytest.raises(ValueError, match="every one is too short for the objective"):
+        next(batches)
+
+
+# ------------------------------------------------------------------ paths and noise
+def test_home_relative_paths_work(trained, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    shutil.copytree(trained / "run", tmp_path / "myrun")
+    run = load_run("~/myrun")
+    assert run.directory == tmp_path / "myrun" and run.step == 4
+    (tmp_path / "exp.gin").write_text("include 'base.gin'\nRUN_DIR = '~/r'\nSTEPS = 1\n")
+    assert experiment_lib.from_gin(["~/exp.gin"]).train.steps == 1
+
+
+def test_readme_commands_as_written_from_a_fresh_directory(trained, tmp_path):
+    """The README's train -> generate -> convert -> uptrain chain, typed with relative paths in a new directory
+    (a small corpus and model where the README's would be slow)."""
+    work = tmp_path / "fresh"
+    work.mkdir()
+    write_text_corpus(work, count=150)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    (work / "small.gin").write_text("\n".join(
+        TINY_BINDINGS + ["DataConfig.source = 'text:part*.txt'", "DataConfig.cache_dir = 'cache'", "DataConfig.num_shards = None",
+           "RUN_DIR = 'runs/mha'", "STEPS = 4", "ModelConfig.num_kv_heads = 4"]) + "\n")
+
+    def run(*argv):
+        result = subprocess.run([sys.executable, "-m", "glm_jax", *argv], cwd=work, env=env,
+                                capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result
+
+    run("train", "--gin_file=small.gin")
+    generated = run("generate", "--run_dir", "runs/mha", "--prompt", "alpha [MASK] gamma", "--max_new_tokens", "4")
+    assert generated.stdout.startswith("alpha ") and "Given directory is read only" not in generated.stderr
+    run("convert", "uptrain", "--from", "runs/mha", "--num_kv_heads", "1", "--method", "mean", "--out", "runs/mqa")
+    run("train", "--gin_file=runs/mqa/config.gin")
+    assert RunDir(work / "runs" / "mqa").summary()["losses"] and (work / "runs/mqa/checkpoints/1").is_dir()
+
+
+# ------------------------------------------------------------------ any input
+DOCUMENT = st.one_of(st.binary(max_size=300), st.text(max_size=400), st.just(""), st.just("x" * 30_000),
+                     st.text(alphabet="ab .\n", min_size=2000, max_size=6000))
+
+
+def _write_source(directory: Path, documents: list, kind: str) -> str:
+    for i, doc in enumerate(documents):
+        if kind == "jsonl" and isinstance(doc, str):
+            doc = json.dumps({"text": doc})
+        (directory / f"f{i}.{kind}").write_bytes(doc if isinstance(doc, bytes) else doc.encode())
+    return f"{kind}:{directory}/*.{kind}"
+
+
+@hypothesis.settings(max_examples=60, deadline=None,
+                     suppress_health_check=[hypothesis.HealthCheck.too_slow, hypothesis.HealthCheck.data_too_large])
+@hypothesis.given(documents=st.lists(DOCUMENT, min_size=1, max_size=4), kind=st.sampled_from(["text", "jsonl"]),
+                  mode=st.sampled_from(["token", "sentence", "document", "causal"]))
+def test_any_input_yields_valid_batches_or_a_value_error(documents, kind, mode):
+    """Random bytes, unicode, empty and huge documents through the readers, the tokenizer, every objective
+    and packing: valid batches that satisfy the mask rule, or a ValueError with a message. Nothing else."""
+    import tempfile
+
+    from data_fixtures import small_tokenizer
+    from glm_jax.kernels import masks
+
+    with tempfile.TemporaryDirectory() as directory:
+        directory = Path(directory)
+        source = _write_source(directory, documents, kind)
+        config = DataConfig(source=source, cache_dir=str(directory / "cache"), seq_len=128, batch_size=2,
+                            eval_fraction=0.0, group_size=4)
+        try:
+            batches = make_batches(config, Objective(**{m: float(m == mode) for m in ("token", "sentence",
+                                                                                      "document", "causal")}),
+                                   process_index=0, process_count=1, tokenizer=small_tokenizer())
+            batch = next(batches)
+        except ValueError as error:
+            assert str(error).strip()
+            return
+    segments, prefix = batch["segment_ids"], batch["prefix_mask"]
+    assert batch["tokens"].shape == (2, 128) and batch["tokens"].max() < small_tokenizer().vocab_size
+    rows = np.arange(128)
+    for b in range(2):
+        for s in np.unique(segments[b]):
+            where = np.flatnonzero(segments[b] == s)
+            assert (np.diff(where) == 1).all()  # contiguous segments
+            in_prefix = prefix[b, where]
+            sep = int(in_prefix.sum())
+            assert (in_prefix == (np.arange(len(where)) < sep)).all()  # the prefix opens its segment
+            positions = batch["positions"][b, 0, where]
+            assert positions[0] == 0 and (positions[:sep] == np.arange(sep)).all()  # positions restart
+            assert not (batch["loss_mask"][b, where] * in_prefix).any()  # no loss on Part A
+    expected = ((segments[:, :, None] == segments[:, None, :])
+                & ((rows[None, None, :] <= rows[None, :, None]) | prefix[:, None, :]))
+    np.testing.assert_array_equal(np.asarray(masks.dense_mask(segments, prefix)), expected)
+    assert expected.any(axis=-1).all()  # no empty row
