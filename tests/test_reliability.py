@@ -125,7 +125,7 @@ def test_a_really_full_disk_keeps_the_previous_checkpoint(trained, tmp_path):
             train_in_process(experiment(trained, "onfull", 4, bindings))
         jax.tree_util.tree_map(np.testing.assert_array_equal, _params(disk / "run", 2), before)
     finally:
-        subprocess.run(["umount", str(disk)], check=False)
+        subprocess.run(["umount", "--lazy", str(disk)], check=False)  # writer threads may still hold files
 
 
 # ------------------------------------------------------------------ gin
