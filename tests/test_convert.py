@@ -12,7 +12,7 @@ import pytest
 from glm_jax.convert.uptrain import ConversionError, convert_params, convert_run, pool_heads
 from glm_jax.model import GLM, ModelConfig, example_inputs, init_params
 from glm_jax.run_dir import RunDir, load_run
-from train_fixtures import REPO, experiment, subprocess_env, summary, train_in_process
+from train_fixtures import REPO, shared_run, subprocess_env, summary
 
 H = 4
 
@@ -119,9 +119,8 @@ def test_missing_checkpoint_says_what_to_do(tmp_path):
 
 @pytest.fixture(scope="module")
 def source_run(tmp_path_factory):
-    tmp_path = tmp_path_factory.mktemp("convert")
-    train_in_process(experiment(tmp_path, "mha", 4, ["ModelConfig.num_kv_heads = 4", "train.checkpoint_every = 4"]))
-    return tmp_path / "mha"
+    return shared_run(tmp_path_factory, "convert", 4, ["ModelConfig.num_kv_heads = 4",
+                                                       "train.checkpoint_every = 4"]) / "run"
 
 
 def test_disk_round_trip_then_uptraining(source_run, tmp_path, rng):

@@ -9,14 +9,12 @@ import pytest
 from glm_jax.evaluation import evaluate_run
 from glm_jax.infer.generate import Generator, fill_blanks
 from glm_jax.run_dir import load_run
-from train_fixtures import experiment, subprocess_env, summary, train_in_process
+from train_fixtures import shared_run, subprocess_env, summary
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    tmp_path = tmp_path_factory.mktemp("generate")
-    train_in_process(experiment(tmp_path, "run", 6, ["train.checkpoint_every = 6", "train.eval_batches = 2"]))
-    return tmp_path / "run"
+    return shared_run(tmp_path_factory, "generate", 6, ["train.checkpoint_every = 6", "train.eval_batches = 2"]) / "run"
 
 
 def test_generate_cli_fills_the_mask(run_dir):

@@ -1,5 +1,6 @@
 """Everyday mistakes and faults give clear answers and lose nothing: damaged checkpoints, full disks,
-gin typos and wrong types, bad data lines, relative and ~ paths, and no noise a user cannot act on."""
+gin typos and wrong types, bad data lines, relative and ~ paths, and no noise a user cannot act on.
+(A save killed half-way is tests/test_train.py::test_sigkill_after_checkpoint_resumes_bitwise_...)"""
 
 import errno
 import json
@@ -25,16 +26,14 @@ from glm_jax.data import corpus
 from glm_jax.data.objectives import Objective
 from glm_jax.data.pipeline import DataConfig, make_batches
 from glm_jax.run_dir import RunDir, load_run
-from train_fixtures import REPO, TINY_BINDINGS, experiment, summary, train_in_process
+from train_fixtures import REPO, TINY_BINDINGS, experiment, shared_run, summary, train_in_process
 
 
 # ------------------------------------------------------------------ checkpoints
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A 4-step run with checkpoints at steps 2 and 4, and its own losses."""
-    tmp_path = tmp_path_factory.mktemp("reliability")
-    train_in_process(experiment(tmp_path, "run", 4, ["train.checkpoint_every = 2"]))
-    return tmp_path
+    """A 4-step run with checkpoints at steps 2 and 4, and its own losses (read-only: tests copy it)."""
+    return shared_run(tmp_path_factory, "reliability", 4, ["train.checkpoint_every = 2"])
 
 
 def _params(run_dir: Path, step: int):
@@ -60,45 +59,29 @@ def _delete_commit_marker(step_dir: Path) -> str:
 
 
 @pytest.mark.parametrize("damage", [_truncate_an_array, _delete_metadata, _delete_commit_marker])
-def test_damaged_newest_checkpoint_is_moved_aside_and_training_resumes_from_the_previous(trained, tmp_path, damage,
-                                                                                          capfd):
+def test_a_damaged_checkpoint_is_named_with_its_file_and_the_earlier_one_still_restores(trained, tmp_path, damage):
     run_dir = tmp_path / "run"
     shutil.copytree(trained / "run", run_dir)
     expected_message = damage(run_dir / "checkpoints" / "4")
     # Reading it (generate, evaluate, convert) names the step, the file and the earlier step to use.
     with pytest.raises(DamagedCheckpoint, match=rf"step 4 .*{expected_message}.*use an earlier step: \[2\]"):
         load_run(run_dir)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, _params(run_dir, 2), _params(trained / "run", 2))
+
+
+def test_training_moves_a_damaged_checkpoint_aside_and_resumes_exactly_from_the_previous(trained, tmp_path, capfd):
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained / "run", run_dir)
+    _truncate_an_array(run_dir / "checkpoints" / "4")
     assert cli.main(["generate", f"--run_dir={run_dir}", "--prompt=alpha [MASK]"]) == 2
     assert "checkpoint step 4" in capfd.readouterr().err
     # Training moves it aside (never deletes it), says so, and resumes exactly from step 2.
-    bindings = experiment(trained, "run", 4, ["train.checkpoint_every = 2", f"RUN_DIR = '{run_dir}'"])
-    resumed = train_in_process(bindings)
+    resumed = train_in_process(experiment(trained, "run", 4, ["train.checkpoint_every = 2", f"RUN_DIR = '{run_dir}'"]))
     err = capfd.readouterr().err
     assert f"checkpoint step 4 in {run_dir / 'checkpoints'} is damaged" in err and "checkpoints_damaged" in err
     assert (run_dir / "checkpoints_damaged" / "4").is_dir()
     assert resumed["losses"] == summary(trained / "run")["losses"][2:]  # bitwise
     jax.tree_util.tree_map(np.testing.assert_array_equal, _params(run_dir, 4), _params(trained / "run", 4))
-
-
-def _fill_after(step_to_fail: int, monkeypatch):
-    """Makes Orbax's save of `step_to_fail` fail as a full disk does."""
-    original = ocp.CheckpointManager.save
-
-    def save(self, step, *args, **kwargs):
-        if step == step_to_fail:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return original(self, step, *args, **kwargs)
-
-    monkeypatch.setattr(ocp.CheckpointManager, "save", save)
-
-
-def test_failed_save_says_what_failed_and_keeps_the_previous_checkpoint(trained, tmp_path, monkeypatch):
-    _fill_after(4, monkeypatch)
-    with pytest.raises(CheckpointSaveError, match=r"step 4 .*No space left on device.*newest complete checkpoint is "
-                                                  r"step 2, which is unchanged"):
-        train_in_process(experiment(trained, "full", 4, ["train.checkpoint_every = 2",
-                                                         f"RUN_DIR = '{tmp_path / 'full'}'"]))
-    jax.tree_util.tree_map(np.testing.assert_array_equal, _params(tmp_path / "full", 2), _params(trained / "run", 2))
 
 
 def _mount_tmpfs(directory: Path, size: str) -> bool:
@@ -110,22 +93,37 @@ def _mount_tmpfs(directory: Path, size: str) -> bool:
         return False
 
 
-def test_a_really_full_disk_keeps_the_previous_checkpoint(trained, tmp_path):
+def _fail_saves_of(step_to_fail: int, monkeypatch):
+    """Makes Orbax's save of `step_to_fail` fail as a full disk does (where no small disk can be mounted)."""
+    original = ocp.CheckpointManager.save
+
+    def save(self, step, *args, **kwargs):
+        if step == step_to_fail:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", save)
+
+
+def test_a_full_disk_stops_the_run_and_keeps_the_previous_checkpoint(trained, tmp_path, monkeypatch):
+    """A real full disk (a small tmpfs, where this process may mount one), else an injected ENOSPC."""
     disk = tmp_path / "disk"
-    if not _mount_tmpfs(disk, "8m"):
-        pytest.skip("mounting a small tmpfs needs root")
+    mounted = _mount_tmpfs(disk, "8m")
     try:
-        bindings = ["train.checkpoint_every = 2", f"RUN_DIR = '{disk / 'run'}'"]
-        train_in_process(experiment(trained, "onfull", 2, bindings))
-        before = _params(disk / "run", 2)
-        free = shutil.disk_usage(disk).free
-        (disk / "filler").write_bytes(b"\0" * (free - 64 * 1024))  # what another job on the disk might do
-        with pytest.raises(CheckpointSaveError, match=r"step 4 .*newest complete checkpoint is step 2, which is "
-                                                      r"unchanged"):
-            train_in_process(experiment(trained, "onfull", 4, bindings))
-        jax.tree_util.tree_map(np.testing.assert_array_equal, _params(disk / "run", 2), before)
+        run_dir = disk / "run"
+        shutil.copytree(trained / "run", run_dir, ignore=shutil.ignore_patterns("4"))  # trained to step 2
+        if mounted:
+            free = shutil.disk_usage(disk).free
+            (disk / "filler").write_bytes(b"\0" * (free - 64 * 1024))  # what another job on the disk might do
+        else:
+            _fail_saves_of(4, monkeypatch)
+        with pytest.raises(CheckpointSaveError, match=r"step 4 .*(No space left on device|RESOURCE_EXHAUSTED).*"
+                                                      r"newest complete checkpoint is step 2, which is unchanged"):
+            train_in_process(experiment(trained, "run", 4, ["train.checkpoint_every = 2", f"RUN_DIR = '{run_dir}'"]))
+        jax.tree_util.tree_map(np.testing.assert_array_equal, _params(run_dir, 2), _params(trained / "run", 2))
     finally:
-        subprocess.run(["umount", "--lazy", str(disk)], check=False)  # writer threads may still hold files
+        if mounted:
+            subprocess.run(["umount", "--lazy", str(disk)], check=False)  # writer threads may still hold files
 
 
 # ------------------------------------------------------------------ gin

@@ -1,5 +1,6 @@
 """Helpers for training tests: a tiny experiment on a generated corpus, run in or out of process."""
 
+import fcntl
 import json
 import os
 import sys
@@ -30,6 +31,23 @@ def experiment(tmp_path: Path, run_name: str, steps: int, extra=()) -> list[str]
     return TINY_BINDINGS + [
         f"DataConfig.source = 'text:{corpus_dir}/*.txt'", f"DataConfig.cache_dir = '{tmp_path / 'cache'}'",
         f"RUN_DIR = '{tmp_path / run_name}'", f"STEPS = {steps}", *extra]
+
+
+def shared_run(tmp_path_factory, name: str, steps: int, extra=()) -> Path:
+    """A directory holding a trained tiny run `run` (and its corpus), trained once per test session.
+
+    pytest-xdist workers share it (the first trains it under a lock; the others wait), so a
+    module fixture costs one training however its tests are spread. Tests must not modify it.
+    """
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # the session's, shared by workers
+    directory = root / f"shared_{name}"
+    with open(root / f"shared_{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (directory / "run" / "summary.json").is_file():
+            directory.mkdir(exist_ok=True)
+            train_in_process(experiment(directory, "run", steps, extra))
+    return directory
 
 
 def train_in_process(bindings: list[str]) -> dict:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 
 
-def add_gin_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
-    parser.add_argument("--gin_file", action="append", default=[], required=required,
+def add_gin_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--gin_file", action="append", default=[], required=True,
                         help="gin config file (repeatable); shipped configs by name, e.g. models/glm_tiny.gin")
     parser.add_argument("--gin_param", action="append", default=[], help="gin binding 'NAME = VALUE' (repeatable)")
 
