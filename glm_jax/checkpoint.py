@@ -27,7 +27,7 @@ from pathlib import Path
 import jax
 import orbax.checkpoint as ocp
 
-COMMIT_MARKER = "commit_success.txt"  # Orbax writes it last, before the atomic rename
+COMMIT_MARKER = ocp.path.atomicity_types.COMMIT_SUCCESS_FILE  # Orbax writes it last, before the atomic rename
 ARRAY_ITEMS = ("params", "opt_state")  # item -> metadata file: _METADATA (arrays) or metadata (JSON)
 
 
@@ -89,6 +89,10 @@ class Checkpointer:
 
     def all_steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
+
+    def reload(self) -> None:
+        """Re-reads the step list (after another process changed the directory)."""
+        self.manager.reload()
 
     # ------------------------------------------------------------------ saving
     def save(self, step: int, params, opt_state, data_states: list, gin_config: str) -> None:
@@ -177,9 +181,9 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no complete checkpoint in {self.directory}; train first or check the path")
-        if step not in self.all_steps():
-            raise FileNotFoundError(f"there is no checkpoint step {step} in {self.directory}; it has steps "
-                                    f"{self.all_steps()}")
+        steps = self.all_steps()
+        if step not in steps:
+            raise FileNotFoundError(f"there is no checkpoint step {step} in {self.directory}; it has steps {steps}")
         if shardings is None:  # whole arrays on one device, whatever mesh the run was saved from
             device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
             shardings = jax.tree_util.tree_map(lambda _: device, abstract_params)
@@ -205,7 +209,7 @@ class Checkpointer:
         while target.exists():
             target, suffix = destination / f"{step}.{suffix}", suffix + 1
         shutil.move(str(self.directory / str(step)), str(target))
-        self.manager.reload()
+        self.reload()
         return target
 
 

@@ -173,7 +173,7 @@ def _check_overrides_are_used(bindings, operative_text: str) -> None:
     used = _OPERATIVE_MACRO.findall(macros_section)
     for binding in bindings:
         match = _MACRO_BINDING.match(binding)
-        if match and match.group(1) not in used and "\n" not in binding.strip():
+        if match and match.group(1) not in used:
             raise ValueError(f"gin override {binding.strip()!r} sets macro {match.group(1)} but nothing in the "
                              f"config reads it{_closest(match.group(1), used)}")
 
@@ -184,7 +184,7 @@ def _type_matches(value, annotation) -> bool:
     origin = typing.get_origin(annotation)
     if annotation is typing.Any:
         return True
-    if annotation is type(None) or annotation is None:
+    if annotation is type(None):
         return value is None
     if origin is typing.Literal:
         return value in typing.get_args(annotation)
@@ -248,17 +248,21 @@ def read(files, bindings, *names: str) -> tuple:
 
 
 def from_gin(files=(), bindings=()) -> Experiment:
-    """The experiment of gin files (paths, or names of shipped configs) and 'NAME = VALUE' bindings."""
-    with _gin_scope(files, bindings):
-        parts = {field: _build(name) for field, (name, _) in _EXPERIMENT_PARTS.items()}
-        text = gin.operative_config_str()
-    _check_overrides_are_used(bindings, text)
-    return Experiment(**parts, gin_text=text)
+    """The experiment of gin files (paths, or names of shipped configs) and 'NAME = VALUE' overrides."""
+    experiment = _experiment(files, bindings)
+    _check_overrides_are_used(bindings, experiment.gin_text)
+    return experiment
 
 
 def from_gin_text(text: str) -> Experiment:
     """The experiment of an operative config (a run directory's config.gin)."""
-    return from_gin([], [text])
+    return _experiment([], [text])
+
+
+def _experiment(files, bindings) -> Experiment:
+    with _gin_scope(files, bindings):
+        parts = {field: _build(name) for field, (name, _) in _EXPERIMENT_PARTS.items()}
+        return Experiment(**parts, gin_text=gin.operative_config_str())
 
 
 # ------------------------------------------------------------------ presets

@@ -66,9 +66,14 @@ def test_batch_schema_matches_what_the_pipeline_yields():
     examples = [objectives.blank_infill(np.arange(20, 60), rng, tokenizer.specials, "token") for _ in range(3)]
     rows = packing.pack(examples, 128, tokenizer.specials.pad)
     batch = batch_schema.stack_rows(rows)
-    assert set(batch) == set(batch_schema.NAMES)
-    for name, (shape, dtype) in batch_schema.batch_shapes(len(rows), 128).items():
-        assert batch[name].shape == shape and batch[name].dtype == dtype, name
+    # The batch contract of docs/design.md, written out independently of the schema.
+    contract = {"tokens": ((128,), np.int32), "targets": ((128,), np.int32), "loss_mask": ((128,), np.float32),
+                "positions": ((2, 128), np.int32), "segment_ids": ((128,), np.int32),
+                "prefix_mask": ((128,), np.bool_)}
+    assert set(batch) == set(batch_schema.NAMES) == set(contract)
+    for name, (row_shape, dtype) in contract.items():
+        assert batch[name].shape == (len(rows), *row_shape) and batch[name].dtype == dtype, name
+        assert batch_schema.batch_shapes(len(rows), 128)[name] == ((len(rows), *row_shape), dtype), name
     assert batch_schema.MODEL_INPUTS == ("tokens", "positions", "segment_ids", "prefix_mask")
     mesh = make_mesh(MeshConfig(2, 4, 1))
     abstract = abstract_batch(mesh, 8, 128)

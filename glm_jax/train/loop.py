@@ -123,7 +123,7 @@ def _restore_newest_intact(run: RunDir, checkpoints, model: ModelConfig, tx, sha
                       "before it.", file=sys.stderr, flush=True)
             if jax.process_count() > 1:
                 multihost_utils.sync_global_devices(f"moved damaged checkpoint {step}")
-                checkpoints.manager.reload()
+                checkpoints.reload()
     return None
 
 
