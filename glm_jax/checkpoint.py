@@ -25,7 +25,11 @@ import shutil
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from orbax.checkpoint.experimental.v1 import partial as partial_save
+
+from glm_jax.model.scan_layout import unscan_targets
 
 COMMIT_MARKER = ocp.path.atomicity_types.COMMIT_SUCCESS_FILE  # Orbax writes it last, before the atomic rename
 ARRAY_ITEMS = ("params", "opt_state")  # item -> metadata file: _METADATA (arrays) or metadata (JSON)
@@ -165,6 +169,8 @@ class Checkpointer:
 
         opt_state is None when the checkpoint has none (a converted or imported model).
         """
+        if self._saved_unscanned(step, params_target):  # an import: params only, one layer per entry
+            return self._restore_params_item(step, params_target), None, self.read_meta(step)
         items = {"params": ocp.args.StandardRestore(params_target), "meta": ocp.args.JsonRestore()}
         if self.has_opt_state(step):
             items["opt_state"] = ocp.args.StandardRestore(opt_state_target)
@@ -189,12 +195,27 @@ class Checkpointer:
             shardings = jax.tree_util.tree_map(lambda _: device, abstract_params)
         targets = jax.tree_util.tree_map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_params, shardings)
+        return self._restore_params_item(step, targets), step
+
+    def _saved_unscanned(self, step: int, targets) -> bool:
+        """Is the step saved with one entry per layer ('layers_0', ...) while targets stack them ('layers')?"""
+        if not isinstance(targets, dict) or "layers" not in targets:
+            return False
+        self.verify(step, ("params",))
+        saved = self.manager.item_metadata(step)["params"]
+        return "layers" not in saved and "layers_0" in saved
+
+    def _restore_params_item(self, step: int, targets):
+        """The params item restored into `targets`, whichever layer layout it was saved in."""
+        unscanned = self._saved_unscanned(step, targets)
+        read_targets = unscan_targets(targets) if unscanned else targets
 
         def read():
-            check_param_shapes(self.manager, step, abstract_params)
-            return self.manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(targets)))
+            check_param_shapes(self.manager, step, read_targets)
+            return self.manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(read_targets)))
 
-        return self._read(step, ("params",), read)["params"], step
+        params = self._read(step, ("params",), read)["params"]
+        return stack_layers(params, targets) if unscanned else params
 
     def read_meta(self, step: int) -> dict:
         """The step's JSON meta item: {'step', 'data': every process's data-iterator state}."""
@@ -211,6 +232,53 @@ class Checkpointer:
         shutil.move(str(self.directory / str(step)), str(target))
         self.reload()
         return target
+
+
+def stack_layers(params: dict, targets: dict) -> dict:
+    """{'layers_i': ...} -> {'layers': ...} placed as `targets` says, one parameter at a time (the
+    per-layer arrays of a parameter are freed as soon as it is stacked)."""
+    num_layers = jax.tree_util.tree_leaves(targets["layers"])[0].shape[0]
+    per_layer = [params.pop(f"layers_{i}") for i in range(num_layers)]
+    flat = [jax.tree_util.tree_flatten(layer)[0] for layer in per_layer]
+    flat_targets, treedef = jax.tree_util.tree_flatten(targets["layers"])
+    stacked = []
+    for j, target in enumerate(flat_targets):
+        parts = [leaves[j] for leaves in flat]
+        stacked.append(jax.jit(lambda *xs: jnp.stack(xs), out_shardings=target.sharding)(*parts))
+        for leaves in flat:
+            leaves[j] = None  # drop our reference so the layer's array can be freed
+        del parts
+    params["layers"] = jax.tree_util.tree_unflatten(treedef, stacked)
+    return params
+
+
+def write_streamed(directory: str | Path, step: int, param_groups, data_states: list, gin_config: str) -> Path:
+    """Writes checkpoint `step` of a checkpoints/ directory one group of parameters at a time.
+
+    param_groups yields disjoint parameter subtrees (an import: everything outside the layers,
+    then one layer at a time); each is written by an Orbax partial save and dropped, so memory
+    holds one group, never the model. The step is assembled beside `directory` and renamed
+    into place when complete: an interrupted write leaves no step behind. Restores like any
+    other step (an unscanned params item is stacked on restore).
+    """
+    directory = Path(directory).expanduser().absolute()
+    final = directory / str(step)
+    if final.exists():
+        raise FileExistsError(f"checkpoint step {step} already exists in {directory}")
+    build = directory.parent / f"{directory.name}_{step}_streaming"
+    shutil.rmtree(build, ignore_errors=True)
+    for partial in (p for p in build.parent.glob(build.name + "*") if p != build):
+        shutil.rmtree(partial, ignore_errors=True)  # leftovers of an interrupted partial save
+    for group in param_groups:
+        partial_save.save(build, group)
+    partial_save.finalize(build)
+    (build / "state").rename(build / "params")  # partial saves name their item 'state'
+    for name, item in (("meta", {"step": int(step), "data": data_states}), ("config", {"gin": gin_config})):
+        (build / name).mkdir()
+        ocp.JsonCheckpointHandler().save(build / name, args=ocp.args.JsonSave(item))
+    directory.mkdir(parents=True, exist_ok=True)
+    build.rename(final)
+    return final
 
 
 def checkpoint_dir(path: str | Path) -> Path:

@@ -53,6 +53,12 @@ class TrainSettings:
     z_loss: float = 0.0
 
     def __post_init__(self):
+        if not isinstance(self.steps, int) or self.steps < 0:
+            raise ValueError(f"train.steps (STEPS) is {self.steps!r}; it must be a whole number >= 0")
+        for name in ("checkpoint_every", "keep_checkpoints", "eval_every", "eval_batches"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"train.{name} is {value!r}; it must be a whole number >= 1")
         if self.sharding not in RULES:
             raise ValueError(f"train.sharding {self.sharding!r} is unknown; choose one of {sorted(RULES)}")
 

@@ -2,7 +2,8 @@
 generation and evaluation alike.
 
     RUN/config.gin        the operative gin config (glm_jax.experiment reads it back)
-    RUN/tokenizer.model   the SentencePiece model with the GLM specials
+    RUN/tokenizer.model   the SentencePiece model with the GLM specials (trained here), or
+    RUN/tokenizer.json    an imported checkpoint's Hugging Face tokenizer (+ tokenizer_config.json)
     RUN/summary.json      the last training session's summary
     RUN/provenance.json   where a converted or imported run came from
     RUN/tensorboard/      training events
@@ -23,7 +24,7 @@ import flax.linen as nn
 
 from glm_jax import experiment as experiment_lib
 from glm_jax.checkpoint import Checkpointer, DamagedCheckpoint
-from glm_jax.data.tokenizer import Tokenizer
+from glm_jax.data.tokenizer import Tokenizer, load_tokenizer_file
 from glm_jax.model import ModelConfig, abstract_params
 
 
@@ -43,7 +44,7 @@ class RunDir:
         self.path = Path(path).expanduser().absolute()
 
     config_path = property(lambda self: self.path / "config.gin")
-    tokenizer_path = property(lambda self: self.path / "tokenizer.model")
+    hf_tokenizer_path = property(lambda self: self.path / "tokenizer.json")
     summary_path = property(lambda self: self.path / "summary.json")
     provenance_path = property(lambda self: self.path / "provenance.json")
     tensorboard_path = property(lambda self: self.path / "tensorboard")
@@ -77,12 +78,16 @@ class RunDir:
                                     "training or conversion (it holds config.gin, tokenizer.model and checkpoints/)")
         return experiment_lib.from_gin([self.config_path])
 
+    @property
+    def tokenizer_path(self) -> Path:
+        """tokenizer.json (an imported tokenizer) if the run has one, else tokenizer.model."""
+        return self.hf_tokenizer_path if self.hf_tokenizer_path.is_file() else self.path / "tokenizer.model"
+
     def write_tokenizer(self, tokenizer: Tokenizer) -> None:
-        self.path.mkdir(parents=True, exist_ok=True)
-        tokenizer.save(self.tokenizer_path)
+        tokenizer.save_into(self.path)
 
     def tokenizer(self) -> Tokenizer:
-        return Tokenizer.load(self.tokenizer_path)
+        return load_tokenizer_file(self.tokenizer_path)
 
     def write_summary(self, summary: dict) -> None:
         self.summary_path.write_text(json.dumps(summary, indent=2))

@@ -1,8 +1,13 @@
-"""glm_jax convert uptrain --from RUN_OR_CKPT --num_kv_heads G --method mean|first|random --out NEW_RUN
+"""glm_jax convert uptrain | import-hf | export-hf
 
-Converts an MHA (or GQA) checkpoint to G key/value heads and writes a run
-directory that `./launch.sh train NEW_RUN/config.gin` uptrains (see
-glm_jax/convert/uptrain.py and glm_jax/configs/uptrain_gqa.gin).
+  uptrain --from RUN_OR_CKPT --num_kv_heads G --method mean|first|random --out NEW_RUN
+      converts an MHA (or GQA) checkpoint to G key/value heads and writes a run directory
+      that `./launch.sh train NEW_RUN/config.gin` uptrains (glm_jax/convert/uptrain.py).
+  import-hf --from HF_DIR --out RUN [--dtype bfloat16|float32|float16] [--force]
+      a Hugging Face / THUDM GLM checkpoint (config.json, safetensors, tokenizer.json) ->
+      a run directory that generate, train, evaluate and uptrain accept (glm_jax/convert/hf.py).
+  export-hf --from RUN_OR_CKPT --out HF_DIR [--layout glm|glm4|chatglm|chatglm6b] [--max_shard_size 5GB]
+      a run's checkpoint -> config.json + sharded safetensors that transformers loads.
 """
 
 from __future__ import annotations
@@ -25,11 +30,43 @@ def parse_args(argv):
                          help="uptraining steps as a fraction of the source's (default: the recipe's 0.05)")
     uptrain.add_argument("--recipe", default=None, help="recipe gin file (default: the shipped uptrain_gqa.gin)")
     uptrain.add_argument("--seed", type=int, default=0, help="initialiser seed of --method random")
+
+    imports = commands.add_parser("import-hf", help="Hugging Face / THUDM checkpoint -> run directory")
+    imports.add_argument("--from", dest="source", required=True, help="checkpoint directory (config.json, "
+                         "model.safetensors or sharded model-*.safetensors + index, tokenizer.json)")
+    imports.add_argument("--out", required=True, help="new run directory")
+    imports.add_argument("--dtype", choices=("bfloat16", "float32", "float16"), default=None,
+                         help="parameter dtype (default: the checkpoint's own)")
+    imports.add_argument("--force", action="store_true", help="replace --out if it already holds something")
+    imports.add_argument("--no_hashes", action="store_true",
+                         help="skip the sha256 of the source files in provenance.json (saves one read)")
+
+    exports = commands.add_parser("export-hf", help="run directory -> Hugging Face checkpoint")
+    exports.add_argument("--from", dest="source", required=True,
+                         help="run directory, its checkpoints/ folder, or RUN/checkpoints/STEP")
+    exports.add_argument("--out", required=True, help="new checkpoint directory")
+    exports.add_argument("--layout", default=None, choices=("glm", "glm4", "chatglm", "chatglm6b"),
+                         help="default: the layout the run was imported from, else glm (glm4 for sandwich norms)")
+    exports.add_argument("--max_shard_size", default="5GB", help="largest safetensors file, e.g. 5GB, 500MB")
+    exports.add_argument("--force", action="store_true", help="replace --out if it already holds something")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
+    if args.command == "import-hf":
+        from glm_jax.convert.hf import import_hf
+
+        provenance = import_hf(args.source, args.out, args.dtype, args.force, hash_files=not args.no_hashes)
+        print(json.dumps({k: v for k, v in provenance.items() if k != "source_config"}, indent=2))
+        print(f"generate with: python -m glm_jax generate --run_dir {args.out} --mode causal --prompt ...",
+              file=sys.stderr)
+        return 0
+    if args.command == "export-hf":
+        from glm_jax.convert.hf import export_hf
+
+        print(json.dumps(export_hf(args.source, args.out, args.layout, args.max_shard_size, args.force), indent=2))
+        return 0
     from glm_jax.convert.uptrain import DEFAULT_RECIPE, convert_run
 
     provenance = convert_run(args.source, args.num_kv_heads, args.method, args.out, seed=args.seed,

@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import math
-import shutil
 from pathlib import Path
 
 import flax.linen as nn
@@ -157,9 +156,11 @@ def convert_run(source: str | Path, num_kv_heads: int, method: str, out: str | P
                  f"OptimizerConfig.learning_rate = {learning_rate!r}",
                  f"OptimizerConfig.warmup_fraction = {recipe.warmup_fraction!r}",
                  "OptimizerConfig.warmup_steps = None"]
+    target_run.write_tokenizer(source_run.tokenizer())
+    if source.data.tokenizer_path:  # an imported run's own tokenizer: use the copy in the new run
+        overrides.append(f"DataConfig.tokenizer_path = '{target_run.tokenizer_path}'")
     gin_text = source_run.config_path.read_text().rstrip("\n") + "\n\n" + "\n".join(overrides) + "\n"
     target_run.write_config(gin_text)
-    shutil.copyfile(source_run.tokenizer_path, target_run.tokenizer_path)
     checkpoints = target_run.checkpointer(keep=None, async_save=False)
     checkpoints.save(0, params, None, source_run.read_meta(step)["data"], gin_text)
     checkpoints.close()

@@ -171,7 +171,7 @@ def tokenize_corpus(source: str, tokenizer: Tokenizer, *, split: str = "blank_li
                     cache_dir: str | Path = DEFAULT_CACHE, skip_bad_input: bool = False) -> dict[str, TokenizedCorpus]:
     """{'train': ..., 'eval': ...}, tokenised once and cached under cache_dir."""
     key = hashlib.sha256(f"{fingerprint(source, split)}|{eval_fraction}{'|skip' if skip_bad_input else ''}".encode()
-                         + tokenizer.model_proto).hexdigest()[:16]
+                         + tokenizer.fingerprint).hexdigest()[:16]
     directory = Path(cache_dir).expanduser() / "tokens" / key
     if not (directory / "done.json").exists():
         _build_cache(directory, source, split, eval_fraction, tokenizer, skip_bad_input)

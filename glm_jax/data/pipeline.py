@@ -25,7 +25,7 @@ from glm_jax.data import batch as batch_schema
 from glm_jax.data import packing
 from glm_jax.data.corpus import DEFAULT_CACHE, TokenizedCorpus, default_tokenizer, tokenize_corpus
 from glm_jax.data.objectives import DocumentTooShort, Objective
-from glm_jax.data.tokenizer import Tokenizer
+from glm_jax.data.tokenizer import Tokenizer, load_tokenizer_file
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +72,7 @@ class DataConfig:
 
 def load_tokenizer(config: DataConfig) -> Tokenizer:
     if config.tokenizer_path:
-        return Tokenizer.load(config.tokenizer_path)
+        return load_tokenizer_file(config.tokenizer_path)
     return default_tokenizer(config.source, config.vocab_size, split=config.text_split,
                              eval_fraction=config.eval_fraction, cache_dir=config.cache_dir,
                              skip_bad_input=config.skip_bad_input)
@@ -125,7 +125,7 @@ class GLMDataset:
         d, start, end = self.windows[window_id]
         doc = self.corpus.document(d)
         tail = [self.specials.eos] if end == len(doc) else []
-        return np.concatenate([[self.specials.cls], doc[start:end], tail]).astype(np.int32)
+        return np.concatenate([self.tokenizer.prefix, doc[start:end], tail]).astype(np.int32)
 
     def examples(self, epoch: int, window_id: int) -> list[dict]:
         """The corrupted example(s) of one window, a pure function of (seed, epoch, window)."""

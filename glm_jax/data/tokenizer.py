@@ -33,21 +33,25 @@ SENTENCE_END_CHARS = tuple(".?!;:。？！；…\n")
 
 @dataclasses.dataclass(frozen=True)
 class SpecialTokens:
-    """Integer ids of GLM's special tokens (the objectives and decoder use only these)."""
+    """Integer ids of GLM's special tokens (the objectives and decoder use only these).
+
+    Tokenizers trained here have all of them; an imported tokenizer may lack [CLS],
+    [MASK], [sMASK] or [dBLOCK] (None).
+    """
 
     pad: int
     eos: int
-    cls: int
-    mask: int
-    smask: int
+    cls: int | None
+    mask: int | None
+    smask: int | None
     gmask: int
     sop: int
     eop: int
-    dblock: int
+    dblock: int | None
 
     @property
     def all_ids(self) -> tuple[int, ...]:
-        return tuple(dataclasses.astuple(self))
+        return tuple(i for i in dataclasses.astuple(self) if i is not None)
 
 
 class Tokenizer:
@@ -74,6 +78,10 @@ class Tokenizer:
                                     "train_tokenizer(...) or point to an existing .model file")
         return cls(path.read_bytes(), source=str(path))
 
+    def save_into(self, directory: str | Path) -> None:
+        """Writes tokenizer.model into a directory (a run directory)."""
+        self.save(Path(directory) / "tokenizer.model")
+
     def save(self, path: str | Path) -> Path:
         """Writes the .model file (e.g. into a run directory)."""
         path = Path(path)
@@ -83,10 +91,20 @@ class Tokenizer:
         shutil.move(tmp, path)  # atomic: a crash never leaves a half-written model
         return path
 
+    @property
+    def fingerprint(self) -> bytes:
+        """Bytes that change whenever tokenisation could (the tokenised-corpus cache key)."""
+        return self.model_proto
+
     # ------------------------------------------------------------- encoding
     @property
     def vocab_size(self) -> int:
         return self.sp.get_piece_size()
+
+    @property
+    def prefix(self) -> tuple[int, ...]:
+        """Tokens every document and prompt starts with."""
+        return (self.specials.cls,)
 
     def encode(self, text: str) -> np.ndarray:
         return np.asarray(self.sp.encode(text), np.int32)
@@ -116,6 +134,16 @@ class Tokenizer:
             table[i] = any(c in piece for c in SENTENCE_END_CHARS)
         table[list(self.specials.all_ids)] = False
         return table
+
+
+def load_tokenizer_file(path: str | Path):
+    """A tokenizer from its file: SentencePiece `.model` (glm_jax's own) or Hugging Face `tokenizer.json`."""
+    path = Path(path).expanduser()
+    if path.suffix == ".json":
+        from glm_jax.data.hf_tokenizer import HFTokenizer
+
+        return HFTokenizer.load(path)
+    return Tokenizer.load(path)
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 8192, *, max_texts: int = 20000,

@@ -211,7 +211,7 @@ def fill_blanks(generator: Generator, tokenizer: Tokenizer, prompts: list[str], 
     specials = tokenizer.specials
     encoded = []
     for text in prompts:
-        ids = np.concatenate([[specials.cls], tokenizer.encode(text)]).astype(np.int32)
+        ids = np.concatenate([tokenizer.prefix, tokenizer.encode(text)]).astype(np.int32)
         if not np.isin(ids, prompt_lib.mask_ids(specials)).any():
             ids = np.concatenate([ids, [specials.gmask]]).astype(np.int32)
         encoded.append(ids)
@@ -220,7 +220,7 @@ def fill_blanks(generator: Generator, tokenizer: Tokenizer, prompts: list[str], 
     texts = []
     for row, ids in enumerate(encoded):
         spans = prompt_lib.split_spans(out["tokens"][row, :out["num_tokens"][row]], specials)
-        filled = prompt_lib.fill_in(ids[1:], spans, specials)  # drop [CLS]
+        filled = prompt_lib.fill_in(ids[len(tokenizer.prefix):], spans, specials)  # drop the prefix
         texts.append(tokenizer.decode(filled[filled != specials.gmask]))
     return texts
 
@@ -229,7 +229,7 @@ def continue_text(generator: Generator, tokenizer: Tokenizer, prompts: list[str]
                   sampling: SamplingConfig = SamplingConfig(), seed: int = 0, length_bucket: int = 64) -> list[str]:
     """Causal generation (ChatGLM2 / GLM-4 style): the text generated after each prompt."""
     specials = tokenizer.specials
-    encoded = [np.concatenate([[specials.cls], tokenizer.encode(t)]).astype(np.int32) for t in prompts]
+    encoded = [np.concatenate([tokenizer.prefix, tokenizer.encode(t)]).astype(np.int32) for t in prompts]
     batch = prompt_lib.make_prompt_batch(encoded, specials, "causal", length_bucket)
     out = generator.generate(batch, "causal", max_new_tokens, sampling, seed)
     texts = []

@@ -27,8 +27,8 @@ def bucket_length(n: int, bucket: int) -> int:
     return max(bucket, math.ceil(n / bucket) * bucket)
 
 
-def mask_ids(specials: SpecialTokens) -> tuple[int, int, int]:
-    return specials.mask, specials.smask, specials.gmask
+def mask_ids(specials: SpecialTokens) -> tuple[int, ...]:
+    return tuple(i for i in (specials.mask, specials.smask, specials.gmask) if i is not None)
 
 
 def make_prompt_batch(prompts: list[np.ndarray], specials: SpecialTokens, mode: str,

@@ -31,3 +31,24 @@ def scan_params(params: dict, num_layers: int) -> dict:
     out = {k: v for k, v in params.items() if not k.startswith("layers_")}
     out["layers"] = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *(params[f"layers_{i}"] for i in range(num_layers)))
     return out
+
+
+def unscan_targets(targets: dict) -> dict:
+    """Restore targets (ShapeDtypeStructs with shardings) of a scanned tree -> the unscanned tree's.
+
+    Each layer's target drops the leading layer axis from its shape and, for a named
+    sharding, from its partition spec.
+    """
+    num_layers = jax.tree_util.tree_leaves(targets["layers"])[0].shape[0]
+    per_layer = jax.tree_util.tree_map(
+        lambda t: jax.ShapeDtypeStruct(t.shape[1:], t.dtype, sharding=_drop_leading_axis(t.sharding)),
+        targets["layers"])
+    out = {k: v for k, v in targets.items() if k != "layers"}
+    out.update({f"layers_{i}": per_layer for i in range(num_layers)})
+    return out
+
+
+def _drop_leading_axis(sharding):
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*sharding.spec[1:]))
+    return sharding

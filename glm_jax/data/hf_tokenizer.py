@@ -1,0 +1,125 @@
+"""A Hugging Face `tokenizer.json` (GLM-4's byte-level BPE) behind glm_jax's tokenizer interface.
+
+Imported checkpoints keep their own tokenizer: the files are copied into the run
+directory and read with the `tokenizers` library. Special-token ids come from
+the tokenizer's own table (never assumed); [gMASK], <sop>, <eop> and the end of
+text are required, [MASK] / [sMASK] / [CLS] / [dBLOCK] are used when present.
+Documents and prompts start with [gMASK]<sop> (ChatGLM2 / GLM-4's prefix) when
+the vocabulary has no [CLS].
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+from glm_jax.data.tokenizer import SENTENCE_END_CHARS, SpecialTokens
+
+# The files of a tokenizer directory that travel with it (tokenizer.json is required).
+FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+REQUIRED = {"gmask": "[gMASK]", "sop": "<sop>", "eop": "<eop>"}
+OPTIONAL = {"mask": "[MASK]", "smask": "[sMASK]", "cls": "[CLS]", "dblock": "[dBLOCK]"}
+DEFAULT_EOS = "<|endoftext|>"
+
+
+class HFTokenizer:
+    """tokenizer.json (+ tokenizer_config.json for the eos / pad tokens) with the GLM specials."""
+
+    def __init__(self, path: str | Path):
+        import tokenizers  # an optional dependency: only imported runs need it
+
+        self.path = Path(path).expanduser()
+        if not self.path.is_file():
+            raise FileNotFoundError(f"tokenizer file {self.path} does not exist")
+        self.json_bytes = self.path.read_bytes()
+        self.tokenizer = tokenizers.Tokenizer.from_str(self.json_bytes.decode("utf-8"))
+        settings = _read_json(self.path.parent / "tokenizer_config.json")
+        self.specials = self._specials(settings)
+        self.sentence_end = self._sentence_end_table()
+
+    @classmethod
+    def load(cls, path: str | Path) -> "HFTokenizer":
+        return cls(path)
+
+    def _id(self, token: str) -> int | None:
+        return self.tokenizer.token_to_id(token)
+
+    def _specials(self, settings: dict) -> SpecialTokens:
+        eos_token = _token_text(settings.get("eos_token")) or DEFAULT_EOS
+        pad_token = _token_text(settings.get("pad_token")) or eos_token
+        ids = {name: self._id(token) for name, token in {**REQUIRED, "eos": eos_token}.items()}
+        missing = [token for (name, token) in {**REQUIRED, "eos": eos_token}.items() if ids[name] is None]
+        if missing:
+            raise ValueError(f"tokenizer {self.path} lacks the special tokens {missing} that GLM generation and "
+                             "training need ([gMASK], <sop>, <eop> and the end-of-text token named by "
+                             "tokenizer_config.json's eos_token); is this a GLM tokenizer?")
+        ids.update({name: self._id(token) for name, token in OPTIONAL.items()})
+        ids["pad"] = self._id(pad_token) if self._id(pad_token) is not None else ids["eos"]
+        return SpecialTokens(**ids)
+
+    # ------------------------------------------------------------------ I/O
+    def save_into(self, directory: str | Path) -> None:
+        """Copies the tokenizer files into a directory (a run directory)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        for name in FILES:
+            source = self.path.parent / name if name != "tokenizer.json" else self.path
+            if source.is_file() and source.resolve() != (directory / name).resolve():
+                tmp = directory / f"{name}.tmp"
+                shutil.copyfile(source, tmp)
+                tmp.replace(directory / name)
+
+    @property
+    def fingerprint(self) -> bytes:
+        """Bytes that change whenever tokenisation could (the tokenised-corpus cache key)."""
+        return hashlib.sha256(self.json_bytes).digest()
+
+    # ------------------------------------------------------------- encoding
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def prefix(self) -> tuple[int, ...]:
+        """Tokens every document and prompt starts with: [CLS] if the vocabulary has it, else [gMASK] <sop>."""
+        if self.specials.cls is not None:
+            return (self.specials.cls,)
+        return (self.specials.gmask, self.specials.sop)
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.asarray(self.tokenizer.encode(text, add_special_tokens=False).ids, np.int32)
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        encodings = self.tokenizer.encode_batch(texts, add_special_tokens=False)
+        return [np.asarray(e.ids, np.int32) for e in encodings]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def id_to_piece(self, i: int) -> str:
+        return self.tokenizer.id_to_token(int(i))
+
+    def _sentence_end_table(self) -> np.ndarray:
+        """bool[vocab]: does this token's text end a sentence (punctuation or newline)?"""
+        table = np.zeros(self.vocab_size, bool)
+        texts = self.tokenizer.decode_batch([[i] for i in range(self.vocab_size)], skip_special_tokens=False)
+        for i, text in enumerate(texts):
+            table[i] = any(c in text for c in SENTENCE_END_CHARS)
+        table[list(self.specials.all_ids)] = False
+        return table
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _token_text(value) -> str | None:
+    """tokenizer_config.json writes a special token as a string or as {'content': ...}."""
+    if isinstance(value, dict):
+        return value.get("content")
+    return value
