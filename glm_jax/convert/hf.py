@@ -71,7 +71,7 @@ class SafetensorsReader:
                     self._info[name] = (tuple(view.get_shape()), view.get_dtype())
 
     def _open(self, file: str):
-        from safetensors import safe_open  # an optional dependency: only interop needs it
+        from safetensors import safe_open  # imported lazily: only interop needs it
 
         return safe_open(str(self.directory / file), framework="numpy")
 

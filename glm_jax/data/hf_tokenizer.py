@@ -31,7 +31,7 @@ class HFTokenizer:
     """tokenizer.json (+ tokenizer_config.json for the eos / pad tokens) with the GLM specials."""
 
     def __init__(self, path: str | Path):
-        import tokenizers  # an optional dependency: only imported runs need it
+        import tokenizers  # imported lazily: only imported runs need it
 
         self.path = Path(path).expanduser()
         if not self.path.is_file():
