@@ -25,11 +25,10 @@ import shutil
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from orbax.checkpoint.experimental.v1 import partial as partial_save
 
-from glm_jax.model.scan_layout import unscan_targets
+from glm_jax.model.scan_layout import scan_params, unscan_targets
 
 COMMIT_MARKER = ocp.path.atomicity_types.COMMIT_SUCCESS_FILE  # Orbax writes it last, before the atomic rename
 ARRAY_ITEMS = ("params", "opt_state")  # item -> metadata file: _METADATA (arrays) or metadata (JSON)
@@ -170,7 +169,7 @@ class Checkpointer:
         opt_state is None when the checkpoint has none (a converted or imported model).
         """
         if self._saved_unscanned(step, params_target):  # an import: params only, one layer per entry
-            return self._restore_params_item(step, params_target), None, self.read_meta(step)
+            return self._restore_params_item(step, params_target, unscanned=True), None, self.read_meta(step)
         items = {"params": ocp.args.StandardRestore(params_target), "meta": ocp.args.JsonRestore()}
         if self.has_opt_state(step):
             items["opt_state"] = ocp.args.StandardRestore(opt_state_target)
@@ -205,9 +204,9 @@ class Checkpointer:
         saved = self.manager.item_metadata(step)["params"]
         return "layers" not in saved and "layers_0" in saved
 
-    def _restore_params_item(self, step: int, targets):
+    def _restore_params_item(self, step: int, targets, unscanned: bool | None = None):
         """The params item restored into `targets`, whichever layer layout it was saved in."""
-        unscanned = self._saved_unscanned(step, targets)
+        unscanned = self._saved_unscanned(step, targets) if unscanned is None else unscanned
         read_targets = unscan_targets(targets) if unscanned else targets
 
         def read():
@@ -215,7 +214,11 @@ class Checkpointer:
             return self.manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(read_targets)))
 
         params = self._read(step, ("params",), read)["params"]
-        return stack_layers(params, targets) if unscanned else params
+        if not unscanned:
+            return params
+        shardings = jax.tree_util.tree_map(lambda t: t.sharding, targets["layers"])
+        num_layers = jax.tree_util.tree_leaves(targets["layers"])[0].shape[0]
+        return scan_params(params, num_layers, shardings)
 
     def read_meta(self, step: int) -> dict:
         """The step's JSON meta item: {'step', 'data': every process's data-iterator state}."""
@@ -232,24 +235,6 @@ class Checkpointer:
         shutil.move(str(self.directory / str(step)), str(target))
         self.reload()
         return target
-
-
-def stack_layers(params: dict, targets: dict) -> dict:
-    """{'layers_i': ...} -> {'layers': ...} placed as `targets` says, one parameter at a time (the
-    per-layer arrays of a parameter are freed as soon as it is stacked)."""
-    num_layers = jax.tree_util.tree_leaves(targets["layers"])[0].shape[0]
-    per_layer = [params.pop(f"layers_{i}") for i in range(num_layers)]
-    flat = [jax.tree_util.tree_flatten(layer)[0] for layer in per_layer]
-    flat_targets, treedef = jax.tree_util.tree_flatten(targets["layers"])
-    stacked = []
-    for j, target in enumerate(flat_targets):
-        parts = [leaves[j] for leaves in flat]
-        stacked.append(jax.jit(lambda *xs: jnp.stack(xs), out_shardings=target.sharding)(*parts))
-        for leaves in flat:
-            leaves[j] = None  # drop our reference so the layer's array can be freed
-        del parts
-    params["layers"] = jax.tree_util.tree_unflatten(treedef, stacked)
-    return params
 
 
 def write_streamed(directory: str | Path, step: int, param_groups, data_states: list, gin_config: str) -> Path:

@@ -81,6 +81,14 @@ def _rows(kernel):  # [E, heads, D] -> torch Linear rows [heads * D, E]
     return kernel.reshape(kernel.shape[0], -1).T
 
 
+def _per_head_fused(attention: dict, part: str, heads: int):
+    """THUDM's per-head fused QKV: for each head h the rows [q_h | k_h | v_h] (weights [.., E] or biases)."""
+    q, k, v = (attention[n][part] for n in ("query", "key", "value"))
+    if part == "bias":
+        return np.concatenate([np.concatenate([q[h], k[h], v[h]]) for h in range(heads)])
+    return np.concatenate([np.concatenate([q[:, h].T, k[:, h].T, v[:, h].T]) for h in range(heads)])
+
+
 def chatglm2_checkpoint(model: ModelConfig, params: dict) -> tuple[dict, dict]:
     """(config.json, tensors) as THUDM's ChatGLM2/3 modeling_chatglm.py names and fuses them.
 
@@ -103,14 +111,11 @@ def chatglm2_checkpoint(model: ModelConfig, params: dict) -> tuple[dict, dict]:
     for i in range(model.num_layers):
         layer, prefix = params[f"layers_{i}"], f"transformer.encoder.layers.{i}."
         a = layer["attention"]
-        q, k, v = (a[n]["kernel"] for n in ("query", "key", "value"))
-        qb, kb, vb = (a[n]["bias"] for n in ("query", "key", "value"))
         if multi_query:
-            weight = np.concatenate([_rows(q), _rows(k), _rows(v)])
-            bias = np.concatenate([qb.reshape(-1), kb.reshape(-1), vb.reshape(-1)])
+            weight = np.concatenate([_rows(a[n]["kernel"]) for n in ("query", "key", "value")])
+            bias = np.concatenate([a[n]["bias"].reshape(-1) for n in ("query", "key", "value")])
         else:
-            weight = np.concatenate([np.concatenate([q[:, h].T, k[:, h].T, v[:, h].T]) for h in range(H)])
-            bias = np.concatenate([np.concatenate([qb[h], kb[h], vb[h]]) for h in range(H)])
+            weight, bias = _per_head_fused(a, "kernel", H), _per_head_fused(a, "bias", H)
         wi = layer["mlp"]["wi"]["kernel"]  # [E, 2, F]
         tensors.update({
             prefix + "input_layernorm.weight": layer["input_norm"]["scale"],
@@ -138,15 +143,11 @@ def chatglm6b_checkpoint(model: ModelConfig, params: dict) -> tuple[dict, dict]:
     for i in range(model.num_layers):
         layer, prefix = params[f"layers_{i}"], f"transformer.layers.{i}."
         a = layer["attention"]
-        q, k, v = (a[n]["kernel"] for n in ("query", "key", "value"))
-        qb, kb, vb = (a[n]["bias"] for n in ("query", "key", "value"))
         tensors.update({
             prefix + "input_layernorm.weight": layer["input_norm"]["scale"],
             prefix + "input_layernorm.bias": layer["input_norm"]["bias"],
-            prefix + "attention.query_key_value.weight":
-                np.concatenate([np.concatenate([q[:, h].T, k[:, h].T, v[:, h].T]) for h in range(H)]),
-            prefix + "attention.query_key_value.bias":
-                np.concatenate([np.concatenate([qb[h], kb[h], vb[h]]) for h in range(H)]),
+            prefix + "attention.query_key_value.weight": _per_head_fused(a, "kernel", H),
+            prefix + "attention.query_key_value.bias": _per_head_fused(a, "bias", H),
             prefix + "attention.dense.weight": a["out"]["kernel"].reshape(H * D, E).T,
             prefix + "attention.dense.bias": a["out"]["bias"],
             prefix + "post_attention_layernorm.weight": layer["post_attention_norm"]["scale"],

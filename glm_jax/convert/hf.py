@@ -23,9 +23,11 @@ import os
 import shutil
 from pathlib import Path
 
+import flax.linen as nn
 import jax
 import ml_dtypes
 import numpy as np
+from safetensors import safe_open
 
 from glm_jax.checkpoint import write_streamed
 from glm_jax.convert import hf_layouts
@@ -71,12 +73,7 @@ class SafetensorsReader:
                     self._info[name] = (tuple(view.get_shape()), view.get_dtype())
 
     def _open(self, file: str):
-        from safetensors import safe_open  # imported lazily: only interop needs it
-
         return safe_open(str(self.directory / file), framework="numpy")
-
-    def close(self) -> None:
-        pass
 
     def __contains__(self, name: str) -> bool:
         return name in self.files
@@ -106,8 +103,6 @@ def _tensor_files(directory: Path) -> dict[str, str]:
                                         f"{len(set(weight_map.values()))} shards are absent: finish the download")
         return dict(weight_map)
     if (directory / SINGLE_FILE).is_file():
-        from safetensors import safe_open
-
         with safe_open(str(directory / SINGLE_FILE), framework="numpy") as handle:
             return {name: SINGLE_FILE for name in handle.keys()}
     pickles = sorted(p.name for pattern in PICKLE_PATTERNS for p in directory.glob(pattern))
@@ -133,8 +128,6 @@ def read_source_config(directory: Path) -> dict:
 
 def unscanned_shapes(model: ModelConfig) -> dict[tuple[str, ...], jax.ShapeDtypeStruct]:
     """glm_jax parameter path -> abstract array, in the unscanned layout the rules use."""
-    import flax.linen as nn
-
     tree = nn.unbox(abstract_params(model.replace(scan_layers=False)))
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
     return {tuple(k.key for k in path): leaf for path, leaf in flat}
@@ -214,42 +207,40 @@ def import_hf(source: str | Path, out: str | Path, dtype: str | None = None, for
     config = read_source_config(source)
     layout = hf_layouts.detect(config)
     reader = SafetensorsReader(source)
-    try:
-        stored = reader.dtype(layout.global_rules(layout.model_config(config))[0].sources[0])
-        param_dtype = dtype or SAFETENSORS_DTYPES.get(stored, "float32")
-        if param_dtype not in DTYPES:
-            raise ValueError(f"--dtype {param_dtype!r} is not one of {sorted(DTYPES)}")
-        model = layout.model_config(config).replace(param_dtype=param_dtype)
-        check_source(reader, layout, model)
-        tokenizer = _source_tokenizer(source)
-        if tokenizer.vocab_size > model.vocab_size:
-            raise CheckpointFormatError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's embedding "
-                                        f"only {model.vocab_size} rows; the tokenizer belongs to another model")
-        target = RunDir(out)
-        _check_output(target, force)
+    model = layout.model_config(config)
+    stored = SAFETENSORS_DTYPES.get(reader.dtype(layout.global_rules(model)[0].sources[0]), "float32")
+    param_dtype = dtype or stored
+    if param_dtype not in DTYPES:
+        raise ValueError(f"--dtype {param_dtype!r} is not one of {sorted(DTYPES)}")
+    model = model.replace(param_dtype=param_dtype)
+    check_source(reader, layout, model)
+    tokenizer = _source_tokenizer(source)
+    if tokenizer.vocab_size > model.vocab_size:
+        raise CheckpointFormatError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's embedding "
+                                    f"only {model.vocab_size} rows; the tokenizer belongs to another model")
+    target = RunDir(out)
+    _check_output(target, force)
 
-        build = RunDir(target.path.with_name(target.path.name + ".importing"))
-        shutil.rmtree(build.path, ignore_errors=True)
-        gin_text = "\n".join([
-            f"# glm_jax convert import-hf from {source} ({layout.description}); see provenance.json.",
-            "# Fine-tune or continue pretraining with ./launch.sh train RUN/config.gin --gin.STEPS=N.",
-            "include 'base.gin'", "include 'objectives/causal.gin'",
-            f"RUN_DIR = '{target.path}'", "STEPS = 0",
-            *model_gin(model),
-            f"DataConfig.tokenizer_path = '{target.path / 'tokenizer.json'}'",
-            "OptimizerConfig.learning_rate = 1e-05", ""])
-        build.write_config(gin_text)
-        tokenizer.save_into(build.path)
-        write_streamed(build.checkpoints_path, 0, _converted_groups(reader, layout, model), [None], gin_text)
-        provenance = {
-            "imported_from": str(source), "layout": layout.name, "layout_description": layout.description,
-            "dtype": param_dtype, "source_config": config,
-            "source_files": (_file_hashes(source, set(reader.files.values()) | {"config.json"})
-                             if hash_files else None),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-        build.write_provenance(provenance)
-    finally:
-        reader.close()
+    build = RunDir(target.path.with_name(target.path.name + ".importing"))
+    shutil.rmtree(build.path, ignore_errors=True)
+    gin_text = "\n".join([
+        f"# glm_jax convert import-hf from {source} ({layout.description}); see provenance.json.",
+        "# Fine-tune or continue pretraining with ./launch.sh train RUN/config.gin --gin.STEPS=N.",
+        "include 'base.gin'", "include 'objectives/causal.gin'",
+        f"RUN_DIR = '{target.path}'", "STEPS = 0",
+        *model_gin(model),
+        f"DataConfig.tokenizer_path = '{target.path / 'tokenizer.json'}'",
+        "OptimizerConfig.learning_rate = 1e-05", ""])
+    build.write_config(gin_text)
+    tokenizer.save_into(build.path)
+    write_streamed(build.checkpoints_path, 0, _converted_groups(reader, layout, model), [None], gin_text)
+    provenance = {
+        "imported_from": str(source), "layout": layout.name, "layout_description": layout.description,
+        "dtype": param_dtype, "source_config": config,
+        "source_files": (_file_hashes(source, set(reader.files.values()) | {"config.json"})
+                         if hash_files else None),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    build.write_provenance(provenance)
     _replace_directory(build.path, target.path)
     return provenance
 
@@ -331,7 +322,7 @@ def export_hf(source: str | Path, out: str | Path, layout_name: str | None = Non
     tokenizer.save_into(build)
     _replace_directory(build, target)
     return {"run": str(run.path), "step": int(step), "layout": layout.name, "out": str(target),
-            "files": shards, "num_tensors": sum(len(g) for g in layout.rule_groups(model))}
+            "files": shards, "num_tensors": sum(len(r.sources) for g in layout.rule_groups(model) for r in g)}
 
 
 def _exported_tensors(params: dict, layout: Layout, model: ModelConfig):

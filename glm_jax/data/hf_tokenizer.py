@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Iterable
 
 import numpy as np
+import tokenizers
 
 from glm_jax.data.tokenizer import SENTENCE_END_CHARS, SpecialTokens
 
@@ -31,8 +32,6 @@ class HFTokenizer:
     """tokenizer.json (+ tokenizer_config.json for the eos / pad tokens) with the GLM specials."""
 
     def __init__(self, path: str | Path):
-        import tokenizers  # imported lazily: only imported runs need it
-
         self.path = Path(path).expanduser()
         if not self.path.is_file():
             raise FileNotFoundError(f"tokenizer file {self.path} does not exist")
@@ -52,14 +51,16 @@ class HFTokenizer:
     def _specials(self, settings: dict) -> SpecialTokens:
         eos_token = _token_text(settings.get("eos_token")) or DEFAULT_EOS
         pad_token = _token_text(settings.get("pad_token")) or eos_token
-        ids = {name: self._id(token) for name, token in {**REQUIRED, "eos": eos_token}.items()}
-        missing = [token for (name, token) in {**REQUIRED, "eos": eos_token}.items() if ids[name] is None]
+        required = {**REQUIRED, "eos": eos_token}
+        ids = {name: self._id(token) for name, token in required.items()}
+        missing = [token for name, token in required.items() if ids[name] is None]
         if missing:
             raise ValueError(f"tokenizer {self.path} lacks the special tokens {missing} that GLM generation and "
                              "training need ([gMASK], <sop>, <eop> and the end-of-text token named by "
                              "tokenizer_config.json's eos_token); is this a GLM tokenizer?")
         ids.update({name: self._id(token) for name, token in OPTIONAL.items()})
-        ids["pad"] = self._id(pad_token) if self._id(pad_token) is not None else ids["eos"]
+        pad = self._id(pad_token)
+        ids["pad"] = ids["eos"] if pad is None else pad
         return SpecialTokens(**ids)
 
     # ------------------------------------------------------------------ I/O

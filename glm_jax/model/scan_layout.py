@@ -24,13 +24,34 @@ def unscan_params(params: dict, num_layers: int) -> dict:
     return out
 
 
-def scan_params(params: dict, num_layers: int) -> dict:
-    """{'layers_i': ...} -> {'layers': stacked along a new leading axis}; inverse of unscan_params."""
+def scan_params(params: dict, num_layers: int, shardings=None) -> dict:
+    """{'layers_i': ...} -> {'layers': stacked along a new leading axis}; inverse of unscan_params.
+
+    The 'layers_i' entries are popped from `params` and each parameter's per-layer arrays are
+    dropped as soon as it is stacked, so a model restored layer by layer is never held twice.
+    shardings: the stacked tree's shardings (e.g. of a restore target), one per parameter.
+    """
     if "layers_0" not in params:
         return params
+    per_layer = [params.pop(f"layers_{i}") for i in range(num_layers)]
+    treedef = jax.tree_util.tree_structure(per_layer[0])
+    flat = [jax.tree_util.tree_leaves(layer) for layer in per_layer]
+    del per_layer
+    placements = jax.tree_util.tree_leaves(shardings) if shardings is not None else [None] * len(flat[0])
+    stacked = []
+    for j, sharding in enumerate(placements):
+        parts = [leaves[j] for leaves in flat]
+        for leaves in flat:
+            leaves[j] = None
+        stacked.append(jax.jit(_stack, out_shardings=sharding)(*parts))
+        del parts
     out = {k: v for k, v in params.items() if not k.startswith("layers_")}
-    out["layers"] = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *(params[f"layers_{i}"] for i in range(num_layers)))
+    out["layers"] = jax.tree_util.tree_unflatten(treedef, stacked)
     return out
+
+
+def _stack(*layers):
+    return jnp.stack(layers)
 
 
 def unscan_targets(targets: dict) -> dict:
