@@ -7,7 +7,9 @@ Writes a synthetic checkpoint in the layout of transformers GlmForCausalLM with
 GLM-4-9B's real shapes (vocab 151552, hidden 4096, 40 layers, 32 query / 2 KV heads
 of 128, SwiGLU 13696; random bf16, about 19 GB in 10 shards + index, the
 released glm-4-9b-hf's shard layout), then, side by side in one run:
-  read     the time to read every safetensors file once (the floor of any import);
+  read     the time to read every safetensors file once (the floor the issue's target uses);
+  copy     the time to copy every file once (read + write: the I/O floor of any import on a
+           disk that writes slower than it reads, as this machine's does: ~250 MB/s);
   import   `glm_jax convert import-hf` in a fresh process (VmHWM of that process
            is the peak resident memory; its baseline after importing jax is reported too).
 The target is import <= 2x read and peak RSS well under the checkpoint's size.
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -113,6 +116,16 @@ def read_once(directory: Path) -> float:
     return time.perf_counter() - start
 
 
+def copy_once(directory: Path, scratch: Path) -> float:
+    scratch.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    for path in sorted(directory.glob("*.safetensors")):
+        shutil.copyfile(path, scratch / path.name)
+        os.sync()  # the import's data reaches the disk too (Orbax waits for its writes)
+        (scratch / path.name).unlink()
+    return time.perf_counter() - start
+
+
 def run_import(source: Path, out: Path) -> dict:
     result = subprocess.run([sys.executable, "-c", CHILD, str(source), str(out)], capture_output=True, text=True,
                             check=False, env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"})
@@ -130,10 +143,12 @@ def measure(size_name: str, work: Path, keep: bool = False) -> dict:
     total = write_checkpoint(source, size)
     write_seconds = time.perf_counter() - start
     read_seconds = read_once(source)
+    copy_seconds = copy_once(source, work / "copy_scratch")
     imported = run_import(source, out)
     result = {"size": size_name, "checkpoint_bytes": total, "write_seconds": write_seconds,
-              "read_seconds": read_seconds, "import_seconds": imported["seconds"],
+              "read_seconds": read_seconds, "copy_seconds": copy_seconds, "import_seconds": imported["seconds"],
               "import_over_read": imported["seconds"] / read_seconds,
+              "import_over_copy": imported["seconds"] / copy_seconds,
               "import_gb_per_s": total / imported["seconds"] / 1e9, "read_gb_per_s": total / read_seconds / 1e9,
               "peak_rss_bytes": imported["peak_rss"], "baseline_rss_bytes": imported["baseline_rss"],
               "peak_rss_over_checkpoint": imported["peak_rss"] / total}
@@ -153,10 +168,12 @@ def main() -> None:
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="import_hf_"))
     r = measure(args.size, work, args.keep)
     gb = 1e9
-    print(f"| checkpoint | read once | import | import / read | import GB/s | peak RSS | baseline RSS |")
-    print(f"|---|---|---|---|---|---|---|")
-    print(f"| {args.size}: {r['checkpoint_bytes'] / gb:.1f} GB | {r['read_seconds']:.1f} s | "
-          f"{r['import_seconds']:.1f} s | {r['import_over_read']:.2f}x | {r['import_gb_per_s']:.2f} | "
+    print("| checkpoint | read once | copy once | import | import / read | import / copy | import GB/s | "
+          "peak RSS | baseline RSS |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    print(f"| {args.size}: {r['checkpoint_bytes'] / gb:.1f} GB | {r['read_seconds']:.1f} s | {r['copy_seconds']:.1f} s | "
+          f"{r['import_seconds']:.1f} s | {r['import_over_read']:.2f}x | {r['import_over_copy']:.2f}x | "
+          f"{r['import_gb_per_s']:.2f} | "
           f"{r['peak_rss_bytes'] / gb:.2f} GB | {r['baseline_rss_bytes'] / gb:.2f} GB |")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(r, indent=2))
