@@ -76,8 +76,23 @@ class Experiment:
     train: TrainSettings
     gin_text: str = ""
 
+    def __post_init__(self):
+        check_consistent(self.model, self.data)
+
     def replace(self, **changes) -> "Experiment":
         return dataclasses.replace(self, **changes)
+
+
+def check_consistent(model: ModelConfig, data: DataConfig) -> None:
+    """Settings that are each valid but wrong together: a ValueError naming both, before anything runs."""
+    if model.position == "learned_2d" and data.seq_len > model.max_position:
+        raise ValueError(f"DataConfig.seq_len = {data.seq_len} exceeds ModelConfig.max_position = "
+                         f"{model.max_position}, the rows of this model's learned position tables: position ids "
+                         "would index past them. Lower DataConfig.seq_len or raise ModelConfig.max_position")
+    if data.tokenizer_path is None and data.vocab_size > model.vocab_size:
+        raise ValueError(f"DataConfig.vocab_size = {data.vocab_size} (the tokenizer trained for this run) exceeds "
+                         f"ModelConfig.vocab_size = {model.vocab_size} (the embedding rows): token ids would "
+                         "index past the table. Make ModelConfig.vocab_size >= DataConfig.vocab_size")
 
 
 # Experiment field -> (gin name, the frozen dataclass it builds). Names are the ones run directories use.

@@ -3,7 +3,8 @@ generation and evaluation alike.
 
     RUN/config.gin        the operative gin config (glm_jax.experiment reads it back)
     RUN/tokenizer.model   the SentencePiece model with the GLM specials (trained here), or
-    RUN/tokenizer.json    an imported checkpoint's Hugging Face tokenizer (+ tokenizer_config.json)
+    RUN/tokenizer.json    an imported checkpoint's Hugging Face tokenizer (+ tokenizer_config.json), or
+    RUN/tokenizer.model   + tokenizer_config.json naming ChatGLMTokenizer: an imported ChatGLM2/3 tokenizer
     RUN/summary.json      the last training session's summary
     RUN/provenance.json   where a converted or imported run came from
     RUN/tensorboard/      training events

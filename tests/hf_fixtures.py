@@ -66,6 +66,31 @@ def copy_tokenizer(directory: Path) -> None:
         shutil.copyfile(FIXTURES / FIXTURE_NAMES[0] / name, directory / name)
 
 
+TOKENIZER_TEXT = ["def add(a, b):\n    return a + b\n", "The quick brown fox jumps over the lazy dog.",
+                  "Blank infilling fills [MASK] spans; sentences end with a full stop.", "print(sum([1, 2, 3]))"] * 20
+
+
+def write_chatglm_tokenizer(directory: Path, vocab_size: int = 80, roles: bool = True) -> None:
+    """A THUDM-style ChatGLM2/3 tokenizer directory: a SentencePiece tokenizer.model with <unk> <s> </s> at
+    0, 1, 2 and no GLM specials, tokenizer_config.json naming ChatGLMTokenizer, and (ChatGLM3) a
+    tokenization_chatglm.py stand-in that names the role tokens (its text is read, never run)."""
+    import io
+
+    import sentencepiece as spm
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(TOKENIZER_TEXT), model_writer=model,
+                                   vocab_size=vocab_size, model_type="bpe", unk_id=0, bos_id=1, eos_id=2,
+                                   pad_id=-1, character_coverage=1.0, hard_vocab_limit=False, minloglevel=2)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "tokenizer.model").write_bytes(model.getvalue())
+    (directory / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "ChatGLMTokenizer"}))
+    if roles:
+        (directory / "tokenization_chatglm.py").write_text(
+            '# stand-in for THUDM\'s file\nrole_special_tokens = ["<|system|>", "<|user|>", "<|assistant|>", '
+            '"<|observation|>"]\n')
+
+
 def write_checkpoint(directory: Path, config: dict, tensors: dict) -> None:
     from safetensors.numpy import save_file
 

@@ -161,8 +161,11 @@ def test_filter_logits_equals_numpy(rng):
 def test_sampling_config_errors():
     with pytest.raises(ValueError, match="top_p"):
         SamplingConfig(top_p=0.0)
-    with pytest.raises(ValueError, match="temperature"):
-        SamplingConfig(temperature=-1.0)
+    for bad in (-1.0, float("nan"), float("inf")):  # nan used to pass `< 0` and decode greedily
+        with pytest.raises(ValueError, match="temperature is .*finite positive value"):
+            SamplingConfig(temperature=bad)
+    with pytest.raises(ValueError, match="top_p is nan"):
+        SamplingConfig(temperature=1.0, top_p=float("nan"))
 
 
 # --------------------------------------------------------------- cache and compiles

@@ -28,7 +28,7 @@ from glm_jax.model import ModelConfig  # noqa: E402
 from glm_jax.run_dir import load_run  # noqa: E402
 from hf_fixtures import (CHATGLM2_TINY, CHATGLM6B_TINY, FIXTURE_NAMES, FIXTURES, causal_inputs,  # noqa: E402
                          chatglm2_checkpoint, chatglm6b_checkpoint, glm_inputs, logits, random_params,
-                         write_checkpoint)
+                         write_chatglm_tokenizer, write_checkpoint)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -106,9 +106,12 @@ def test_chatglm2_layout_imports_to_the_same_model_and_exports_back(num_kv_heads
     params = random_params(model, seed=num_kv_heads)
     config, tensors = chatglm2_checkpoint(model, params)
     write_checkpoint(tmp_path / "thudm", config, tensors)
+    (tmp_path / "thudm" / "tokenizer.json").unlink()  # THUDM ships a SentencePiece tokenizer.model instead
+    write_chatglm_tokenizer(tmp_path / "thudm", roles=num_kv_heads == 2)
     import_hf(tmp_path / "thudm", tmp_path / "run")
     run = load_run(tmp_path / "run")
     assert run.experiment.model == model.replace(param_dtype="float32")
+    assert run.tokenizer.vocab_size == run.tokenizer.sp.get_piece_size() + (9 if num_kv_heads == 2 else 5)
     ids = np.random.default_rng(0).integers(0, 96, (2, 12))
     np.testing.assert_allclose(logits(run.experiment.model, run.params, causal_inputs(ids)),
                                logits(model.replace(scan_layers=False), params, causal_inputs(ids)), atol=1e-6, rtol=0)
@@ -119,6 +122,7 @@ def test_chatglm2_layout_imports_to_the_same_model_and_exports_back(num_kv_heads
         assert np.array_equal(exported[key], value), key
     back = json.loads((tmp_path / "back" / "config.json").read_text())
     assert {k: back[k] for k in config} == config
+    assert (tmp_path / "back" / "tokenizer.model").read_bytes() == (tmp_path / "thudm" / "tokenizer.model").read_bytes()
 
 
 def test_chatglm6b_layout_imports_to_the_same_model_and_exports_back(tmp_path):

@@ -25,6 +25,8 @@ from glm_jax.checkpoint import CheckpointSaveError, DamagedCheckpoint
 from glm_jax.data import corpus
 from glm_jax.data.objectives import Objective
 from glm_jax.data.pipeline import DataConfig, make_batches
+from glm_jax.parallel.batch import check_batch_fits_mesh
+from glm_jax.parallel.mesh import MeshConfig, make_mesh
 from glm_jax.run_dir import RunDir, load_run
 from train_fixtures import REPO, TINY_BINDINGS, experiment, shared_run, summary, train_in_process
 
@@ -135,6 +137,11 @@ def test_a_full_disk_stops_the_run_and_keeps_the_previous_checkpoint(trained, tm
     ("STEPS = 'abc'", "train.steps = 'abc' (str) must be int"),
     ("ModelConfig.norm = 3", "ModelConfig.norm = 3 (int) must be one of 'layernorm', 'rmsnorm'"),
     ("MeshConfig.num_devices = 2.5", "MeshConfig.num_devices = 2.5 (float) must be int | None"),
+    ("STEPS = -5", "train.steps (STEPS) is -5; it must be a whole number >= 0"),
+    # each valid alone, wrong together: named before anything compiles (used to train to "loss is nan")
+    ("DataConfig.seq_len = 2048", "DataConfig.seq_len = 2048 exceeds ModelConfig.max_position = 1024"),
+    ("DataConfig.vocab_size = 9000", "DataConfig.vocab_size = 9000 (the tokenizer trained for this run) exceeds "
+                                     "ModelConfig.vocab_size = 8192"),
 ])
 def test_gin_overrides_are_checked(binding, message):
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -145,6 +152,23 @@ def test_train_command_reports_a_typo_in_one_line(capsys):
     code = cli.main(["train", f"--gin_file={REPO / 'experiments/configs/glm_tiny_stdlib.gin'}", "--gin.STEP=50"])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("glm_jax train: gin override 'STEP = 50'") and "Traceback" not in err
+
+
+def test_a_batch_that_does_not_fit_the_mesh_is_named_before_anything_is_created(tmp_path, capsys):
+    run = tmp_path / "run"
+    code = cli.main(["train", f"--gin_file={REPO / 'experiments/configs/glm_tiny_stdlib.gin'}",
+                     f"--gin.RUN_DIR='{run}'", "--gin.DataConfig.batch_size=2"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    assert ("DataConfig.batch_size = 2 rows cannot be spread over the 8 devices of the mesh's data x fsdp axes "
+            "(data=1, fsdp=8, tensor=1); use a batch size that is a multiple of 8") in err
+    assert not run.exists()
+    mesh = make_mesh(MeshConfig(data=2, fsdp=4))
+    with pytest.raises(ValueError, match=r"DataConfig.batch_size / OptimizerConfig.grad_accum_steps \(8 / 2\) = 4 "):
+        check_batch_fits_mesh(8, 2, mesh)
+    with pytest.raises(ValueError, match="does not split into OptimizerConfig.grad_accum_steps 3"):
+        check_batch_fits_mesh(8, 3, mesh)
+    check_batch_fits_mesh(16, 2, mesh)  # 8 rows per micro-batch over 8 devices: fine
 
 
 # ------------------------------------------------------------------ data

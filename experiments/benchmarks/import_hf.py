@@ -13,7 +13,7 @@ released glm-4-9b-hf's shard layout), then, side by side in one run:
   import   `glm_jax convert import-hf` in a fresh process (VmHWM of that process
            is the peak resident memory; its baseline after importing jax is reported too).
 The target is import <= 2x read and peak RSS well under the checkpoint's size.
-`--size small` is the same at hidden 1024 / 24 layers (~0.9 GB; the test suite runs it).
+`--size small` is the same at hidden 1024 / 24 layers (0.6 GB; the test suite runs it).
 """
 
 from __future__ import annotations

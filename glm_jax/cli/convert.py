@@ -4,7 +4,7 @@
       converts an MHA (or GQA) checkpoint to G key/value heads and writes a run directory
       that `./launch.sh train NEW_RUN/config.gin` uptrains (glm_jax/convert/uptrain.py).
   import-hf --from HF_DIR --out RUN [--dtype bfloat16|float32|float16] [--force]
-      a Hugging Face / THUDM GLM checkpoint (config.json, safetensors, tokenizer.json) ->
+      a Hugging Face / THUDM GLM checkpoint (config.json, safetensors, tokenizer) ->
       a run directory that generate, train, evaluate and uptrain accept (glm_jax/convert/hf.py).
   export-hf --from RUN_OR_CKPT --out HF_DIR [--layout glm|glm4|chatglm|chatglm6b] [--max_shard_size 5GB]
       a run's checkpoint -> config.json + sharded safetensors that transformers loads.
@@ -33,7 +33,7 @@ def parse_args(argv):
 
     imports = commands.add_parser("import-hf", help="Hugging Face / THUDM checkpoint -> run directory")
     imports.add_argument("--from", dest="source", required=True, help="checkpoint directory (config.json, "
-                         "model.safetensors or sharded model-*.safetensors + index, tokenizer.json)")
+                         "model.safetensors or sharded model-*.safetensors + index, tokenizer.json or THUDM's tokenizer.model)")
     imports.add_argument("--out", required=True, help="new run directory")
     imports.add_argument("--dtype", choices=("bfloat16", "float32", "float16"), default=None,
                          help="parameter dtype (default: the checkpoint's own)")

@@ -1,6 +1,6 @@
 """Hugging Face / THUDM GLM checkpoints in and out of glm_jax run directories.
 
-    import_hf(DIR, RUN)   config.json + safetensors (+ tokenizer.json) -> a run directory
+    import_hf(DIR, RUN)   config.json + safetensors + tokenizer -> a run directory
     export_hf(RUN, DIR)   a run directory (or one step) -> config.json + sharded safetensors
 
 The layouts and their tensor rules live in glm_jax/convert/hf_layouts.py. Both
@@ -32,8 +32,12 @@ from safetensors import safe_open
 from glm_jax.checkpoint import write_streamed
 from glm_jax.convert import hf_layouts
 from glm_jax.convert.hf_layouts import Layout, LayoutError, Rule
+from glm_jax.data.chatglm_tokenizer import TOKENIZER_CLASS as CHATGLM_TOKENIZER_CLASS
+from glm_jax.data.chatglm_tokenizer import ChatGLMTokenizer, is_chatglm_tokenizer
+from glm_jax.data.tiktoken_file import is_tiktoken_file, load_tiktoken
 from glm_jax.data.tokenizer import load_tokenizer_file
 from glm_jax.model import ModelConfig, abstract_params
+from glm_jax.model.scan_layout import unscan_targets
 from glm_jax.run_dir import RunDir
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -128,8 +132,8 @@ def read_source_config(directory: Path) -> dict:
 
 def unscanned_shapes(model: ModelConfig) -> dict[tuple[str, ...], jax.ShapeDtypeStruct]:
     """glm_jax parameter path -> abstract array, in the unscanned layout the rules use."""
-    tree = nn.unbox(abstract_params(model.replace(scan_layers=False)))
-    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    tree = nn.unbox(abstract_params(model.replace(scan_layers=True)))  # one traced block, not num_layers
+    flat = jax.tree_util.tree_flatten_with_path(unscan_targets(tree))[0]
     return {tuple(k.key for k in path): leaf for path, leaf in flat}
 
 
@@ -168,14 +172,31 @@ def check_source(reader: SafetensorsReader, layout: Layout, model: ModelConfig) 
 
 
 def _source_tokenizer(directory: Path):
-    path = directory / "tokenizer.json"
-    if not path.is_file():
-        found = [p.name for p in directory.glob("tokenizer*")]
-        hint = (f" (found {found}: a SentencePiece or tiktoken file whose GLM specials are defined in THUDM's "
-                "Python code; write a tokenizer.json with transformers' PreTrainedTokenizerFast first)") if found else ""
-        raise CheckpointFormatError(f"{directory} has no tokenizer.json{hint}; glm_jax needs the checkpoint's own "
-                                    "tokenizer to generate and fine-tune")
-    return load_tokenizer_file(path)
+    """The checkpoint's tokenizer: tokenizer.json (transformers), THUDM's tokenizer.model (ChatGLM2/3
+    SentencePiece, or GLM-4's tiktoken vocabulary, converted to a tokenizer.json)."""
+    if (directory / "tokenizer.json").is_file():
+        return load_tokenizer_file(directory / "tokenizer.json")
+    model_file = directory / "tokenizer.model"
+    if model_file.is_file():
+        if is_tiktoken_file(model_file):
+            return load_tiktoken(model_file)
+        if is_chatglm_tokenizer(directory):
+            return ChatGLMTokenizer.load(model_file)
+        raise CheckpointFormatError(
+            f"{model_file} is a SentencePiece model but {directory / 'tokenizer_config.json'} does not name "
+            f"tokenizer_class {CHATGLM_TOKENIZER_CLASS!r} (THUDM's ChatGLM2/3 tokenizer, whose specials sit above "
+            "the SentencePiece vocabulary); glm_jax reads tokenizer.json, ChatGLM2/3's tokenizer.model and "
+            "GLM-4's tiktoken tokenizer.model")
+    found = sorted(p.name for p in directory.glob("*.model")) + sorted(p.name for p in directory.glob("tokenizer*"))
+    hint = ""
+    if "ice_text.model" in found:
+        hint = (" ChatGLM-6B's icetk tokenizer (ice_text.model: 20,000 image ids before the text ids, <n> / <|tab|> / "
+                "<|blank_N|> rewriting of whitespace) is not supported: copy a tokenizer.json, or a ChatGLM2/3 "
+                "tokenizer.model, that you mean to use with these weights into the directory.")
+    elif found:
+        hint = f" (found {found}, none of them a tokenizer glm_jax reads)."
+    raise CheckpointFormatError(f"{directory} has no tokenizer.json or tokenizer.model; glm_jax needs the "
+                                f"checkpoint's own tokenizer to generate and fine-tune.{hint}")
 
 
 def _check_output(out: RunDir, force: bool) -> None:
@@ -223,16 +244,17 @@ def import_hf(source: str | Path, out: str | Path, dtype: str | None = None, for
 
     build = RunDir(target.path.with_name(target.path.name + ".importing"))
     shutil.rmtree(build.path, ignore_errors=True)
+    tokenizer.save_into(build.path)
+    tokenizer_file = build.tokenizer_path.name  # tokenizer.json, or ChatGLM2/3's tokenizer.model
     gin_text = "\n".join([
         f"# glm_jax convert import-hf from {source} ({layout.description}); see provenance.json.",
         "# Fine-tune or continue pretraining with ./launch.sh train RUN/config.gin --gin.STEPS=N.",
         "include 'base.gin'", "include 'objectives/causal.gin'",
         f"RUN_DIR = '{target.path}'", "STEPS = 0",
         *model_gin(model),
-        f"DataConfig.tokenizer_path = '{target.path / 'tokenizer.json'}'",
+        f"DataConfig.tokenizer_path = '{target.path / tokenizer_file}'",
         "OptimizerConfig.learning_rate = 1e-05", ""])
     build.write_config(gin_text)
-    tokenizer.save_into(build.path)
     write_streamed(build.checkpoints_path, 0, _converted_groups(reader, layout, model), [None], gin_text)
     provenance = {
         "imported_from": str(source), "layout": layout.name, "layout_description": layout.description,

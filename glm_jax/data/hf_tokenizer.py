@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from pathlib import Path
 from typing import Iterable
 
@@ -21,8 +20,9 @@ import tokenizers
 
 from glm_jax.data.tokenizer import SENTENCE_END_CHARS, SpecialTokens
 
-# The files of a tokenizer directory that travel with it (tokenizer.json is required).
-FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+# Files beside tokenizer.json that travel with it unchanged (tokenizer_config.json is re-written
+# from the settings read, so a converted tokenizer can carry its own).
+EXTRA_FILES = ("special_tokens_map.json",)
 REQUIRED = {"gmask": "[gMASK]", "sop": "<sop>", "eop": "<eop>"}
 OPTIONAL = {"mask": "[MASK]", "smask": "[sMASK]", "cls": "[CLS]", "dblock": "[dBLOCK]"}
 DEFAULT_EOS = "<|endoftext|>"
@@ -31,19 +31,25 @@ DEFAULT_EOS = "<|endoftext|>"
 class HFTokenizer:
     """tokenizer.json (+ tokenizer_config.json for the eos / pad tokens) with the GLM specials."""
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path).expanduser()
-        if not self.path.is_file():
-            raise FileNotFoundError(f"tokenizer file {self.path} does not exist")
-        self.json_bytes = self.path.read_bytes()
-        self.tokenizer = tokenizers.Tokenizer.from_str(self.json_bytes.decode("utf-8"))
-        settings = _read_json(self.path.parent / "tokenizer_config.json")
+    def __init__(self, json_text: str, settings: dict, source: str = "<memory>",
+                 extra_files: dict[str, bytes] | None = None):
+        self.source = source
+        self.json_bytes = json_text.encode("utf-8")
+        self.tokenizer = tokenizers.Tokenizer.from_str(json_text)
+        self.settings = settings
+        self.extra_files = extra_files or {}
         self.specials = self._specials(settings)
         self.sentence_end = self._sentence_end_table()
 
     @classmethod
     def load(cls, path: str | Path) -> "HFTokenizer":
-        return cls(path)
+        """tokenizer.json with the tokenizer_config.json / special_tokens_map.json beside it."""
+        path = Path(path).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"tokenizer file {path} does not exist")
+        extra = {name: (path.parent / name).read_bytes() for name in EXTRA_FILES if (path.parent / name).is_file()}
+        return cls(path.read_text(encoding="utf-8"), _read_json(path.parent / "tokenizer_config.json"),
+                   source=str(path), extra_files=extra)
 
     def _id(self, token: str) -> int | None:
         return self.tokenizer.token_to_id(token)
@@ -55,7 +61,7 @@ class HFTokenizer:
         ids = {name: self._id(token) for name, token in required.items()}
         missing = [token for name, token in required.items() if ids[name] is None]
         if missing:
-            raise ValueError(f"tokenizer {self.path} lacks the special tokens {missing} that GLM generation and "
+            raise ValueError(f"tokenizer {self.source} lacks the special tokens {missing} that GLM generation and "
                              "training need ([gMASK], <sop>, <eop> and the end-of-text token named by "
                              "tokenizer_config.json's eos_token); is this a GLM tokenizer?")
         ids.update({name: self._id(token) for name, token in OPTIONAL.items()})
@@ -65,15 +71,16 @@ class HFTokenizer:
 
     # ------------------------------------------------------------------ I/O
     def save_into(self, directory: str | Path) -> None:
-        """Copies the tokenizer files into a directory (a run directory)."""
+        """Writes tokenizer.json, tokenizer_config.json and special_tokens_map.json into a directory (a run)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        for name in FILES:
-            source = self.path.parent / name if name != "tokenizer.json" else self.path
-            if source.is_file() and source.resolve() != (directory / name).resolve():
-                tmp = directory / f"{name}.tmp"
-                shutil.copyfile(source, tmp)
-                tmp.replace(directory / name)
+        files = {"tokenizer.json": self.json_bytes, **self.extra_files}
+        if self.settings:
+            files["tokenizer_config.json"] = json.dumps(self.settings, indent=2, ensure_ascii=False).encode()
+        for name, data in files.items():
+            tmp = directory / f"{name}.tmp"
+            tmp.write_bytes(data)
+            tmp.replace(directory / name)  # atomic: a crash never leaves a half-written file
 
     @property
     def fingerprint(self) -> bytes:

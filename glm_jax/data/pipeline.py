@@ -41,7 +41,8 @@ class DataConfig:
     group_size: examples packed together (larger packs tighter).
     num_shards: independent data streams (None = one per process). Fix it to keep
       the same global batches when the process count changes.
-    tokenizer_path: a SentencePiece .model with the GLM specials; None trains one on
+    tokenizer_path: a SentencePiece .model with the GLM specials, an imported tokenizer.json or
+      ChatGLM2/3 tokenizer.model (glm_jax.data.tokenizer.load_tokenizer_file); None trains one on
       the source (cached) with vocab_size pieces.
     skip_bad_input: skip (and count) malformed jsonl lines and non-UTF-8 files instead
       of stopping with the file and line.

@@ -126,23 +126,34 @@ class Tokenizer:
 
     def _sentence_end_table(self) -> np.ndarray:
         """bool[vocab]: does this piece end a sentence (punctuation or newline)?"""
-        table = np.zeros(self.vocab_size, bool)
-        for i in range(self.vocab_size):
-            piece = self.sp.id_to_piece(i)
-            if self.sp.is_byte(i):
-                piece = bytes([int(piece[3:5], 16)]).decode("latin-1")
-            table[i] = any(c in piece for c in SENTENCE_END_CHARS)
+        table = sentencepiece_sentence_ends(self.sp)
         table[list(self.specials.all_ids)] = False
         return table
 
 
+def sentencepiece_sentence_ends(sp: spm.SentencePieceProcessor) -> np.ndarray:
+    """bool[pieces]: does each SentencePiece piece's text end a sentence (punctuation or newline)?"""
+    table = np.zeros(sp.get_piece_size(), bool)
+    for i in range(sp.get_piece_size()):
+        piece = sp.id_to_piece(i)
+        if sp.is_byte(i):
+            piece = bytes([int(piece[3:5], 16)]).decode("latin-1")
+        table[i] = any(c in piece for c in SENTENCE_END_CHARS)
+    return table
+
+
 def load_tokenizer_file(path: str | Path):
-    """A tokenizer from its file: SentencePiece `.model` (glm_jax's own) or Hugging Face `tokenizer.json`."""
+    """A tokenizer from its file: Hugging Face `tokenizer.json`, THUDM ChatGLM2/3's `tokenizer.model`
+    (named so by the tokenizer_config.json beside it) or glm_jax's own SentencePiece `.model`."""
     path = Path(path).expanduser()
     if path.suffix == ".json":
         from glm_jax.data.hf_tokenizer import HFTokenizer
 
         return HFTokenizer.load(path)
+    from glm_jax.data import chatglm_tokenizer
+
+    if chatglm_tokenizer.is_chatglm_tokenizer(path.parent):
+        return chatglm_tokenizer.ChatGLMTokenizer.load(path)
     return Tokenizer.load(path)
 
 

@@ -8,6 +8,7 @@ top_p == 1 turn those filters off. The key is explicit: same key, same tokens.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -22,11 +23,12 @@ class SamplingConfig:
     top_p: float = 1.0
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise ValueError(f"SamplingConfig.temperature is {self.temperature}; use 0 (greedy) or a positive value")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):  # nan compares False to everything
+            raise ValueError(f"SamplingConfig.temperature is {self.temperature}; use 0 (greedy) or a finite "
+                             "positive value (--temperature)")
         if self.top_k < 0:
             raise ValueError(f"SamplingConfig.top_k is {self.top_k}; use 0 (off) or a positive count")
-        if not 0.0 < self.top_p <= 1.0:
+        if not 0.0 < self.top_p <= 1.0:  # also refuses nan
             raise ValueError(f"SamplingConfig.top_p is {self.top_p}; it must be in (0, 1] (1 = off)")
 
     def as_arrays(self) -> dict:

@@ -21,7 +21,7 @@ from glm_jax.evaluation import eval_stream, evaluate, make_eval_step
 from glm_jax.experiment import Experiment
 from glm_jax.model import ModelConfig
 from glm_jax.optim import make_optimizer
-from glm_jax.parallel.batch import batch_shardings, global_batch
+from glm_jax.parallel.batch import batch_shardings, check_batch_fits_mesh, global_batch
 from glm_jax.parallel.mesh import make_mesh
 from glm_jax.parallel.rules import logical_axis_rules
 from glm_jax.run_dir import RunDir
@@ -44,6 +44,7 @@ def train(experiment: Experiment) -> dict:
     settings, model = experiment.train, experiment.model
     run = RunDir(settings.run_dir)
     mesh, rules = make_mesh(experiment.mesh), logical_axis_rules(settings.sharding)
+    check_batch_fits_mesh(experiment.data.batch_size, experiment.optimizer.grad_accum_steps, mesh)
 
     tokenizer = load_tokenizer(experiment.data)
     _check_vocabulary(model, tokenizer.vocab_size)
