@@ -26,21 +26,19 @@ def batch_shardings(mesh: Mesh) -> dict[str, NamedSharding]:
 def check_batch_fits_mesh(batch_size: int, grad_accum_steps: int, mesh: Mesh) -> None:
     """Raises a ValueError naming the settings when the global batch cannot be laid out on the mesh.
 
-    Rows are split over ('data', 'fsdp') and over the processes that load them; each of the
-    grad_accum_steps micro-batches must split the same way.
+    Rows are split over ('data', 'fsdp') and over the processes that load them, and into
+    grad_accum_steps micro-batches (a micro-batch with fewer rows than devices is allowed:
+    split_micro_batches leaves its layout to XLA).
     """
     row_devices = math.prod(mesh.shape[axis] for axis in ROW_AXES)
     layout = ", ".join(f"{axis}={mesh.shape[axis]}" for axis in mesh.axis_names)
     if batch_size % grad_accum_steps:
         raise ValueError(f"DataConfig.batch_size {batch_size} does not split into OptimizerConfig.grad_accum_steps "
                          f"{grad_accum_steps} micro-batches; make the batch size a multiple of it")
-    micro = batch_size // grad_accum_steps
-    if micro % row_devices:
-        what = "DataConfig.batch_size" if grad_accum_steps == 1 else (
-            f"DataConfig.batch_size / OptimizerConfig.grad_accum_steps ({batch_size} / {grad_accum_steps})")
-        raise ValueError(f"{what} = {micro} rows cannot be spread over the {row_devices} devices of the mesh's "
-                         f"data x fsdp axes ({layout}); use a batch size that is a multiple of {row_devices} "
-                         "(per micro-batch), or MeshConfig.num_devices / other MeshConfig sizes")
+    if batch_size % row_devices:
+        raise ValueError(f"DataConfig.batch_size = {batch_size} rows cannot be spread over the {row_devices} devices "
+                         f"of the mesh's data x fsdp axes ({layout}); use a batch size that is a multiple of "
+                         f"{row_devices}, or change MeshConfig (num_devices or the axis sizes)")
     if batch_size % jax.process_count():
         raise ValueError(f"DataConfig.batch_size {batch_size} does not divide among {jax.process_count()} processes")
 
