@@ -239,18 +239,15 @@ class Checkpointer:
         return target
 
 
-def write_streamed(directory: str | Path, step: int, param_groups, data_states: list, gin_config: str,
-                   batch_bytes: int = 16 * 2**20) -> Path:
-    """Writes checkpoint `step` of a checkpoints/ directory a few groups of parameters at a time.
+def write_streamed(directory: str | Path, step: int, param_groups, data_states: list, gin_config: str) -> Path:
+    """Writes checkpoint `step` of a checkpoints/ directory one group of parameters at a time.
 
     param_groups yields disjoint parameter subtrees (an import: everything outside the layers,
-    then one layer at a time). Groups are joined into batches of at least `batch_bytes` (each
-    Orbax partial save costs a fixed ~0.15 s however small) and each batch is written by a
-    partial save while a background thread produces the next one, so memory holds two batches
-    (one written, one in the making; one alone when it exceeds 1 GiB), never the model. The
-    step is assembled beside `directory` and renamed into place when complete: an interrupted
-    write leaves no step behind. Restores like any other step (an unscanned params item is
-    stacked on restore).
+    then one layer at a time); each is written by an Orbax partial save while a background
+    thread produces the next, so memory holds two groups (one alone when it exceeds 1 GiB),
+    never the model. The step is assembled beside `directory` and renamed into place when
+    complete: an interrupted write leaves no step behind. Restores like any other step (an
+    unscanned params item is stacked on restore).
     """
     directory = Path(directory).expanduser().absolute()
     final = directory / str(step)
@@ -260,7 +257,7 @@ def write_streamed(directory: str | Path, step: int, param_groups, data_states: 
     shutil.rmtree(build, ignore_errors=True)
     for partial in (p for p in build.parent.glob(build.name + "*") if p != build):
         shutil.rmtree(partial, ignore_errors=True)  # leftovers of an interrupted partial save
-    for group in _produced_ahead(_batched_by_bytes(param_groups, min_bytes=batch_bytes)):
+    for group in _produced_ahead(param_groups):
         partial_save.save(build, group)
         del group
     partial_save.finalize(build)
@@ -273,78 +270,57 @@ def write_streamed(directory: str | Path, step: int, param_groups, data_states: 
     return final
 
 
-def _tree_bytes(tree) -> int:
-    return sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(tree))
-
-
 def _produced_ahead(trees, max_bytes: int = 2**30):
     """Iterates `trees` while a background thread produces the next one.
 
-    An import converts a batch (reads, transposes: numpy releases the GIL) while Orbax writes the
+    An import converts a layer (reads, transposes: numpy releases the GIL) while Orbax writes the
     previous one, so the two overlap. The producer starts the next tree only while the one being
-    written is the only one alive and holds less than max_bytes: memory holds two batches at
-    most, and a large tensor (GLM-4-9B's 1.2 GB embedding) is never joined by a second. An error
-    in the producer is raised here, in the consumer's thread.
+    written is the only one alive and holds less than max_bytes: memory holds two trees at most,
+    and a large tensor (GLM-4-9B's 1.2 GB embedding) is never joined by a second. An error in the
+    producer is raised here, in the consumer's thread; a consumer that stops early (a failed
+    write) releases the producer.
     """
     ready: Queue = Queue()
-    alive = {"count": 0, "bytes": 0}
+    alive = {"count": 0, "bytes": 0, "stopped": False}
     room = threading.Condition()
     done = object()
 
     def produce():
         try:
             for tree in trees:
-                size = _tree_bytes(tree)
+                size = sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(tree))
                 with room:
                     alive["count"] += 1
                     alive["bytes"] += size
                 ready.put((tree, size))
                 del tree
                 with room:
-                    room.wait_for(lambda: alive["count"] < 2 and alive["bytes"] < max_bytes)
+                    room.wait_for(lambda: alive["stopped"] or (alive["count"] < 2 and alive["bytes"] < max_bytes))
+                    if alive["stopped"]:
+                        return
             ready.put((done, 0))
         except BaseException as error:  # handed to the consumer, which re-raises it
             ready.put((error, 0))
 
     thread = threading.Thread(target=produce, name="glm_jax-produce-ahead", daemon=True)
     thread.start()
-    while True:
-        tree, size = ready.get()
-        if tree is done:
-            break
-        if isinstance(tree, BaseException):
-            raise tree
-        yield tree
-        del tree
+    try:
+        while (item := ready.get())[0] is not done:
+            tree, size = item
+            if isinstance(tree, BaseException):
+                raise tree
+            del item
+            yield tree
+            del tree
+            with room:
+                alive["count"] -= 1
+                alive["bytes"] -= size
+                room.notify()
+    finally:
         with room:
-            alive["count"] -= 1
-            alive["bytes"] -= size
+            alive["stopped"] = True
             room.notify()
     thread.join()
-
-
-def _batched_by_bytes(groups, min_bytes: int):
-    """Merges consecutive disjoint parameter subtrees until a batch holds at least min_bytes."""
-    batch, size = {}, 0
-    for group in groups:
-        _merge_into(batch, group)
-        size += _tree_bytes(group)
-        if size >= min_bytes:
-            yield batch
-            batch, size = {}, 0
-    if batch:
-        yield batch
-
-
-def _merge_into(tree: dict, other: dict) -> None:
-    """Adds a disjoint subtree: groups may share parents ({'final_norm': {'scale'}} and {'final_norm': {'bias'}})."""
-    for key, value in other.items():
-        if isinstance(value, dict) and isinstance(tree.get(key), dict):
-            _merge_into(tree[key], value)
-        elif key in tree:
-            raise ValueError(f"parameter groups overlap at {key!r}")
-        else:
-            tree[key] = value
 
 
 def checkpoint_dir(path: str | Path) -> Path:

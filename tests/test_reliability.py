@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import hypothesis
@@ -20,6 +21,7 @@ import pytest
 
 from data_fixtures import write_text_corpus
 from glm_jax import cli
+from glm_jax import checkpoint as checkpoint_lib
 from glm_jax import experiment as experiment_lib
 from glm_jax.checkpoint import CheckpointSaveError, DamagedCheckpoint
 from glm_jax.data import corpus
@@ -126,6 +128,35 @@ def test_a_full_disk_stops_the_run_and_keeps_the_previous_checkpoint(trained, tm
     finally:
         if mounted:
             subprocess.run(["umount", "--lazy", str(disk)], check=False)  # writer threads may still hold files
+
+
+def test_streamed_write_holds_two_groups_at_most_and_a_failing_producer_leaves_no_step(tmp_path):
+    produced, consumed = [], []
+
+    def groups(fail_at=None):
+        for i in range(5):
+            if i == fail_at:
+                raise ValueError("tensor model.layers.3 is unreadable")
+            produced.append(i)
+            yield {f"layers_{i}": {"w": np.full((4, 4), i, np.float32)}}
+
+    for i, group in enumerate(checkpoint_lib._produced_ahead(groups())):
+        assert len(produced) - len(consumed) <= 2  # the one being consumed and at most one made ahead
+        assert float(group[f"layers_{i}"]["w"][0, 0]) == i
+        consumed.append(i)
+    assert consumed == list(range(5))
+
+    with pytest.raises(ValueError, match="model.layers.3 is unreadable"):
+        checkpoint_lib.write_streamed(tmp_path / "checkpoints", 0, groups(fail_at=3), [None], "")
+    assert not (tmp_path / "checkpoints" / "0").exists()
+    assert not any(t.name == "glm_jax-produce-ahead" and t.is_alive() for t in threading.enumerate())
+
+    stream = checkpoint_lib._produced_ahead(groups())  # a consumer that stops early (its write failed)
+    next(stream)
+    stream.close()
+    for thread in [t for t in threading.enumerate() if t.name == "glm_jax-produce-ahead"]:
+        thread.join(timeout=10)
+        assert not thread.is_alive()  # released, not parked holding a group
 
 
 # ------------------------------------------------------------------ gin

@@ -130,6 +130,14 @@ def norm(name: str, path: Path, model: ModelConfig) -> list[Rule]:
     return rules
 
 
+def embedding_norm_head(embedding: str, final_norm: str, head: str, model: ModelConfig) -> list[Rule]:
+    """The rules outside the layers: token embedding, final norm and (unless tied) the output head."""
+    rules = [same(embedding, ("embedding",))] + norm(final_norm, ("final_norm",), model)
+    if not model.tie_embeddings:
+        rules.append(linear(head, ("lm_head", "kernel")))
+    return rules
+
+
 # ------------------------------------------------------------------ config helpers
 def _require(config: dict, layout: str, *keys: str):
     missing = [k for k in keys if k not in config]
@@ -225,11 +233,7 @@ class TransformersGlm(Layout):
         return config
 
     def global_rules(self, model: ModelConfig) -> list[Rule]:
-        rules = [same("model.embed_tokens.weight", ("embedding",)),
-                 same("model.norm.weight", ("final_norm", "scale"))]
-        if not model.tie_embeddings:
-            rules.append(linear("lm_head.weight", ("lm_head", "kernel")))
-        return rules
+        return embedding_norm_head("model.embed_tokens.weight", "model.norm", "lm_head.weight", model)
 
     def layer_rules(self, model: ModelConfig, layer: int) -> list[Rule]:
         H, G, D = model.num_heads, model.num_kv_heads, model.head_dim
@@ -302,9 +306,8 @@ class ChatGLM(Layout):
         return config
 
     def global_rules(self, model: ModelConfig) -> list[Rule]:
-        return ([same("transformer.embedding.word_embeddings.weight", ("embedding",))]
-                + norm("transformer.encoder.final_layernorm", ("final_norm",), model)
-                + [linear("transformer.output_layer.weight", ("lm_head", "kernel"))])
+        return embedding_norm_head("transformer.embedding.word_embeddings.weight",
+                                   "transformer.encoder.final_layernorm", "transformer.output_layer.weight", model)
 
     def layer_rules(self, model: ModelConfig, layer: int) -> list[Rule]:
         H, G, D = model.num_heads, model.num_kv_heads, model.head_dim
@@ -365,9 +368,8 @@ class ChatGLM6B(Layout):
         return config
 
     def global_rules(self, model: ModelConfig) -> list[Rule]:
-        return ([same("transformer.word_embeddings.weight", ("embedding",))]
-                + norm("transformer.final_layernorm", ("final_norm",), model)
-                + [linear("lm_head.weight", ("lm_head", "kernel"))])
+        return embedding_norm_head("transformer.word_embeddings.weight", "transformer.final_layernorm",
+                                   "lm_head.weight", model)
 
     def layer_rules(self, model: ModelConfig, layer: int) -> list[Rule]:
         H, D = model.num_heads, model.head_dim

@@ -27,7 +27,8 @@ from typing import Iterable
 import numpy as np
 import sentencepiece as spm
 
-from glm_jax.data.tokenizer import SpecialTokens, sentencepiece_sentence_ends
+from glm_jax.data.tokenizer import (SpecialTokens, listed_specials, read_tokenizer_config,
+                                    sentencepiece_sentence_ends)
 
 TOKENIZER_CLASS = "ChatGLMTokenizer"
 GLM_SPECIALS = ("[MASK]", "[gMASK]", "[sMASK]", "sop", "eop")
@@ -74,10 +75,10 @@ class ChatGLMTokenizer:
         path = Path(path).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer model {path} does not exist")
-        settings = _read_json(path.parent / "tokenizer_config.json")
+        settings = read_tokenizer_config(path.parent)
         proto = path.read_bytes()
         size = spm.SentencePieceProcessor(model_proto=proto).get_piece_size()
-        added = _listed_specials(settings, size) or _thudm_specials(path.parent, size)
+        added = listed_specials(settings, size) or _thudm_specials(path.parent, size)
         return cls(proto, added, settings, source=str(path))
 
     def save_into(self, directory: str | Path) -> None:
@@ -139,14 +140,7 @@ class ChatGLMTokenizer:
 
 def is_chatglm_tokenizer(directory: Path) -> bool:
     """Does this directory's tokenizer_config.json name THUDM's ChatGLM2/3 tokenizer class?"""
-    return _read_json(directory / "tokenizer_config.json").get("tokenizer_class") == TOKENIZER_CLASS
-
-
-def _listed_specials(settings: dict, sentencepiece_size: int) -> dict[str, int]:
-    """Specials from tokenizer_config.json's added_tokens_decoder (those above the SentencePiece vocabulary)."""
-    listed = settings.get("added_tokens_decoder") or {}
-    return {entry["content"]: int(i) for i, entry in listed.items()
-            if isinstance(entry, dict) and int(i) >= sentencepiece_size}
+    return read_tokenizer_config(directory).get("tokenizer_class") == TOKENIZER_CLASS
 
 
 def _thudm_specials(directory: Path, sentencepiece_size: int) -> dict[str, int]:
@@ -155,7 +149,3 @@ def _thudm_specials(directory: Path, sentencepiece_size: int) -> dict[str, int]:
                         for name in ROLE_EVIDENCE_FILES if (directory / name).is_file())
     names = GLM_SPECIALS + (ROLE_SPECIALS if "<|observation|>" in evidence else ())
     return {text: sentencepiece_size + k for k, text in enumerate(names)}
-
-
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}

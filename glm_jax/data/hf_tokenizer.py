@@ -18,7 +18,7 @@ from typing import Iterable
 import numpy as np
 import tokenizers
 
-from glm_jax.data.tokenizer import SENTENCE_END_CHARS, SpecialTokens
+from glm_jax.data.tokenizer import SENTENCE_END_CHARS, SpecialTokens, read_tokenizer_config
 
 # Files beside tokenizer.json that travel with it unchanged (tokenizer_config.json is re-written
 # from the settings read, so a converted tokenizer can carry its own).
@@ -48,7 +48,7 @@ class HFTokenizer:
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer file {path} does not exist")
         extra = {name: (path.parent / name).read_bytes() for name in EXTRA_FILES if (path.parent / name).is_file()}
-        return cls(path.read_text(encoding="utf-8"), _read_json(path.parent / "tokenizer_config.json"),
+        return cls(path.read_text(encoding="utf-8"), read_tokenizer_config(path.parent),
                    source=str(path), extra_files=extra)
 
     def _id(self, token: str) -> int | None:
@@ -120,10 +120,6 @@ class HFTokenizer:
             table[i] = any(c in text for c in SENTENCE_END_CHARS)
         table[list(self.specials.all_ids)] = False
         return table
-
-
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def _token_text(value) -> str | None:

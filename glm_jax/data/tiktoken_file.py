@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import re
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import tokenizers
 from tokenizers import decoders, models, pre_tokenizers
 
 from glm_jax.data.hf_tokenizer import HFTokenizer
+from glm_jax.data.tokenizer import listed_specials, read_tokenizer_config
 
 # THUDM's ChatGLM4Tokenizer: the split pattern and the specials in id order above the ranks.
 GLM4_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -106,16 +106,13 @@ def to_tokenizer(ranks: dict[bytes, int], specials: dict[str, int], pattern: str
 
 def glm4_specials(settings: dict, num_ranks: int) -> dict[str, int]:
     """tokenizer_config.json's added_tokens_decoder when it lists specials, else THUDM's order."""
-    listed = settings.get("added_tokens_decoder") or {}
-    found = {entry["content"]: int(i) for i, entry in listed.items()
-             if isinstance(entry, dict) and int(i) >= num_ranks}
-    return found or {text: num_ranks + k for k, text in enumerate(GLM4_SPECIALS)}
+    return listed_specials(settings, num_ranks) or {text: num_ranks + k for k, text in enumerate(GLM4_SPECIALS)}
 
 
 def load_tiktoken(path: str | Path) -> HFTokenizer:
     """GLM-4's tokenizer.model (+ tokenizer_config.json beside it) as an HFTokenizer."""
     path = Path(path).expanduser()
-    source_settings = _read_json(path.parent / "tokenizer_config.json")
+    source_settings = read_tokenizer_config(path.parent)
     ranks = read_ranks(path)
     tokenizer = to_tokenizer(ranks, glm4_specials(source_settings, len(ranks)))
     eos = source_settings.get("eos_token") or "<|endoftext|>"
@@ -125,7 +122,3 @@ def load_tiktoken(path: str | Path) -> HFTokenizer:
     if "chat_template" in source_settings:
         settings["chat_template"] = source_settings["chat_template"]
     return HFTokenizer(tokenizer.to_str(), settings, source=str(path))
-
-
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}

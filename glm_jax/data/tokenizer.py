@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import re
 import shutil
 from pathlib import Path
@@ -140,6 +141,20 @@ def sentencepiece_sentence_ends(sp: spm.SentencePieceProcessor) -> np.ndarray:
             piece = bytes([int(piece[3:5], 16)]).decode("latin-1")
         table[i] = any(c in piece for c in SENTENCE_END_CHARS)
     return table
+
+
+def read_tokenizer_config(directory: Path) -> dict:
+    """A tokenizer directory's tokenizer_config.json (transformers' settings file); {} when absent."""
+    path = directory / "tokenizer_config.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def listed_specials(settings: dict, first_id: int) -> dict[str, int]:
+    """text -> id of the tokens tokenizer_config.json's added_tokens_decoder lists at ids >= first_id
+    (THUDM's specials sit above the base vocabulary)."""
+    listed = settings.get("added_tokens_decoder") or {}
+    return {entry["content"]: int(i) for i, entry in listed.items()
+            if isinstance(entry, dict) and int(i) >= first_id}
 
 
 def load_tokenizer_file(path: str | Path):
