@@ -1,7 +1,7 @@
 """Attention memory and block skipping: the XLA reference vs the Pallas flash kernel.
 
     python experiments/benchmarks/attention.py [--lengths 1024 2048 4096 8192 16384] [--time]
-    python experiments/benchmarks/attention.py --backend gpu   # on a GPU: kernel vs cuDNN
+    python experiments/benchmarks/attention.py --backend gpu [--batch 4]   # on a GPU: kernel vs cuDNN vs XLA
     python experiments/benchmarks/attention.py --backend tpu   # on a TPU: kernel vs Splash
     python experiments/benchmarks/attention.py --tpu_topology v5e:2x2   # TPU HBM from the AOT compile, on CPU
 
@@ -13,10 +13,10 @@ platform. GPU mode times the Triton kernel against jax.nn.dot_product_attention
 (cuDNN); TPU mode times the Mosaic kernel against JAX's Splash attention (with a
 causal mask: Splash has no per-example prefix masks). --tpu_topology compiles
 forward+backward (bf16) for one chip of a TPU topology with the real TPU compiler
-(libtpu) and reports its per-device HBM for both paths. The GPU and TPU timing
-modes have not been run (no accelerator was available when they were written); the
-TPU mode's two programs compile for v5e from CPU (tests/test_flash_attention_tpu.py), the
-GPU mode's cuDNN peer needs a GPU even to lower.
+(libtpu) and reports its per-device HBM for both paths. The GPU mode ran on an H100
+(experiments/results/gpu/attention_gpu.json; cuDNN gets the GLM mask as a dense mask, so it
+computes every block); the TPU timing mode has not run on a TPU (its two programs compile for
+v5e from CPU, tests/test_flash_attention_tpu.py).
 """
 
 from __future__ import annotations
@@ -136,33 +136,93 @@ def cpu_report(lengths: list[int], with_time: bool) -> dict:
     return {"rows": rows, "largest_T_within_16GiB": fits, "block_skipping": skipping}
 
 
-def gpu_report(lengths: list[int]) -> dict:
+# Triton launch configurations tried by the GPU mode: (block_q, block_k, num_warps, num_stages).
+GPU_CONFIGS = [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 4, 2), (128, 64, 8, 2), (128, 128, 8, 2), (64, 128, 4, 2)]
+
+
+def gpu_programs(T: int, batch: int, config=(64, 64, 4, 2)) -> dict:
+    """bf16 forward+backward programs for the GPU mode: the Triton kernel with one launch
+    configuration, cuDNN through jax.nn.dot_product_attention under the same dense GLM mask,
+    and the XLA reference (what 'xla' runs)."""
     from jax.experimental.pallas import triton as pallas_triton
 
-    params = pallas_triton.CompilerParams(num_warps=4, num_stages=2)
+    block_q, block_k, num_warps, num_stages = config
+    seg, prefix = glm_mask(T)
+    seg, prefix = jnp.tile(seg, (batch, 1)), jnp.tile(prefix, (batch, 1))
+    mask = masks.dense_mask(seg, prefix)[:, None]
+
+    def loss_of(attend):
+        return jax.jit(jax.value_and_grad(lambda q, k, v: jnp.sum(attend(q, k, v).astype(jnp.float32)),
+                                          argnums=(0, 1, 2)))
+
+    params = pallas_triton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+    return {
+        "pallas": loss_of(lambda q, k, v: flash_attention(q, k, v, seg, prefix, scale=D ** -0.5, block_q=block_q,
+                                                          block_k=block_k, compiler_params=params)),
+        "cudnn": loss_of(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask, scale=D ** -0.5,
+                                                                      implementation="cudnn")),
+        "xla": loss_of(lambda q, k, v: xla_attention(q, k, v, seg, prefix, scale=D ** -0.5)),
+    }
+
+
+def gpu_args(T: int, batch: int) -> list:
+    rng = np.random.default_rng(0)
+    shapes = [(batch, *a.shape[1:]) for a in avals(T)]
+    return [jnp.asarray(rng.normal(size=shape), jnp.bfloat16) for shape in shapes]
+
+
+def gpu_time(fn, args) -> float | str:
+    try:
+        return timed(fn, *args, steps=20)
+    except Exception as error:  # a peer that cannot run this shape (e.g. cuDNN's limits) is reported, not fatal
+        return str(error).splitlines()[0][:160]
+
+
+def attended_flops(T: int, batch: int) -> float:
+    """Forward+backward FLOPs over the attended pairs only: 4 D per pair forward (QK^T, PV),
+    10 D backward (recomputed scores, dV, dP, dQ, dK), per query head."""
+    seg, prefix = glm_mask(T)
+    pairs = float(masks.dense_mask(seg, prefix).sum()) * batch
+    return 14.0 * pairs * D * HQ
+
+
+def gpu_report(lengths: list[int], batch: int, configs=GPU_CONFIGS) -> dict:
+    sweep_T = 4096 if 4096 in lengths else lengths[len(lengths) // 2]
+    args = gpu_args(sweep_T, batch)
+    sweep = [{"config": list(c), "seconds": gpu_time(gpu_programs(sweep_T, batch, c)["pallas"], args)}
+             for c in configs] if len(configs) > 1 else [{"config": list(configs[0]), "seconds": None}]
+    timed_ok = [s for s in sweep if isinstance(s["seconds"], float)]
+    best = tuple(min(timed_ok, key=lambda s: s["seconds"])["config"]) if timed_ok else configs[0]
+    if len(configs) > 1:
+        print(f"Triton launch configurations at T={sweep_T} (block_q, block_k, warps, stages): "
+              + ", ".join(f"{tuple(s['config'])} {s['seconds'] * 1e3:.2f} ms" if isinstance(s["seconds"], float)
+                          else f"{tuple(s['config'])} failed: {s['seconds']}" for s in sweep))
     rows = []
     for T in lengths:
-        seg, prefix = glm_mask(T)
-        mask = masks.dense_mask(seg, prefix)[:, None]
-
-        def cudnn(q, k, v):
-            out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
-            return jnp.sum(out.astype(jnp.float32))
-
-        rng = np.random.default_rng(0)
-        args = [jnp.asarray(rng.normal(size=a.shape), jnp.bfloat16) for a in avals(T, jnp.bfloat16)]
-        ours = fwd_bwd("pallas", T, interpret=False, compiler_params=params)
-        theirs = jax.jit(jax.value_and_grad(cudnn, argnums=(0, 1, 2)))
-        timing = []
-        for fn in (ours, theirs):
-            jax.block_until_ready(fn(*args))
-            start = time.perf_counter()
-            for _ in range(10):
-                jax.block_until_ready(fn(*args))
-            timing.append((time.perf_counter() - start) / 10)
-        rows.append({"T": T, "pallas_seconds": timing[0], "cudnn_seconds": timing[1]})
-        print(f"T={T}: pallas {timing[0] * 1e3:.2f} ms, cuDNN {timing[1] * 1e3:.2f} ms")
-    return {"rows": rows}
+        args = gpu_args(T, batch)
+        row = {"T": T, "batch": batch, "config": list(best)}
+        for name, fn in gpu_programs(T, batch, best).items():
+            row[f"{name}_seconds"] = gpu_time(fn, args)
+            print(f"T={T} {name}: {row[f'{name}_seconds']}", flush=True)
+        row["pallas_attended_tflops"] = (attended_flops(T, batch) / row["pallas_seconds"] / 1e12
+                                         if isinstance(row["pallas_seconds"], float) else None)
+        rows.append(row)
+    print(f"forward+backward bf16, B={batch}, Hq={HQ}, Hkv={HKV}, D={D}, GLM mask (sep = T/2), "
+          f"Triton config {best}, {jax.devices()[0].device_kind}")
+    print(f"{'T':>6} {'Triton ms':>10} {'cuDNN ms':>10} {'XLA ms':>10} {'cuDNN/Triton':>13} {'XLA/Triton':>11} "
+          f"{'Triton TFLOP/s':>15}")
+    for r in rows:
+        cells = [f"{r[k] * 1e3:.2f}" if isinstance(r[k], float) else "failed"
+                 for k in ("pallas_seconds", "cudnn_seconds", "xla_seconds")]
+        ratios = [f"{r[k] / r['pallas_seconds']:.2f}" if isinstance(r[k], float) and isinstance(r["pallas_seconds"], float)
+                  else "-" for k in ("cudnn_seconds", "xla_seconds")]
+        tflops = f"{r['pallas_attended_tflops']:.1f}" if r["pallas_attended_tflops"] else "-"
+        print(f"{r['T']:>6} {cells[0]:>10} {cells[1]:>10} {cells[2]:>10} {ratios[0]:>13} {ratios[1]:>11} {tflops:>15}")
+    for r in rows:
+        for k in ("cudnn_seconds", "xla_seconds"):
+            if not isinstance(r[k], float):
+                print(f"T={r['T']} {k.split('_')[0]}: {r[k]}")
+    return {"device": jax.devices()[0].device_kind, "sweep_T": sweep_T, "sweep": sweep, "rows": rows}
 
 
 def tpu_hbm_report(lengths: list[int], topology: str) -> dict:
@@ -231,6 +291,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
     parser.add_argument("--backend", choices=["cpu", "gpu", "tpu"], default="cpu")
+    parser.add_argument("--batch", type=int, default=1, help="GPU mode: examples per call")
+    parser.add_argument("--triton_config", type=int, nargs=4, default=None, metavar=("BQ", "BK", "WARPS", "STAGES"),
+                        help="GPU mode: time this launch configuration instead of sweeping GPU_CONFIGS")
     parser.add_argument("--tpu_topology", default=None, help="e.g. v5e:2x2: TPU HBM from the AOT compile (on CPU)")
     parser.add_argument("--time", action="store_true", help="also time both paths on CPU (T <= 4096)")
     parser.add_argument("--out", default="experiments/results/attention.json")
@@ -239,9 +302,12 @@ def main():
         result, name = tpu_hbm_report(args.lengths, args.tpu_topology), f"attention (TPU AOT {args.tpu_topology})"
         args.out = args.out.replace(".json", f"_{args.tpu_topology.replace(':', '_')}.json")
     else:
-        report = {"cpu": lambda: cpu_report(args.lengths, args.time), "gpu": lambda: gpu_report(args.lengths),
+        report = {"cpu": lambda: cpu_report(args.lengths, args.time), "gpu": lambda: gpu_report(args.lengths, args.batch,
+                                                  [tuple(args.triton_config)] if args.triton_config else GPU_CONFIGS),
                   "tpu": lambda: tpu_report(args.lengths)}[args.backend]
         result, name = report(), f"attention ({args.backend})"
+        if args.backend != "cpu" and args.out == parser.get_default("out"):
+            args.out = args.out.replace(".json", f"_{args.backend}.json")  # keep the CPU figures
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"benchmark": name, "jax": jax.__version__, **result}, indent=2))
     print(f"wrote {args.out}")

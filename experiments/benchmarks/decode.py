@@ -1,7 +1,7 @@
 """Decode speed and KV-cache bytes of MHA vs GQA-4 vs MQA, and a Hugging Face transformers peer.
 
     python experiments/benchmarks/decode.py [--contexts 512 2048 8192] [--batches 1 8] [--tokens 32]
-        [--out experiments/results/decode.json] [--no-peer]
+        [--dtype float32|bfloat16] [--out experiments/results/decode.json] [--no-peer]
 
 One model shape (hidden 1024, 16 heads of 64, 8 layers, SwiGLU 2816, vocab
 32768: ChatGLM2 / GLM-4 style) with 16, 4 and 1 KV heads. For each context
@@ -17,6 +17,7 @@ Decode at long context is memory-bandwidth bound: every new token reads the
 whole cache, 2 x layers x kv_heads x head_dim x 4 bytes per context token,
 so MHA reads H/G times the bytes of GQA-G (16x for MQA) on top of the fixed
 weight read. Ratios, not absolute times, are the result (the machine is noisy).
+On a GPU the peer runs on CUDA too; --dtype sets both sides' weights and cache.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import functools
 import json
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -33,11 +35,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from glm_jax.data.tokenizer import SpecialTokens
-from glm_jax.infer.cache import init_cache, kv_bytes, kv_bytes_per_token
-from glm_jax.infer.generate import decode_loop, decode_state
-from glm_jax.infer.sampling import SamplingConfig
-from glm_jax.model import GLM, ModelConfig, init_params
+sys.path.insert(0, str(Path(__file__).parent))
+from model_step import machine, torch_device  # noqa: E402
+
+from glm_jax.data.tokenizer import SpecialTokens  # noqa: E402
+from glm_jax.infer.cache import init_cache, kv_bytes, kv_bytes_per_token  # noqa: E402
+from glm_jax.infer.generate import decode_loop, decode_state  # noqa: E402
+from glm_jax.infer.sampling import SamplingConfig  # noqa: E402
+from glm_jax.model import GLM, ModelConfig, init_params  # noqa: E402
 
 MODEL = dict(vocab_size=32768, hidden_size=1024, num_layers=8, num_heads=16, head_dim=64, mlp_dim=2816,
              mlp_activation="swiglu", norm="rmsnorm", position="rope", rope_style="interleaved",
@@ -88,7 +93,7 @@ def glm_jax_decode(config: ModelConfig, batch: int, context: int, tokens: int, r
             "kv_cache_bytes": cache_bytes, "kv_bytes_per_token": kv_bytes_per_token(config)}
 
 
-def transformers_decode(batch: int, context: int, tokens: int, repeats: int) -> dict | None:
+def transformers_decode(batch: int, context: int, tokens: int, repeats: int, dtype: str) -> dict | None:
     try:
         import torch
         from transformers import DynamicCache, GlmConfig, GlmForCausalLM
@@ -103,18 +108,22 @@ def transformers_decode(batch: int, context: int, tokens: int, repeats: int) -> 
                    intermediate_size=m["mlp_dim"], partial_rotary_factor=m["rotary_fraction"], attention_bias=True,
                    tie_word_embeddings=False, max_position_embeddings=context + tokens + 8, pad_token_id=0,
                    eos_token_id=None, attn_implementation="sdpa")
-    model = GlmForCausalLM(hf).eval()
+    device = torch_device()
+    torch_dtype = getattr(torch, dtype)
+    model = GlmForCausalLM(hf).to(device, torch_dtype).eval()
     shape = (batch, m["num_heads"], context, m["head_dim"])
     times = []
     for repeat in range(repeats + 1):
         cache = DynamicCache(config=hf)
         for layer in range(m["num_layers"]):
-            cache.update(torch.randn(shape), torch.randn(shape), layer)
-        ids = torch.randint(10, m["vocab_size"], (batch, context + 1))
+            cache.update(*(torch.randn(shape, device=device, dtype=torch_dtype) for _ in range(2)), layer)
+        ids = torch.randint(10, m["vocab_size"], (batch, context + 1), device=device)
         start = time.perf_counter()
         with torch.inference_mode():
             out = model.generate(input_ids=ids, past_key_values=cache, max_new_tokens=tokens,
                                  min_new_tokens=tokens, do_sample=False)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         if repeat:
             times.append(time.perf_counter() - start)
         assert out.shape[1] == context + 1 + tokens
@@ -130,6 +139,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32, help="decoded tokens per timed run")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--no-peer", action="store_true", help="skip the transformers peer")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--out", default="experiments/results/decode.json")
     args = parser.parse_args()
 
@@ -137,13 +147,13 @@ def main() -> None:
     for context in args.contexts:
         for batch in args.batches:
             for name, kv_heads in VARIANTS.items():
-                config = ModelConfig(**MODEL, num_kv_heads=kv_heads)
+                config = ModelConfig(**{**MODEL, "dtype": args.dtype, "param_dtype": args.dtype}, num_kv_heads=kv_heads)
                 result = glm_jax_decode(config, batch, context, args.tokens, args.repeats)
                 rows.append({"impl": "glm_jax", "variant": name, "kv_heads": kv_heads, "context": context,
                              "batch": batch, "params": config.num_params(), **result})
                 print(_row(rows[-1]), flush=True)
             if not args.no_peer:
-                peer = transformers_decode(batch, context, args.tokens, args.repeats)
+                peer = transformers_decode(batch, context, args.tokens, args.repeats, args.dtype)
                 if peer:
                     rows.append({"impl": "transformers", "variant": "MHA", "kv_heads": MODEL["num_heads"],
                                  "context": context, "batch": batch, **peer})
@@ -168,7 +178,7 @@ def main() -> None:
                   f"{line['mha_over_transformers'] or float('nan'):>7.2f} {_mib(mha['kv_cache_bytes']):>10} "
                   f"{_mib(gqa['kv_cache_bytes']):>10} {_mib(mqa['kv_cache_bytes']):>10}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"model": MODEL, "tokens": args.tokens, "device": jax.devices()[0].device_kind,
+    Path(args.out).write_text(json.dumps({"model": MODEL, "dtype": args.dtype, "tokens": args.tokens, "device": machine(),
                                           "rows": rows, "summary": summary}, indent=2))
     print(f"wrote {args.out}")
 

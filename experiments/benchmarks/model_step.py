@@ -45,12 +45,47 @@ def timed(fn, *args, steps: int) -> float:
     return statistics.median(times)
 
 
-def matmul_peak(n: int = 2048, steps: int = 10) -> float:
-    """Achieved float32 FLOP/s of one large square matmul (the machine's practical peak)."""
-    a = jnp.asarray(np.random.default_rng(0).normal(size=(n, n)), jnp.float32)
-    b = jnp.asarray(np.random.default_rng(1).normal(size=(n, n)), jnp.float32)
+def matmul_peak(n: int | None = None, steps: int = 10, dtype="float32") -> float:
+    """Achieved FLOP/s of one large square matmul in `dtype` (the machine's practical peak).
+
+    n defaults to 2048 on CPU and 8192 on an accelerator (a smaller product does not fill one).
+    On a GPU a float32 product runs in TF32, jax's default there.
+    """
+    n = n or (2048 if jax.default_backend() == "cpu" else 8192)
+    a = jnp.asarray(np.random.default_rng(0).normal(size=(n, n)), dtype)
+    b = jnp.asarray(np.random.default_rng(1).normal(size=(n, n)), dtype)
     seconds = timed(jax.jit(jnp.matmul), a, b, steps=steps)
     return 2.0 * n ** 3 / seconds
+
+
+def machine() -> str:
+    """What the figures were measured on, for the tables and the JSON."""
+    device = jax.devices()[0]
+    if device.platform == "cpu":
+        import os
+
+        return f"{os.cpu_count()} CPU cores"
+    return device.device_kind
+
+
+def torch_device():
+    """The torch device matching jax's backend: the peer runs where glm_jax runs."""
+    import torch
+
+    return torch.device("cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu")
+
+
+def torch_synchronized(fn, device):
+    """fn followed by a wait for the GPU, so `timed` measures the device work, not the launch."""
+    import torch
+
+    def run(*args):
+        out = fn(*args)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return out
+
+    return run
 
 
 def glm_batch(batch: int, length: int, vocab: int, seed: int = 0) -> dict:

@@ -1,7 +1,7 @@
 """Full train step (forward, backward, AdamW) of the 59M benchmark model vs a PyTorch peer and the matmul peak.
 
     pip install torch==2.13.0 'glm_jax[bench]'   # CPU torch from the local file, transformers
-    python experiments/benchmarks/train_step.py [--steps 5] [--out experiments/results/train_step.json]
+    python experiments/benchmarks/train_step.py [--steps 5] [--dtype float32|bfloat16] [--out experiments/results/train_step.json]
 
 Side by side in one run on this machine: (a) the float32 matmul peak, (b) the
 glm_jax train step exactly as glm_jax.train runs it (jit, donated state, clip +
@@ -9,6 +9,12 @@ AdamW), (c) Hugging Face transformers GlmForCausalLM (the same architecture:
 SwiGLU, RMSNorm, partial interleaved RoPE, QKV bias, untied head) trained with
 torch.optim.AdamW on the same token ids. MFU uses analytic FLOPs
 (glm_jax.train.flops): 6 * matmul params per token + attention over attended pairs.
+
+On a GPU both run there: glm_jax with the Triton flash kernel ('auto'), the peer with
+SDPA on CUDA. --dtype bfloat16 is mixed precision on both sides (float32 parameters and
+optimizer state, bf16 compute: glm_jax's ModelConfig.dtype, torch.autocast); float32
+matmuls run in TF32 on both sides (jax's default on GPU; torch is set to match), and the
+peak is measured in the same dtype.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).parent))
-from model_step import BENCH_59M, glm_batch, matmul_peak, timed  # noqa: E402
+from model_step import BENCH_59M, glm_batch, machine, matmul_peak, timed, torch_device, torch_synchronized  # noqa: E402
 
 from glm_jax.model import ModelConfig  # noqa: E402
 from glm_jax.parallel.mesh import MeshConfig, make_mesh  # noqa: E402
@@ -52,7 +58,7 @@ def glm_jax_step_seconds(config: ModelConfig, batch: dict, repeats: int) -> floa
     return timed(run, steps=repeats)
 
 
-def torch_step_seconds(batch: dict, repeats: int) -> float | None:
+def torch_step_seconds(batch: dict, repeats: int, dtype: str) -> float | None:
     try:
         import torch
         from transformers import GlmConfig, GlmForCausalLM
@@ -62,24 +68,29 @@ def torch_step_seconds(batch: dict, repeats: int) -> float | None:
         return None
     torch.manual_seed(0)
     torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_float32_matmul_precision("high")  # TF32 on a GPU, as jax's default; no effect on CPU
+    device = torch_device()
     c = BENCH_59M
     hf = GlmConfig(vocab_size=c["vocab_size"], hidden_size=c["hidden_size"], num_hidden_layers=c["num_layers"],
                    num_attention_heads=c["num_heads"], num_key_value_heads=c["num_heads"],
                    head_dim=c["hidden_size"] // c["num_heads"], intermediate_size=c["mlp_dim"],
                    partial_rotary_factor=c["rotary_fraction"], attention_bias=True, tie_word_embeddings=False,
-                   max_position_embeddings=4096, pad_token_id=0, attn_implementation="sdpa")
-    model = GlmForCausalLM(hf).train()
+                   max_position_embeddings=max(4096, batch["tokens"].shape[1]), pad_token_id=0,
+                   attn_implementation="sdpa")
+    model = GlmForCausalLM(hf).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
-    tokens = torch.from_numpy(batch["tokens"]).long()
+    tokens = torch.from_numpy(batch["tokens"]).long().to(device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
 
     def run():
         optimizer.zero_grad(set_to_none=True)
-        loss = model(input_ids=tokens, labels=tokens).loss
+        with autocast:
+            loss = model(input_ids=tokens, labels=tokens).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
 
-    return timed(run, steps=repeats)
+    return timed(torch_synchronized(run, device), steps=repeats)
 
 
 def main():
@@ -87,15 +98,17 @@ def main():
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq_len", type=int, default=512)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="compute dtype (bfloat16: mixed precision, float32 parameters)")
     parser.add_argument("--out", default="experiments/results/train_step.json")
     args = parser.parse_args()
 
-    config = ModelConfig(**BENCH_59M, dtype="float32")
+    config = ModelConfig(**BENCH_59M, dtype=args.dtype)
     batch = glm_batch(args.batch, args.seq_len, config.vocab_size)
     flops = training_flops_both(config, batch["segment_ids"], batch["prefix_mask"])
-    peak = matmul_peak()
+    peak = matmul_peak(dtype=args.dtype)
     ours = glm_jax_step_seconds(config, batch, args.steps)
-    peer = torch_step_seconds(batch, args.steps)
+    peer = torch_step_seconds(batch, args.steps, args.dtype)
     tokens = args.batch * args.seq_len
 
     rows = [{"system": "glm_jax (jax.jit, AdamW)", "step_seconds": ours, "tokens_per_second": tokens / ours,
@@ -107,15 +120,16 @@ def main():
                      "tokens_per_second": tokens / peer,
                      "fraction_of_matmul_peak": training_flops(config, tokens, causal_pairs) / peer / peak,
                      "fraction_of_matmul_peak_full_matrix": flops["full_matrix"] / peer / peak})
-    print(f"59M GLM train step, B={args.batch}, T={args.seq_len}, float32, {os.cpu_count()} CPU cores, "
-          f"matmul peak {peak / 1e9:.1f} GFLOP/s")
+    print(f"59M GLM train step, B={args.batch}, T={args.seq_len}, {args.dtype}, {machine()}, "
+          f"{args.dtype} matmul peak {peak / 1e9:.1f} GFLOP/s")
     print(f"{'system':<44} {'step s':>8} {'tokens/s':>9} {'MFU':>7} {'MFU (T^2)':>10}")
     for r in rows:
         print(f"{r['system']:<44} {r['step_seconds']:>8.3f} {r['tokens_per_second']:>9.0f} "
               f"{r['fraction_of_matmul_peak']:>7.1%} {r['fraction_of_matmul_peak_full_matrix']:>10.1%}")
     if peer is not None:
         print(f"glm_jax / PyTorch tokens/s: {peer / ours:.2f}x")
-    result = {"benchmark": "train_step (59M, float32)", "jax": jax.__version__, "matmul_peak": peak, "rows": rows,
+    result = {"benchmark": f"train_step (59M, {args.dtype})", "machine": machine(), "jax": jax.__version__,
+              "batch": args.batch, "seq_len": args.seq_len, "matmul_peak": peak, "rows": rows,
               "speedup_vs_torch": None if peer is None else peer / ours}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
