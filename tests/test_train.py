@@ -142,19 +142,43 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path):
     np.testing.assert_allclose(accumulated["losses"], whole["losses"], rtol=1e-5)
 
 
-def test_sigterm_saves_and_exits_cleanly(tmp_path):
-    run_dir = tmp_path / "preempted"
-    process = subprocess.Popen(train_command(experiment(tmp_path, "preempted", 10_000)), env=subprocess_env(2),
-                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+def start_and_wait_for_steps(tmp_path, name: str, extra=()) -> subprocess.Popen:
+    """A long tiny run in a subprocess, returned once it has written its first checkpoint."""
+    run_dir = tmp_path / name
+    process = subprocess.Popen(train_command(experiment(tmp_path, name, 10_000, extra)), env=subprocess_env(2),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
-    while not list((run_dir / "tensorboard").glob("events*")) and time.time() < deadline:
-        time.sleep(0.1)
-    time.sleep(2)  # a few steps in
-    process.send_signal(signal.SIGTERM)
-    out, _ = process.communicate(timeout=240)
-    assert process.returncode == 0 and "preempted" in out
-    done = summary(run_dir)
-    assert done["preempted"] and Checkpointer(run_dir / "checkpoints").latest_step() == len(done["losses"])
+    while not any(p.name.isdigit() for p in (run_dir / "checkpoints").glob("*")) and time.time() < deadline:
+        time.sleep(0.1)  # compiled, and saving every step from now on (temporary step directories do not count)
+    return process
+
+
+@pytest.mark.parametrize("sig,code,word", [(signal.SIGTERM, 0, "preempted"), (signal.SIGINT, 130, "interrupted")])
+def test_sigterm_and_ctrl_c_save_and_exit_cleanly(tmp_path, sig, code, word):
+    # A save every step, so one is in flight when the signal arrives: it must complete.
+    process = start_and_wait_for_steps(tmp_path, "stopped", ["train.checkpoint_every = 1"])
+    process.send_signal(sig)
+    out, err = process.communicate(timeout=240)
+    assert process.returncode == code and word in out, err
+    assert "Traceback" not in err
+    done = summary(tmp_path / "stopped")
+    assert done["stopped_by"] == sig.name
+    checkpoints = Checkpointer(tmp_path / "stopped" / "checkpoints")
+    assert checkpoints.latest_step() == len(done["losses"])
+
+
+def test_a_second_ctrl_c_exits_at_once_and_keeps_the_newest_complete_checkpoint(tmp_path):
+    process = start_and_wait_for_steps(tmp_path, "twice", ["train.checkpoint_every = 1"])
+    process.send_signal(signal.SIGINT)
+    time.sleep(0.5)  # the first is handled (between two steps), the second ends the process
+    process.send_signal(signal.SIGINT)
+    start = time.time()
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == -signal.SIGINT and time.time() - start < 10  # a shell reports 130
+    assert "Ctrl-C again exits at once" in err and "Traceback" not in err
+    config = experiment_lib.from_gin([], experiment(tmp_path, "twice", 10_000)).model
+    _, step = restore_params(tmp_path / "twice", _unboxed_abstract(config))  # the newest complete step restores
+    assert step >= 1
 
 
 def test_launcher_usage_and_dry_runs():

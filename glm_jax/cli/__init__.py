@@ -6,6 +6,7 @@ inputs (an Experiment from gin flags, a run directory) and calls the library.
 
 from __future__ import annotations
 
+import glob
 import importlib
 import os
 import sys
@@ -33,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"glm_jax: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
         return 2
+    pin_cpu_unless_accelerator()
     try:
         return importlib.import_module(f"glm_jax.cli.{command}").main(rest)
     except _user_errors() as error:
@@ -40,6 +42,21 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"glm_jax {command}: {error}\n(set GLM_JAX_TRACEBACK=1 for the full traceback)", file=sys.stderr)
         return 2
+
+
+# Device files of TPUs (/dev/accel*, /dev/vfio/N) and NVIDIA GPUs (/dev/nvidiaN).
+ACCELERATOR_DEVICE_FILES = ("/dev/accel*", "/dev/vfio/[0-9]*", "/dev/nvidia[0-9]*")
+
+
+def pin_cpu_unless_accelerator() -> None:
+    """JAX_PLATFORMS=cpu when the machine has no accelerator device files (and the user set none).
+
+    Without it an installed libtpu (the tpu extra, which the preflight uses) probes for a TPU
+    on every start and prints initialisation errors. launch.sh does the same for its commands.
+    Must run before jax is imported.
+    """
+    if not any(glob.glob(pattern) for pattern in ACCELERATOR_DEVICE_FILES):
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
 def _user_errors() -> tuple[type, ...]:

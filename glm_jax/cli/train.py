@@ -20,5 +20,5 @@ def main(argv: list[str]) -> int:
     from glm_jax.train.loop import train
 
     initialize_distributed()
-    train(experiment.from_gin(args.gin_file, bindings))
-    return 0
+    summary = train(experiment.from_gin(args.gin_file, bindings))
+    return 130 if summary.get("stopped_by") == "SIGINT" else 0  # a shell sees that Ctrl-C stopped the run

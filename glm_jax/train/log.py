@@ -47,8 +47,9 @@ class RunLogger:
             return
         for key, value in metrics.items():
             self.writer.add_scalar(f"train/{key}", value, step)
-        self.bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_second']:.0f}",
-                             mfu=f"{metrics['mfu']:.1%}")
+        rate = ({"mfu": f"{metrics['mfu']:.1%}"} if "mfu" in metrics
+                else {"gflop_s": f"{metrics['model_flops_per_device'] / 1e9:.1f}"})  # no fixed peak: no MFU
+        self.bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_second']:.0f}", **rate)
         self.bar.update(1)
 
     def log_eval(self, step: int, metrics: dict) -> None:
@@ -59,22 +60,35 @@ class RunLogger:
             self.writer.add_scalar(f"eval/{key}", value, step)
         self.bar.write(f"step {step}: eval loss {metrics['loss']:.4f}, accuracy {metrics['accuracy']:.3f}")
 
-    def finish(self, last: dict, peak_source: str, checkpoint_dir: Path, checkpoint_step, preempted: bool) -> dict:
+    def finish(self, last: dict, peak_source: str, checkpoint_dir: Path, checkpoint_step,
+               stopped_by: str | None) -> dict:
+        """The run's summary (printed and written to summary.json); stopped_by: the signal that ended it early."""
+        preempted = stopped_by is not None
         steady = self.tokens_per_second[1:] or self.tokens_per_second  # the first step includes compilation
         summary = {
             "final_train_loss": last.get("loss"), "final_eval_loss": (self.eval_history or [{}])[-1].get("loss"),
             "tokens_per_second": sum(steady) / max(len(steady), 1), "mfu": last.get("mfu"),
+            "model_flops_per_device": last.get("model_flops_per_device"),
             "mfu_full_matrix": last.get("mfu_full_matrix"), "mfu_peak_source": peak_source,
             "checkpoint": str(checkpoint_dir / str(checkpoint_step)) if checkpoint_step is not None else None,
-            "preempted": preempted, "losses": [h["loss"] for h in self.history], "eval": self.eval_history,
+            "preempted": preempted, "stopped_by": stopped_by, "losses": [h["loss"] for h in self.history], "eval": self.eval_history,
         }
         if self.enabled:
             self.bar.close()
             self.writer.close()
             self.run.write_summary(summary)
             eval_loss = summary["final_eval_loss"]
-            print(f"{'preempted' if preempted else 'done'}: train loss {summary['final_train_loss']:.4f}, "
+            ending = {None: "done", "SIGTERM": "preempted", "SIGINT": "interrupted"}[stopped_by]
+            print(f"{ending}: train loss {summary['final_train_loss']:.4f}, "
                   f"eval loss {eval_loss if eval_loss is None else f'{eval_loss:.4f}'}, "
-                  f"{summary['tokens_per_second']:.0f} tokens/s, MFU {summary['mfu'] or 0:.1%} "
-                  f"({peak_source}), checkpoint {summary['checkpoint']}", flush=True)
+                  f"{summary['tokens_per_second']:.0f} tokens/s, {_utilisation(summary, peak_source)}, "
+                  f"checkpoint {summary['checkpoint']}", flush=True)
         return summary
+
+
+def _utilisation(summary: dict, peak_source: str) -> str:
+    """'MFU 41.0% (TPU v5e bf16 spec)', or the model FLOP/s where the device has no fixed peak."""
+    if summary["mfu"] is not None:
+        return f"MFU {summary['mfu']:.1%} ({peak_source})"
+    rate = summary["model_flops_per_device"]
+    return f"{(rate or 0) / 1e9:.1f} model GFLOP/s per device ({peak_source})"

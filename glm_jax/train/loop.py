@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import signal
 import sys
+import threading
 import time
 
 import jax
@@ -38,9 +39,18 @@ class TrainingDiverged(RuntimeError):
 def train(experiment: Experiment) -> dict:
     """Trains a GLM as the experiment says; resumes from the latest checkpoint of its run directory.
 
-    Returns the final summary (also printed and written to RUN/summary.json).
+    Returns the final summary (also printed and written to RUN/summary.json). SIGTERM
+    (preemption) and a first Ctrl-C both finish the current step, save it and return
+    (summary['stopped_by'] names the signal); a second Ctrl-C exits at once.
     """
-    stop = _PreemptionFlag()  # first, so a SIGTERM during start-up still ends in a clean save
+    stop = _StopSignals()  # first, so a signal during start-up still ends in a clean save
+    try:
+        return _train(experiment, stop)
+    finally:
+        stop.restore()
+
+
+def _train(experiment: Experiment, stop: _StopSignals) -> dict:
     settings, model = experiment.train, experiment.model
     run = RunDir(settings.run_dir)
     mesh, rules = make_mesh(experiment.mesh), logical_axis_rules(settings.sharding)
@@ -65,7 +75,7 @@ def train(experiment: Experiment) -> dict:
               "train.steps to continue it or choose another RUN_DIR", flush=True)
         return {"final_train_loss": None, "losses": [],
                 "checkpoint": str(checkpoints.directory / str(checkpoints.latest_step())),
-                "preempted": False}
+                "preempted": False, "stopped_by": None}
     batches = make_batches(experiment.data, experiment.objective, "train", tokenizer=tokenizer, state=data_state)
     eval_data = eval_stream(experiment.data, experiment.objective, tokenizer)
 
@@ -109,7 +119,7 @@ def train(experiment: Experiment) -> dict:
 
         checkpoints.close()
         return logger.finish(last, peak_source, checkpoints.directory, checkpoints.latest_step(),
-                             preempted=stop.requested)
+                             stopped_by=stop.received)
 
 
 def _restore_newest_intact(run: RunDir, checkpoints, model: ModelConfig, tx, shardings):
@@ -142,28 +152,54 @@ def _all_data_states(batches: LocalBatches) -> list:
     return [LocalBatches.state_from_array(process) for process in gathered]
 
 
-def _throughput(model: ModelConfig, local: dict, seconds: float, peak: float) -> dict:
+def _throughput(model: ModelConfig, local: dict, seconds: float, peak: float | None) -> dict:
     tokens = local["tokens"].size * jax.process_count()
     counted = flops.training_flops_both(model, local["segment_ids"], local["prefix_mask"])
-    devices = jax.device_count()
-    return {"step_seconds": seconds, "tokens_per_second": tokens / seconds,
-            "mfu": counted["attended"] * jax.process_count() / seconds / (peak * devices),
-            "mfu_full_matrix": counted["full_matrix"] * jax.process_count() / seconds / (peak * devices)}
+    per_device = {key: counted[key] * jax.process_count() / seconds / jax.device_count()
+                  for key in ("attended", "full_matrix")}
+    rates = {"step_seconds": seconds, "tokens_per_second": tokens / seconds,
+             "model_flops_per_device": per_device["attended"]}
+    if peak is not None:  # MFU only against a fixed hardware peak (flops.peak_flops_per_device)
+        rates.update(mfu=per_device["attended"] / peak, mfu_full_matrix=per_device["full_matrix"] / peak)
+    return rates
 
 
-class _PreemptionFlag:
-    """SIGTERM (TPU preemption, SLURM time limit) asks the loop to checkpoint and stop."""
+class _StopSignals:
+    """SIGTERM (TPU preemption, SLURM time limit) or Ctrl-C asks the loop to checkpoint and stop.
+
+    The first Ctrl-C is handled like SIGTERM, so a save in progress completes and the step
+    reached is saved. It also gives SIGINT back to the operating system's default, so a
+    second Ctrl-C ends the process at once, even inside a long compile or save (Python runs
+    its own handlers only between bytecodes): Orbax writes each step to a temporary
+    directory and renames it when complete, so the newest complete step stays loadable.
+    The previous handlers come back when training returns.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
-        self.requested = False
-        signal.signal(signal.SIGTERM, self._handle)
+        self.received: str | None = None
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+
+    @property
+    def requested(self) -> bool:
+        return self.received is not None
 
     def _handle(self, signum, frame):
-        self.requested = True
+        self.received = self.received or signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            print("\nCtrl-C: finishing this step, saving a checkpoint and stopping (Ctrl-C again exits at once, "
+                  "keeping the newest complete checkpoint)", file=sys.stderr, flush=True)
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
     def agreed(self) -> bool:
         """True on every process once any process was signalled (saving is collective)."""
         if jax.process_count() == 1:
             return self.requested
         return bool(np.any(multihost_utils.process_allgather(np.asarray(self.requested))))
-
