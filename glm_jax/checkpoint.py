@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import shutil
+import tempfile
 import threading
 from pathlib import Path
 from queue import Queue
@@ -71,6 +73,23 @@ def _manager(directory: Path, options: ocp.CheckpointManagerOptions) -> ocp.Chec
     return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
 
 
+def check_writable(directory: Path) -> None:
+    """Creates `directory` if needed and writes and removes a file in it; CheckpointSaveError if it cannot.
+
+    A read-only or full checkpoint directory is found at start-up this way; otherwise the
+    run would train to its first save and fail (or wait on Orbax's timeouts) there.
+    """
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        handle, probe = tempfile.mkstemp(dir=directory, prefix=".glm_jax-write-test-")
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as error:
+        raise CheckpointSaveError(
+            f"cannot write checkpoints to {directory} ({error.strerror or error}); make it writable (or free "
+            "space on its disk) or choose another RUN_DIR. Nothing was trained") from error
+
+
 class CheckpointShapeError(ValueError):
     """A checkpoint's parameter shapes do not match the model config."""
 
@@ -84,6 +103,7 @@ class Checkpointer:
         if read_only:
             options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
         else:
+            check_writable(self.directory)  # now, not after hours of training
             options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                                    cleanup_tmp_directories=True, create=True)
         self.manager = _manager(self.directory, options)

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import hypothesis
@@ -130,6 +131,30 @@ def test_a_full_disk_stops_the_run_and_keeps_the_previous_checkpoint(trained, tm
             subprocess.run(["umount", "--lazy", str(disk)], check=False)  # writer threads may still hold files
 
 
+def test_a_read_only_checkpoint_directory_is_named_before_training(trained, tmp_path, monkeypatch):
+    """A real read-only file system (a tmpfs remounted read-only, where this process may mount one),
+    else a directory whose writes fail with EROFS: one message at start-up, in seconds, nothing changed."""
+    disk = tmp_path / "disk"
+    mounted = _mount_tmpfs(disk, "64m")
+    try:
+        run_dir = disk / "run"
+        shutil.copytree(trained / "run", run_dir, ignore=shutil.ignore_patterns("4"))  # trained to step 2
+        before = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+        if not (mounted and subprocess.run(["mount", "-o", "remount,ro", str(disk)]).returncode == 0):
+            def read_only(*args, **kwargs):
+                raise OSError(errno.EROFS, "Read-only file system")
+            monkeypatch.setattr(checkpoint_lib.tempfile, "mkstemp", read_only)
+        start = time.time()
+        with pytest.raises(CheckpointSaveError, match=r"cannot write checkpoints to .*checkpoints \(Read-only file "
+                                                      r"system\); make it writable .* Nothing was trained"):
+            train_in_process(experiment(trained, "run", 4, ["train.checkpoint_every = 2", f"RUN_DIR = '{run_dir}'"]))
+        assert time.time() - start < 60
+        assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == before
+    finally:
+        if mounted:
+            subprocess.run(["umount", "--lazy", str(disk)], check=False)
+
+
 def test_streamed_write_holds_two_groups_at_most_and_a_failing_producer_leaves_no_step(tmp_path):
     produced, consumed = [], []
 
@@ -229,7 +254,19 @@ def test_skipping_bad_input_counts_and_reports_it(tmp_path, capsys):
     assert len(list(corpus.read_documents(source, stats=stats, skip_bad_input=True))) == 5
     assert stats.skipped_bad_json == 2 and stats.skipped_non_utf8 == 1
     corpus.report_skipped(source, stats)
-    assert "skipped 2 malformed jsonl lines and 1 non-UTF-8 files" in capsys.readouterr().err
+    report = capsys.readouterr().err
+    assert "skipped 2 malformed jsonl lines and 1 non-UTF-8 files" in report
+    assert "a.jsonl:6: not valid JSON" in report and "a.jsonl:7: not a JSON object with a string 'text'" in report
+    assert "b.jsonl: not UTF-8" in report
+
+
+def test_a_directory_as_source_says_which_glob_to_give(tmp_path):
+    (tmp_path / "docs" / "sub").mkdir(parents=True)
+    (tmp_path / "docs" / "a.txt").write_text("alpha beta.")
+    with pytest.raises(ValueError, match=rf"text:{tmp_path}/docs is a directory; give a glob of its files, "
+                                         rf"e.g. 'text:{tmp_path}/docs/\*\*/\*.txt'"):
+        corpus.source_files(f"text:{tmp_path}/docs")
+    assert corpus.source_files(f"text:{tmp_path}/docs/*") == [tmp_path / "docs" / "a.txt"]  # sub/ is left out
 
 
 def test_undecodable_text_file_is_named(tmp_path):

@@ -42,17 +42,28 @@ class CorpusStats:
     skipped_non_utf8: int = 0
     skipped_empty: int = 0
     skipped_bad_json: int = 0
+    examples: list = dataclasses.field(default_factory=list)  # the first few skipped inputs, 'file[:line]: why'
+
+    def skip(self, where: str, why: str) -> None:
+        if len(self.examples) < 3:
+            self.examples.append(f"{where}: {why}")
 
 
 def stdlib_root() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
-def _expand(patterns: str) -> list[Path]:
+def _expand(kind: str, patterns: str) -> list[Path]:
+    """The files of comma-separated globs; directories a glob matches are not documents and are left out."""
     paths, missing = [], []
     for pattern in patterns.split(","):
-        found = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
-        (paths.extend(Path(p) for p in found) if found else missing.append(pattern))
+        expanded = os.path.expanduser(pattern)
+        if os.path.isdir(expanded):
+            suffix = "jsonl" if kind == "jsonl" else "txt"
+            raise ValueError(f"data source {kind}:{pattern} is a directory; give a glob of its files, e.g. "
+                             f"'{kind}:{pattern.rstrip('/')}/**/*.{suffix}'")
+        found = [Path(p) for p in sorted(glob.glob(expanded, recursive=True)) if not os.path.isdir(p)]
+        (paths.extend(found) if found else missing.append(pattern))
     if missing:
         raise FileNotFoundError(f"no files match {missing}; check the path (globs like data/*.txt work)")
     return paths
@@ -67,7 +78,7 @@ def source_files(source: str) -> list[Path]:
     kind, _, patterns = source.partition(":")
     if kind not in ("text", "jsonl") or not patterns:
         raise ValueError(f"data source {source!r} is not understood; use 'stdlib', 'text:GLOB' or 'jsonl:GLOB'")
-    return _expand(patterns)
+    return _expand(kind, patterns)
 
 
 SKIP_HINT = "or set DataConfig.skip_bad_input = True to skip such input (it is counted and reported)"
@@ -92,6 +103,7 @@ def read_documents(source: str, split: str = "blank_line", stats: CorpusStats | 
                 raise ValueError(f"{path} is not UTF-8 text ({error.reason} at byte {error.start}); convert it "
                                  f"to UTF-8 or leave it out of the source, {SKIP_HINT}") from error
             stats.skipped_non_utf8 += 1
+            stats.skip(str(path), f"not UTF-8 ({error.reason} at byte {error.start})")
             continue
         if kind == "stdlib":
             parts = [(str(path.relative_to(stdlib_root())), text)]
@@ -126,15 +138,18 @@ def _jsonl_documents(path: Path, text: str, stats: CorpusStats, skip_bad_input: 
             yield f"{path}:{i}", record["text"]
         elif skip_bad_input:
             stats.skipped_bad_json += 1
+            stats.skip(f"{path}:{i + 1}", problem)
         else:
             raise ValueError(f"{path}:{i + 1}: {problem}; fix the line, {SKIP_HINT}")
 
 
 def report_skipped(source: str, stats: CorpusStats) -> None:
-    """One line on stderr when bad input was skipped (DataConfig.skip_bad_input)."""
+    """The counts and the first few examples on stderr when bad input was skipped (DataConfig.skip_bad_input)."""
     if stats.skipped_bad_json or (stats.skipped_non_utf8 and not source.startswith("stdlib")):
+        examples = "".join(f"\n  {example}" for example in stats.examples)
         print(f"data source {source!r}: skipped {stats.skipped_bad_json} malformed jsonl lines and "
-              f"{stats.skipped_non_utf8} non-UTF-8 files (DataConfig.skip_bad_input)", file=sys.stderr)
+              f"{stats.skipped_non_utf8} non-UTF-8 files (DataConfig.skip_bad_input), e.g.:{examples}",
+              file=sys.stderr)
 
 
 def in_eval_split(doc_id: str, eval_fraction: float) -> bool:
