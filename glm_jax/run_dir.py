@@ -68,6 +68,14 @@ class RunDir:
         raise FileNotFoundError(f"{path} is not a run directory (with config.gin and checkpoints/) or a checkpoint "
                                 "step inside one (RUN/checkpoints/STEP); train one with glm_jax.train first")
 
+    @classmethod
+    def holding_config(cls, gin_file: str | Path) -> "RunDir | None":
+        """The run directory whose own config.gin `gin_file` is (it has checkpoints/ beside it), else None."""
+        path = Path(gin_file).expanduser().absolute()
+        if path.name == "config.gin" and (path.parent / "checkpoints").is_dir():
+            return cls(path.parent)
+        return None
+
     # ------------------------------------------------------------ what a run is
     def write_config(self, gin_text: str) -> None:
         self.path.mkdir(parents=True, exist_ok=True)

@@ -243,7 +243,7 @@ def test_readme_workflow_import_generate_uptrain_train_export(tmp_path):
                "--max_new_tokens", "4")
     assert out.strip()
     _cli(tmp_path, "convert", "uptrain", "--from", "runs/glm4", "--num_kv_heads", "1", "--out", "runs/glm4_mqa")
-    _cli(tmp_path, "train", "--gin_file=runs/glm4_mqa/config.gin", "--gin.train.steps=2",
+    _cli(tmp_path, "train", "--gin_file=runs/glm4_mqa/config.gin", "--gin.STEPS=2",
          "--gin.DataConfig.source='text:notes.txt'", "--gin.DataConfig.seq_len=32", "--gin.DataConfig.batch_size=8",
          "--gin.train.eval_every=2", "--gin.train.eval_batches=1", "--gin.train.checkpoint_every=2", "--gin.DataConfig.num_shards=1")
     _cli(tmp_path, "convert", "export-hf", "--from", "runs/glm4_mqa", "--out", "glm-4-tiny-mqa-hf")

@@ -330,11 +330,17 @@ def test_readme_commands_as_written_from_a_fresh_directory(trained, tmp_path):
         return result
 
     run("train", "--gin_file=small.gin")
+    del env["JAX_PLATFORMS"]  # the package pins the CPU itself, as launch.sh does: no libtpu start-up noise
     generated = run("generate", "--run_dir", "runs/mha", "--prompt", "alpha [MASK] gamma", "--max_new_tokens", "4")
     assert generated.stdout.startswith("alpha ") and "Given directory is read only" not in generated.stderr
+    assert "TPU" not in generated.stderr and "libtpu" not in generated.stderr
     run("convert", "uptrain", "--from", "runs/mha", "--num_kv_heads", "1", "--method", "mean", "--out", "runs/mqa")
     run("train", "--gin_file=runs/mqa/config.gin")
     assert RunDir(work / "runs" / "mqa").summary()["losses"] and (work / "runs/mqa/checkpoints/1").is_dir()
+    # One way to extend any run (the README's), and a copied run trains where it is, not where it was made.
+    shutil.copytree(work / "runs" / "mqa", work / "runs" / "copy")
+    run("train", "--gin_file=runs/copy/config.gin", "--gin.STEPS=2")
+    assert (work / "runs/copy/checkpoints/2").is_dir() and not (work / "runs/mqa/checkpoints/2").exists()
 
 
 # ------------------------------------------------------------------ any input

@@ -14,8 +14,8 @@ Query and output projections are untouched. A source that is already grouped
                   one: moments are not carried over), the source's data position
                   (uptraining reads on where the source stopped);
   config.gin      the source's operative config + the uptraining recipe
-                  (glm_jax/configs/uptrain_gqa.gin): train.steps = alpha x the
-                  source's steps, train.run_dir = out, num_kv_heads = G;
+                  (glm_jax/configs/uptrain_gqa.gin): STEPS = alpha x the source's
+                  steps, RUN_DIR = out, num_kv_heads = G (extend it with --gin.STEPS);
   tokenizer.model the source's; provenance.json  source, step, method, alpha, date.
 """
 
@@ -151,7 +151,7 @@ def convert_run(source: str | Path, num_kv_heads: int, method: str, out: str | P
                   "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     overrides = [f"# glm_jax convert uptrain: {method} pooling to {num_kv_heads} KV heads "
                  f"(provenance.json), then the recipe of {Path(recipe_file).name}",
-                 f"train.run_dir = '{target_run.path}'", f"train.steps = {steps}",
+                 f"RUN_DIR = '{target_run.path}'", f"STEPS = {steps}",
                  f"ModelConfig.num_kv_heads = {num_kv_heads}",
                  f"OptimizerConfig.learning_rate = {learning_rate!r}",
                  f"OptimizerConfig.warmup_fraction = {recipe.warmup_fraction!r}",
