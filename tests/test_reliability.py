@@ -343,6 +343,15 @@ def test_readme_commands_as_written_from_a_fresh_directory(trained, tmp_path):
     assert (work / "runs/copy/checkpoints/2").is_dir() and not (work / "runs/mqa/checkpoints/2").exists()
 
 
+def test_causal_mode_on_a_blank_infilling_model_says_why_and_what_to_use(trained, capsys):
+    assert cli.main(["generate", "--run_dir", str(trained / "run"), "--mode", "causal", "--prompt", "alpha beta",
+                     "--max_new_tokens", "2"]) == 0
+    note = capsys.readouterr().err
+    assert "was trained only with blank infilling (Objective: token 1.0" in note and "Use --mode blank" in note
+    from glm_jax.cli.generate import causal_mode_hint
+    assert causal_mode_hint(Objective(token=0.5, causal=0.5)) is None
+
+
 # ------------------------------------------------------------------ any input
 DOCUMENT = st.one_of(st.binary(max_size=300), st.text(max_size=400), st.just(""), st.just("x" * 30_000),
                      st.text(alphabet="ab .\n", min_size=2000, max_size=6000))

@@ -33,6 +33,8 @@ def main(argv: list[str]) -> int:
     from glm_jax.run_dir import load_run
 
     run = load_run(args.run_dir, args.step)
+    if args.mode == "causal" and (hint := causal_mode_hint(run.experiment.objective)):
+        print(f"note: {run.directory} {hint}", file=sys.stderr)
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
     prompts = [p.replace("\\n", "\n").replace("\\t", "\t") for p in args.prompt]
     generator = Generator(run.experiment.model, run.params, run.tokenizer.specials)
@@ -42,3 +44,14 @@ def main(argv: list[str]) -> int:
     for prompt, text in zip(prompts, texts):
         print(text if args.mode == "blank" else prompt + text)
     return 0
+
+
+def causal_mode_hint(objective) -> str | None:
+    """What to tell a user asking a model that never learned left-to-right continuation to continue text."""
+    if objective.causal > 0:
+        return None
+    mix = ", ".join(f"{name} {getattr(objective, name)}" for name in ("token", "sentence", "document", "causal"))
+    return (f"was trained only with blank infilling (Objective: {mix}; see its config.gin), never on "
+            "left-to-right continuation, so --mode causal gives little or nothing. Use --mode blank with "
+            "[MASK] spans or a prompt ending in [gMASK], or train with a causal share (Objective.causal > 0, "
+            "e.g. include 'objectives/causal.gin')")
