@@ -11,8 +11,9 @@ during a save leaves the previous checkpoint as the latest complete one.
 Parameters-only restore (evaluation, conversion) reads just the `params` item.
 
 What is read is validated: a step whose commit marker or item metadata is missing,
-or whose arrays fail to read (a truncated file), raises `DamagedCheckpoint` naming
-the step and the file; `move_aside` puts such a step beside the checkpoints (never
+or whose arrays fail to read (a truncated file), or whose arrays read but differ from
+the checksums recorded in `meta` when they were saved (bits changed on disk: see
+`array_checksums`), raises `DamagedCheckpoint` naming the step and the file or array; `move_aside` puts such a step beside the checkpoints (never
 deleting it). A failed save raises `CheckpointSaveError` naming the step, the cause
 and the newest complete checkpoint, which stays loadable.
 """
@@ -29,6 +30,8 @@ from pathlib import Path
 from queue import Queue
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint.experimental.v1 import partial as partial_save
 
@@ -71,6 +74,45 @@ def _manager(directory: Path, options: ocp.CheckpointManagerOptions) -> ocp.Chec
     handlers = {"params": ocp.StandardCheckpointHandler(), "opt_state": ocp.StandardCheckpointHandler(),
                 "meta": ocp.JsonCheckpointHandler(), "config": ocp.JsonCheckpointHandler()}
     return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
+
+
+# ------------------------------------------------------------------ checksums
+def array_checksums(tree) -> dict[str, int]:
+    """{tree path: checksum} of every array: a position-weighted sum of its bits modulo 2^32.
+
+    Computed where the arrays live (one jitted pass, sharded arrays stay sharded), so it costs a
+    read of the state, not a copy to the host. Any single flipped bit changes it (each element's
+    bits are multiplied by an odd weight, invertible modulo 2^32), and so does moving values
+    between positions. Recorded in `meta` at save and compared on restore.
+    """
+    leaves = jax.tree_util.tree_leaves_with_path(tree)
+    sums = jax.device_get(_bit_sums([leaf for _, leaf in leaves]))
+    return {jax.tree_util.keystr(path): int(total) for (path, _), total in zip(leaves, sums)}
+
+
+_UNSIGNED = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}
+
+
+@jax.jit
+def _bit_sums(arrays):
+    def bit_sum(x):
+        x = jnp.asarray(x)
+        bits = x.astype(jnp.uint8) if x.dtype == jnp.bool_ else jax.lax.bitcast_convert_type(
+            x, _UNSIGNED[x.dtype.itemsize])
+        weights = jnp.arange(x.size, dtype=jnp.uint32).reshape(x.shape) * jnp.uint32(2) + jnp.uint32(1)
+        return jnp.sum(bits.astype(jnp.uint32) * weights, dtype=jnp.uint32)  # wraps modulo 2^32
+
+    return [bit_sum(x) for x in arrays]
+
+
+def _check_against(recorded: dict | None, tree, directory: Path, step: int, item: str) -> None:
+    """DamagedCheckpoint naming the first array whose bits differ from what was saved (nothing recorded: no check)."""
+    if not recorded:
+        return
+    for path, total in array_checksums(tree).items():
+        if path in recorded and recorded[path] != total:
+            raise DamagedCheckpoint(directory, step, f"array {item}{path} reads back different from what was saved "
+                                                     "(its checksum does not match: the file's bits changed)")
 
 
 def check_writable(directory: Path) -> None:
@@ -126,8 +168,11 @@ class Checkpointer:
         opt_state None saves a model without optimizer state (conversion, import).
         Raises CheckpointSaveError if this save (or the previous asynchronous one) fails.
         """
+        checksums = {"params": array_checksums(params)}
+        if opt_state is not None:
+            checksums["opt_state"] = array_checksums(opt_state)
         items = {"params": ocp.args.StandardSave(params),
-                 "meta": ocp.args.JsonSave({"step": int(step), "data": data_states}),
+                 "meta": ocp.args.JsonSave({"step": int(step), "data": data_states, "checksums": checksums}),
                  "config": ocp.args.JsonSave({"gin": gin_config})}
         if opt_state is not None:
             items["opt_state"] = ocp.args.StandardSave(opt_state)
@@ -201,6 +246,10 @@ class Checkpointer:
             return self.manager.restore(step, args=ocp.args.Composite(**items))
 
         restored = self._read(step, tuple(items), read)
+        recorded = restored["meta"].get("checksums", {})
+        for item in ("params", "opt_state"):
+            if restored.get(item) is not None:
+                _check_against(recorded.get(item), restored[item], self.directory, step, item)
         return restored["params"], restored.get("opt_state"), restored["meta"]
 
     def restore_params(self, step: int | None, abstract_params, shardings=None):
@@ -236,6 +285,7 @@ class Checkpointer:
             return self.manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(read_targets)))
 
         params = self._read(step, ("params",), read)["params"]
+        _check_against(self.read_meta(step).get("checksums", {}).get("params"), params, self.directory, step, "params")
         if not unscanned:
             return params
         shardings = jax.tree_util.tree_map(lambda t: t.sharding, targets["layers"])
@@ -243,7 +293,8 @@ class Checkpointer:
         return scan_params(params, num_layers, shardings)
 
     def read_meta(self, step: int) -> dict:
-        """The step's JSON meta item: {'step', 'data': every process's data-iterator state}."""
+        """The step's JSON meta item: {'step', 'data': every process's data-iterator state,
+        'checksums': {item: {array path: checksum}} (steps saved before checksums have none)}."""
         return self._read(step, ("meta",), lambda: self.manager.restore(
             step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())))["meta"]
 
@@ -277,12 +328,15 @@ def write_streamed(directory: str | Path, step: int, param_groups, data_states: 
     shutil.rmtree(build, ignore_errors=True)
     for partial in (p for p in build.parent.glob(build.name + "*") if p != build):
         shutil.rmtree(partial, ignore_errors=True)  # leftovers of an interrupted partial save
+    checksums = {}
     for group in _produced_ahead(param_groups):
+        checksums.update(array_checksums(group))
         partial_save.save(build, group)
         del group
     partial_save.finalize(build)
     (build / "state").rename(build / "params")  # partial saves name their item 'state'
-    for name, item in (("meta", {"step": int(step), "data": data_states}), ("config", {"gin": gin_config})):
+    meta = {"step": int(step), "data": data_states, "checksums": {"params": checksums}}
+    for name, item in (("meta", meta), ("config", {"gin": gin_config})):
         (build / name).mkdir()
         ocp.JsonCheckpointHandler().save(build / name, args=ocp.args.JsonSave(item))
     directory.mkdir(parents=True, exist_ok=True)

@@ -65,6 +65,7 @@ def test_presets_have_reference_knobs():
     (dict(position="alibi"), "position"),
     (dict(norm="batchnorm"), "norm"),
     (dict(hidden_size=0), "hidden_size"),
+    (dict(hidden_size=256, num_heads=6), "num_heads"),  # head_dim unset: 6 heads cannot split 256
     (dict(embedding_grad_scale=0.0), "embedding_grad_scale"),
     (dict(attention_impl="flash"), "attention_impl"),
     (dict(dtype="int8"), "dtype"),

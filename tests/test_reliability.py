@@ -16,6 +16,7 @@ from pathlib import Path
 import hypothesis
 import hypothesis.strategies as st
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -72,6 +73,40 @@ def test_a_damaged_checkpoint_is_named_with_its_file_and_the_earlier_one_still_r
     with pytest.raises(DamagedCheckpoint, match=rf"step 4 .*{expected_message}.*use an earlier step: \[2\]"):
         load_run(run_dir)
     jax.tree_util.tree_map(np.testing.assert_array_equal, _params(run_dir, 2), _params(trained / "run", 2))
+
+
+def test_changed_bits_in_a_saved_array_are_found_on_restore(trained, tmp_path):
+    """An array that still decodes but holds other bits than were saved (what a flipped bit on disk does
+    when the storage layer does not notice) is the damaged-checkpoint path: the step and the array are named."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained / "run", run_dir)
+    params = _params(run_dir, 4)
+    path, leaf = jax.tree_util.tree_flatten_with_path(params)[0][0]
+    flipped = np.asarray(leaf).copy()
+    flipped.reshape(-1).view(np.uint32)[7] ^= 1 << 12  # one bit of one element
+    changed = jax.tree_util.tree_map_with_path(lambda p, x: flipped if p == path else x, params)
+    other = checkpoint_lib.Checkpointer(tmp_path / "other", async_save=False)
+    other.save(4, changed, None, [None], "")
+    other.close()
+    item = run_dir / "checkpoints" / "4" / "params"
+    shutil.rmtree(item)
+    shutil.copytree(tmp_path / "other" / "4" / "params", item)  # step 4's meta keeps the checksums of what it saved
+    with pytest.raises(DamagedCheckpoint, match=rf"step 4 .*array params{re.escape(jax.tree_util.keystr(path))} "
+                                                r"reads back different from what was saved"):
+        _params(run_dir, 4)
+    np.testing.assert_array_equal(jax.tree_util.tree_leaves(_params(run_dir, 2))[0],
+                                  jax.tree_util.tree_leaves(_params(trained / "run", 2))[0])
+
+
+def test_checksums_see_one_flipped_bit_and_a_swap_of_two_values():
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(64, 8)), jnp.bfloat16)
+    flipped = np.asarray(x).copy()
+    flipped.reshape(-1).view(np.uint16)[100] ^= 1
+    swapped = np.asarray(x).copy()
+    swapped[[0, 1]] = swapped[[1, 0]]
+    sums = [checkpoint_lib.array_checksums({"x": v})["['x']"] for v in (x, np.asarray(x), flipped, swapped)]
+    assert sums[0] == sums[1]  # the same bits give the same sum, wherever they live
+    assert len({sums[0], sums[2], sums[3]}) == 3
 
 
 def test_training_moves_a_damaged_checkpoint_aside_and_resumes_exactly_from_the_previous(trained, tmp_path, capfd):

@@ -113,6 +113,10 @@ class ModelConfig:
         if self.num_kv_heads is None:
             object.__setattr__(self, "num_kv_heads", self.num_heads)
         if self.head_dim is None and self.num_heads > 0:
+            if isinstance(self.hidden_size, int) and self.hidden_size % self.num_heads:
+                _fail("num_heads", f"= {self.num_heads} does not divide ModelConfig.hidden_size = {self.hidden_size}, "
+                      "so the heads cannot split the hidden width (head_dim unset means hidden_size // "
+                      "num_heads); choose num_heads dividing hidden_size or set ModelConfig.head_dim explicitly")
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
         self._validate()
 
