@@ -132,6 +132,21 @@ def check_writable(directory: Path) -> None:
             "space on its disk) or choose another RUN_DIR. Nothing was trained") from error
 
 
+class _AbandonedWrites(logging.Filter):
+    """Drops asyncio's 'exception was never retrieved' reports: after a failed save, each of Orbax's
+    pending array writes reports the same storage error once more when collected (hundreds of lines),
+    and CheckpointSaveError has already said what failed and what was kept."""
+
+    def filter(self, record):
+        return "exception was never retrieved" not in record.getMessage()
+
+
+def _quiet_abandoned_writes() -> None:
+    asyncio_log = logging.getLogger("asyncio")
+    if not any(isinstance(f, _AbandonedWrites) for f in asyncio_log.filters):
+        asyncio_log.addFilter(_AbandonedWrites())
+
+
 class CheckpointShapeError(ValueError):
     """A checkpoint's parameter shapes do not match the model config."""
 
@@ -191,6 +206,7 @@ class Checkpointer:
             failed = self._pending if previous_failed or step is None else step
             self._pending = None
             latest = self.manager.latest_step()
+            _quiet_abandoned_writes()
             kept = (f"the newest complete checkpoint is step {latest}, which is unchanged and restores as before"
                     if latest is not None else "there is no complete checkpoint yet")
             raise CheckpointSaveError(

@@ -145,7 +145,7 @@ def _fail_saves_of(step_to_fail: int, monkeypatch):
     monkeypatch.setattr(ocp.CheckpointManager, "save", save)
 
 
-def test_a_full_disk_stops_the_run_and_keeps_the_previous_checkpoint(trained, tmp_path, monkeypatch):
+def test_a_full_disk_stops_the_run_and_keeps_the_previous_checkpoint(trained, tmp_path, monkeypatch, capfd):
     """A real full disk (a small tmpfs, where this process may mount one), else an injected ENOSPC."""
     disk = tmp_path / "disk"
     mounted = _mount_tmpfs(disk, "8m")
@@ -160,6 +160,7 @@ def test_a_full_disk_stops_the_run_and_keeps_the_previous_checkpoint(trained, tm
         with pytest.raises(CheckpointSaveError, match=r"step 4 .*(No space left on device|RESOURCE_EXHAUSTED).*"
                                                       r"newest complete checkpoint is step 2, which is unchanged"):
             train_in_process(experiment(trained, "run", 4, ["train.checkpoint_every = 2", f"RUN_DIR = '{run_dir}'"]))
+        assert "Traceback" not in capfd.readouterr().err  # no background thread's traceback beside the one message
         jax.tree_util.tree_map(np.testing.assert_array_equal, _params(run_dir, 2), _params(trained / "run", 2))
     finally:
         if mounted:
@@ -239,10 +240,16 @@ def test_gin_overrides_are_checked(binding, message):
         experiment_lib.from_gin([REPO / "experiments/configs/glm_tiny_stdlib.gin"], [binding])
 
 
-def test_train_command_reports_a_typo_in_one_line(capsys):
-    code = cli.main(["train", f"--gin_file={REPO / 'experiments/configs/glm_tiny_stdlib.gin'}", "--gin.STEP=50"])
+@pytest.mark.parametrize("override,message", [
+    ("--gin.STEP=50", "gin override 'STEP = 50' sets macro STEP but nothing in the config reads it; did you mean STEPS?"),
+    ("--gin.STEPS=-5", "train.steps (STEPS) is -5; it must be a whole number >= 0"),
+])
+def test_train_command_reports_a_bad_override_in_one_line(capsys, override, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code = cli.main(["train", f"--gin_file={REPO / 'experiments/configs/glm_tiny_stdlib.gin'}", override])
     err = capsys.readouterr().err
-    assert code == 2 and err.startswith("glm_jax train: gin override 'STEP = 50'") and "Traceback" not in err
+    assert code == 2 and err.startswith(f"glm_jax train: {message}") and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 2 and not any(tmp_path.iterdir())  # the message + the traceback hint
 
 
 def test_a_batch_that_does_not_fit_the_mesh_is_named_before_anything_is_created(tmp_path, capsys):

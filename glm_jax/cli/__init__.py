@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     except _user_errors() as error:
         if os.environ.get("GLM_JAX_TRACEBACK"):
             raise
-        print(f"glm_jax {command}: {error}\n(set GLM_JAX_TRACEBACK=1 for the full traceback)", file=sys.stderr)
+        message = str(error).split("\n  In call to configurable")[0]  # gin appends where it called the class
+        print(f"glm_jax {command}: {message}\n(set GLM_JAX_TRACEBACK=1 for the full traceback)", file=sys.stderr)
         return 2
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+import threading
+import traceback
 from pathlib import Path
 
 import jax
@@ -25,6 +28,8 @@ class RunLogger:
         from tensorboardX import SummaryWriter
         from tqdm import tqdm
 
+        if not isinstance(threading.excepthook, _EventWriterErrors):  # for the process: the writer thread outlives us
+            threading.excepthook = _EventWriterErrors(threading.excepthook)
         self.writer = SummaryWriter(str(run.tensorboard_path))
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
 
@@ -92,3 +97,22 @@ def _utilisation(summary: dict, peak_source: str) -> str:
         return f"MFU {summary['mfu']:.1%} ({peak_source})"
     rate = summary["model_flops_per_device"]
     return f"{(rate or 0) / 1e9:.1f} model GFLOP/s per device ({peak_source})"
+
+
+class _EventWriterErrors:
+    """A thread excepthook: an OSError in TensorBoard's background writer thread (a full or read-only
+    disk) becomes one warning line instead of a traceback per flush; anything else goes to `fallback`.
+    Training and checkpoints do not depend on the events, and a failing save says so itself."""
+
+    def __init__(self, fallback):
+        self.fallback = fallback
+        self.warned = False
+
+    def __call__(self, args) -> None:
+        frames = traceback.extract_tb(args.exc_traceback) if args.exc_traceback else []
+        if not (isinstance(args.exc_value, OSError) and any("tensorboardX" in f.filename for f in frames)):
+            return self.fallback(args)
+        if not self.warned:
+            self.warned = True
+            print(f"WARNING: TensorBoard events could not be written ({args.exc_value}); training goes on without "
+                  "them", file=sys.stderr, flush=True)
