@@ -30,8 +30,9 @@ def main(argv: list[str]) -> int:
 
 def self_located(gin_files: list[str], bindings: list[str]) -> list[str]:
     """`train.run_dir = <the run directory>` when the last gin file is a run's own config.gin and the command
-    line does not set RUN_DIR: a copied or moved run trains where it is, not where it was made. (The
-    parameter, not the RUN_DIR macro: runs written before uptraining bound the macro bind it directly.)"""
+    line does not set RUN_DIR: a copied or moved run trains where it is, not where it was made. It binds
+    the parameter rather than the RUN_DIR macro because runs converted by earlier versions bind
+    train.run_dir directly, and a macro they do not read would be rejected as a typo."""
     from glm_jax.run_dir import RunDir
 
     run = RunDir.holding_config(gin_files[-1]) if gin_files else None
