@@ -80,17 +80,20 @@ def _manager(directory: Path, options: ocp.CheckpointManagerOptions) -> ocp.Chec
 def array_checksums(tree) -> dict[str, int]:
     """{tree path: checksum} of every array: a position-weighted sum of its bits modulo 2^32.
 
-    Computed where the arrays live (one jitted pass, sharded arrays stay sharded), so it costs a
-    read of the state, not a copy to the host. Any single flipped bit changes it (each element's
+    Computed where the arrays live: jax arrays in one jitted pass (sharded arrays stay sharded; XLA
+    keeps a uint32 temporary the size of the largest array shard), host arrays (an import's
+    groups) a million elements at a time. Either way no copy to the other side. Any single flipped bit changes it (each element's
     bits are multiplied by an odd weight, invertible modulo 2^32), and so does moving values
     between positions. Recorded in `meta` at save and compared on restore.
     """
     leaves = jax.tree_util.tree_leaves_with_path(tree)
-    sums = jax.device_get(_bit_sums([leaf for _, leaf in leaves]))
-    return {jax.tree_util.keystr(path): int(total) for (path, _), total in zip(leaves, sums)}
+    on_device = [i for i, (_, leaf) in enumerate(leaves) if isinstance(leaf, jax.Array)]
+    sums = dict(zip(on_device, jax.device_get(_bit_sums([leaves[i][1] for i in on_device]))))
+    return {jax.tree_util.keystr(path): int(sums[i] if i in sums else _host_bit_sum(np.asarray(leaf)))
+            for i, (path, leaf) in enumerate(leaves)}
 
 
-_UNSIGNED = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}
+_UNSIGNED = {1: np.uint8, 2: np.uint16, 4: np.uint32}
 
 
 @jax.jit
@@ -103,6 +106,22 @@ def _bit_sums(arrays):
         return jnp.sum(bits.astype(jnp.uint32) * weights, dtype=jnp.uint32)  # wraps modulo 2^32
 
     return [bit_sum(x) for x in arrays]
+
+
+def _host_bit_sum(x: np.ndarray, chunk_elements: int = 1 << 20) -> int:
+    """_bit_sums' checksum of a host array (an import's converted groups), a few rows at a time: the
+    same uint32 arithmetic as on device, without a device copy or a full-size temporary."""
+    rows = x.reshape(1, -1) if x.ndim < 2 else x
+    row_size = rows[0].size
+    step = max(1, chunk_elements // max(1, row_size))  # each uint32 temporary holds ~chunk_elements
+    total = 0
+    for start in range(0, rows.shape[0], step):
+        part = np.ascontiguousarray(rows[start:start + step]).reshape(-1)
+        bits = part.astype(np.uint8) if part.dtype == np.bool_ else part.view(_UNSIGNED[part.dtype.itemsize])
+        index = np.arange(start * row_size, start * row_size + part.size, dtype=np.uint32)
+        weights = index * np.uint32(2) + np.uint32(1)
+        total = (total + int(np.sum(bits.astype(np.uint32) * weights, dtype=np.uint32))) % 2**32
+    return total
 
 
 def _check_against(recorded: dict | None, tree, directory: Path, step: int, item: str) -> None:
