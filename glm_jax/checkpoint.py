@@ -271,7 +271,8 @@ class Checkpointer:
         opt_state is None when the checkpoint has none (a converted or imported model).
         """
         if self._saved_unscanned(step, params_target):  # an import: params only, one layer per entry
-            return self._restore_params_item(step, params_target, unscanned=True), None, self.read_meta(step)
+            meta = self.read_meta(step)
+            return self._restore_params_item(step, params_target, unscanned=True, meta=meta), None, meta
         items = {"params": ocp.args.StandardRestore(params_target), "meta": ocp.args.JsonRestore()}
         if self.has_opt_state(step):
             items["opt_state"] = ocp.args.StandardRestore(opt_state_target)
@@ -310,7 +311,7 @@ class Checkpointer:
         saved = self.manager.item_metadata(step)["params"]
         return "layers" not in saved and "layers_0" in saved
 
-    def _restore_params_item(self, step: int, targets, unscanned: bool | None = None):
+    def _restore_params_item(self, step: int, targets, unscanned: bool | None = None, meta: dict | None = None):
         """The params item restored into `targets`, whichever layer layout it was saved in."""
         unscanned = self._saved_unscanned(step, targets) if unscanned is None else unscanned
         read_targets = unscan_targets(targets) if unscanned else targets
@@ -320,7 +321,8 @@ class Checkpointer:
             return self.manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(read_targets)))
 
         params = self._read(step, ("params",), read)["params"]
-        _check_against(self.read_meta(step).get("checksums", {}).get("params"), params, self.directory, step, "params")
+        meta = self.read_meta(step) if meta is None else meta
+        _check_against(meta.get("checksums", {}).get("params"), params, self.directory, step, "params")
         if not unscanned:
             return params
         shardings = jax.tree_util.tree_map(lambda t: t.sharding, targets["layers"])
