@@ -22,23 +22,34 @@ from glm_jax.data.objectives import Objective
 from glm_jax.data.pipeline import DataConfig, LocalBatches, make_batches
 from glm_jax.data.tokenizer import Tokenizer
 from glm_jax.model import GLM, ModelConfig
+from glm_jax.model.chunked_loss import DEFAULT_LOSS_CHUNK, chunked_cross_entropy
 from glm_jax.model.loss import cross_entropy_sums
 
 
-def loss_sums(model: GLM, params, batch: dict, z_loss: float = 0.0) -> tuple[jax.Array, dict]:
-    """(loss_sum + z_sum: what the train step differentiates, the sums) of one batch."""
-    logits = model.apply({"params": params}, **batch_schema.model_inputs(batch))
-    sums = cross_entropy_sums(logits, batch["targets"], batch["loss_mask"], z_loss)
-    return sums["loss_sum"] + sums["z_sum"], sums
+def loss_sums(model: GLM, params, batch: dict, z_loss: float = 0.0,
+              chunk_length: int | None = DEFAULT_LOSS_CHUNK) -> tuple[jax.Array, dict]:
+    """(loss_sum + z_sum: what the train step differentiates, the sums) of one batch.
+
+    chunk_length: the head and loss run that many positions at a time
+    (glm_jax.model.chunked_loss), never holding [B, T, vocab] logits; None
+    materialises the logits (the reference the chunked loss is tested against).
+    """
+    inputs = batch_schema.model_inputs(batch)
+    if chunk_length is None:
+        logits = model.apply({"params": params}, **inputs)
+        sums = cross_entropy_sums(logits, batch["targets"], batch["loss_mask"], z_loss)
+        return sums["loss_sum"] + sums["z_sum"], sums
+    hidden, kernel = model.apply({"params": params}, **inputs, return_hidden=True)
+    return chunked_cross_entropy(hidden, kernel, batch["targets"], batch["loss_mask"], z_loss, chunk_length)
 
 
-def make_eval_step(config: ModelConfig, rules=()):
+def make_eval_step(config: ModelConfig, rules=(), loss_chunk_length: int | None = DEFAULT_LOSS_CHUNK):
     """(params, batch) -> sums of loss, correct and count over the batch (add them up across batches)."""
     model = GLM(config)
 
     def eval_step(params, batch: dict):
         with nn.logical_axis_rules(rules):
-            _, sums = loss_sums(model, params, batch)
+            _, sums = loss_sums(model, params, batch, chunk_length=loss_chunk_length)
         return sums
 
     return eval_step

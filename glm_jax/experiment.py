@@ -28,6 +28,7 @@ import gin
 from glm_jax import configs
 from glm_jax.data.objectives import Objective
 from glm_jax.data.pipeline import DataConfig
+from glm_jax.model.chunked_loss import DEFAULT_LOSS_CHUNK
 from glm_jax.model.config import ModelConfig
 from glm_jax.optim import OptimizerConfig
 from glm_jax.parallel.mesh import MeshConfig
@@ -39,7 +40,9 @@ class TrainSettings:
     """The run itself: where it lives, how long it trains, how often it saves and evaluates.
 
     Bound as `train.NAME` (base.gin: train.run_dir = %RUN_DIR, train.steps = %STEPS).
-    sharding names a rules table of glm_jax/parallel/rules.py.
+    sharding names a rules table of glm_jax/parallel/rules.py. loss_chunk_length: the
+    output head and loss run this many positions (of every row) at a time, so no
+    [B, T, vocab] logits exist (glm_jax.model.chunked_loss); None materialises them.
     """
 
     run_dir: str
@@ -51,6 +54,7 @@ class TrainSettings:
     eval_batches: int = 4
     seed: int = 0
     z_loss: float = 0.0
+    loss_chunk_length: int | None = DEFAULT_LOSS_CHUNK
 
     def __post_init__(self):
         if not isinstance(self.steps, int) or self.steps < 0:
@@ -59,6 +63,10 @@ class TrainSettings:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"train.{name} is {value!r}; it must be a whole number >= 1")
+        chunk = self.loss_chunk_length
+        if chunk is not None and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1):
+            raise ValueError(f"train.loss_chunk_length is {chunk!r}; it must be a whole number >= 1 (positions "
+                             "per chunk of the head + loss) or None (whole logits)")
         if self.sharding not in RULES:
             raise ValueError(f"train.sharding {self.sharding!r} is unknown; choose one of {sorted(RULES)}")
 

@@ -11,6 +11,10 @@ positions: compute the vocabulary head for one position per row) and the
 'cache' collection (glm_jax.infer.cache), applied with mutable=['cache']:
 the cache's per-slot segment ids and prefix flags live here, its keys and
 values in each layer's attention.
+
+Training and evaluation pass `return_hidden=True` and get (final hidden states
+[B, T, E], head kernel [E, V]) instead of logits, so the loss can apply the head
+in chunks without ever holding [B, T, vocab] (glm_jax.model.chunked_loss).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import jax.numpy as jnp
 
 from glm_jax.model.attention import Attention, CacheUpdate, missing_cache
 from glm_jax.model.config import ModelConfig
-from glm_jax.model.layers import Dense, Mlp, make_norm, normal_init
+from glm_jax.model.layers import Mlp, make_norm
 
 EMBED_ACTIVATION = ("activation_batch", "activation_length", "activation_embed")
 
@@ -79,12 +83,24 @@ def block_stack(config: ModelConfig):
     return block
 
 
+class OutputHead(nn.Module):
+    """The untied output head's [embed, vocab] kernel, at lm_head/kernel (no bias)."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self):
+        cfg = self.config
+        return self.param("kernel", nn.with_logical_partitioning(jax.nn.initializers.normal(cfg.init_std), ("embed", "vocab")),
+                          (cfg.hidden_size, cfg.vocab_size), cfg.weight_dtype)
+
+
 class GLM(nn.Module):
     config: ModelConfig
 
     @nn.compact
     def __call__(self, tokens, positions, segment_ids, prefix_mask, cache_index=None, prefill=False,
-                 logits_at=None):
+                 logits_at=None, return_hidden=False):
         cfg = self.config
         dtype = cfg.compute_dtype
         embedding = self.param("embedding", nn.with_logical_partitioning(
@@ -116,11 +132,11 @@ class GLM(nn.Module):
         if logits_at is not None:  # [B] positions: logits of one position per row (decoding)
             x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)
 
-        if cfg.tie_embeddings:
-            logits = jnp.einsum("bte,ve->btv", x, embedding.astype(dtype))
-        else:
-            logits = Dense((cfg.vocab_size,), ("embed", "vocab"), init=normal_init(cfg.init_std),
-                           dtype=dtype, param_dtype=cfg.weight_dtype, name="lm_head")(x)
+        # The head as an [E, V] kernel either way (a tied embedding is used transposed).
+        kernel = embedding.T if cfg.tie_embeddings else OutputHead(cfg, name="lm_head")()
+        if return_hidden:  # the chunked loss applies the head itself (glm_jax.model.chunked_loss)
+            return x, kernel
+        logits = jnp.einsum("bte,ev->btv", x, kernel.astype(dtype))
         logits = nn.with_logical_constraint(logits, ("activation_batch", "activation_length", "activation_vocab"))
         return logits.astype(jnp.float32)
 

@@ -81,10 +81,10 @@ def _train(experiment: Experiment, stop: _StopSignals) -> dict:
 
     with jax.set_mesh(mesh):
         train_step = jax.jit(make_train_step(model, tx, schedule, rules, experiment.optimizer.grad_accum_steps,
-                                             settings.z_loss),
+                                             settings.z_loss, settings.loss_chunk_length),
                              in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
                              donate_argnums=0)
-        eval_step = jax.jit(make_eval_step(model, rules), in_shardings=(shardings.params, batch_sharding))
+        eval_step = jax.jit(make_eval_step(model, rules, settings.loss_chunk_length), in_shardings=(shardings.params, batch_sharding))
     peak, peak_source = flops.peak_flops_per_device(jax.devices()[0])
     with RunLogger(run, settings.steps, start_step=int(state.step), gin_config=experiment.gin_text,
                    tokenizer=tokenizer) as logger:

@@ -65,7 +65,7 @@ def compile_train_step(devices, experiment: Experiment):
                                    abstract_state(experiment.model, tx), shardings)
     batch = abstract_batch(mesh, experiment.data.batch_size, experiment.data.seq_len)
     step = make_train_step(experiment.model, tx, schedule, rules, experiment.optimizer.grad_accum_steps,
-                           experiment.train.z_loss)
+                           experiment.train.z_loss, experiment.train.loss_chunk_length)
     with jax.set_mesh(mesh):
         return jax.jit(step, donate_argnums=0).lower(state, batch).compile()
 

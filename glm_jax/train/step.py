@@ -15,16 +15,21 @@ import jax.numpy as jnp
 import optax
 
 from glm_jax.evaluation import loss_sums
+from glm_jax.model.chunked_loss import DEFAULT_LOSS_CHUNK
 from glm_jax.model import GLM, ModelConfig
 from glm_jax.parallel.batch import split_micro_batches
 from glm_jax.train.state import TrainState
 
 
 def make_train_step(config: ModelConfig, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    rules, grad_accum_steps: int = 1, z_loss: float = 0.0):
-    """A pure train step; compile it with jax.jit(in_shardings, out_shardings, donate_argnums=0)."""
+                    rules, grad_accum_steps: int = 1, z_loss: float = 0.0,
+                    loss_chunk_length: int | None = DEFAULT_LOSS_CHUNK):
+    """A pure train step; compile it with jax.jit(in_shardings, out_shardings, donate_argnums=0).
+
+    loss_chunk_length: positions per chunk of the head + loss (None: whole logits; see loss_sums).
+    """
     model = GLM(config)
-    grad_fn = jax.grad(lambda p, b: loss_sums(model, p, b, z_loss), has_aux=True)
+    grad_fn = jax.grad(lambda p, b: loss_sums(model, p, b, z_loss, loss_chunk_length), has_aux=True)
 
     def accumulate(params, batch):
         if grad_accum_steps == 1:
