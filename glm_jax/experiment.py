@@ -40,7 +40,10 @@ class TrainSettings:
     """The run itself: where it lives, how long it trains, how often it saves and evaluates.
 
     Bound as `train.NAME` (base.gin: train.run_dir = %RUN_DIR, train.steps = %STEPS).
-    sharding names a rules table of glm_jax/parallel/rules.py. loss_chunk_length: the
+    sharding names a rules table of glm_jax/parallel/rules.py. log_every: the train step's
+    metrics stay on the device and are fetched (logged, checked for NaN) every log_every
+    steps and before every save and eval, so steps are not serialised with the host.
+    loss_chunk_length: the
     output head and loss run this many positions (of every row) at a time, so no
     [B, T, vocab] logits exist (glm_jax.model.chunked_loss); None materialises them.
     """
@@ -52,6 +55,7 @@ class TrainSettings:
     keep_checkpoints: int = 3
     eval_every: int = 100
     eval_batches: int = 4
+    log_every: int = 10
     seed: int = 0
     z_loss: float = 0.0
     loss_chunk_length: int | None = DEFAULT_LOSS_CHUNK
@@ -59,7 +63,7 @@ class TrainSettings:
     def __post_init__(self):
         if not isinstance(self.steps, int) or self.steps < 0:
             raise ValueError(f"train.steps (STEPS) is {self.steps!r}; it must be a whole number >= 0")
-        for name in ("checkpoint_every", "keep_checkpoints", "eval_every", "eval_batches"):
+        for name in ("checkpoint_every", "keep_checkpoints", "eval_every", "eval_batches", "log_every"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"train.{name} is {value!r}; it must be a whole number >= 1")

@@ -106,10 +106,40 @@ def test_shape_mismatch_names_the_parameter(tmp_path):
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
     train_in_process(experiment(tmp_path, "nan", 2))
-    with pytest.raises(TrainingDiverged, match=r"at step 4;.*last good checkpoint is step 2"):
+    # Steps 3..6 are one metrics window (train.log_every = 10): the NaN is found at its exact step.
+    with pytest.raises(TrainingDiverged, match=r"at step 4; stopped without saving \(steps 3\.\.6 ran.*"
+                                               r"last good checkpoint is step 2"):
         train_in_process(experiment(tmp_path, "nan", 6, ["OptimizerConfig.learning_rate = 1e30",
                                                          "OptimizerConfig.grad_clip = 1e30"]))
     assert Checkpointer(tmp_path / "nan" / "checkpoints").latest_step() == 2
+
+
+def test_steps_between_metric_fetches_read_nothing_from_the_device(tmp_path, monkeypatch):
+    """Every host read of a jax.Array goes through ArrayImpl._value; within a window of
+    train.log_every steps the loop must not make one (it would serialise host and device)."""
+    from jax._src import array as jax_array
+    from glm_jax.train import loop
+
+    reads, at_step = [0], {}
+    value = jax_array.ArrayImpl._value
+
+    def counted(self):
+        reads[0] += 1
+        return value.fget(self)
+
+    add = loop._MetricsWindow.add
+
+    def add_and_record(self, step, *args):
+        at_step[step] = reads[0]
+        return add(self, step, *args)
+
+    monkeypatch.setattr(jax_array.ArrayImpl, "_value", property(counted))
+    monkeypatch.setattr(loop._MetricsWindow, "add", add_and_record)
+    result = train_in_process(experiment(tmp_path, "windows", 8, ["train.log_every = 4"]))
+    assert len(result["losses"]) == 8 and all(np.isfinite(result["losses"]))
+    assert at_step[1] == at_step[2] == at_step[3] == at_step[4]  # steps 1..4: one window, no reads
+    assert at_step[5] == at_step[6] == at_step[7] == at_step[8]
+    assert at_step[5] > at_step[4]  # the fetch after step 4 (a control: the counter sees reads)
 
 
 def test_unknown_gin_binding_fails_fast_with_the_file(tmp_path):

@@ -24,7 +24,7 @@ import numpy as np
 
 from glm_jax.model import GLM, ModelConfig, init_params
 from glm_jax.experiment import load_preset
-from glm_jax.model.loss import masked_cross_entropy
+from glm_jax.evaluation import loss_sums
 from glm_jax.train.flops import training_flops_both
 
 # The Foundation issue's benchmark model: 59M parameters, SwiGLU, float32.
@@ -106,9 +106,9 @@ def measure(name: str, config: ModelConfig, batch: int, length: int, steps: int,
     params = nn.meta.unbox(init_params(config, jax.random.key(0)))
     data = {k: jnp.asarray(v) for k, v in glm_batch(batch, length, config.vocab_size).items()}
 
-    def loss_fn(p, d):
-        logits = GLM(config).apply({"params": p}, d["tokens"], d["positions"], d["segment_ids"], d["prefix_mask"])
-        return masked_cross_entropy(logits, d["targets"], d["loss_mask"])[0]
+    def loss_fn(p, d):  # the training loss: head + cross-entropy in chunks (glm_jax.model.chunked_loss)
+        objective, sums = loss_sums(GLM(config), p, d)
+        return objective / jnp.maximum(sums["count"], 1.0)
 
     seconds = timed(jax.jit(jax.value_and_grad(loss_fn)), params, data, steps=steps)
     flops = training_flops_both(config, np.asarray(data["segment_ids"]), np.asarray(data["prefix_mask"]))

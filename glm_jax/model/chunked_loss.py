@@ -90,7 +90,8 @@ def _add(totals, sums):
     return tuple(a + b for a, b in zip(totals, sums))
 
 
-_ZERO_SUMS = (jnp.zeros((), jnp.float32),) * 4
+def _zero_sums():  # a function, not a module constant: creating arrays at import would start the backend
+    return (jnp.zeros((), jnp.float32),) * 4
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -101,7 +102,7 @@ def _objective(z_loss, h_chunks, kernel, target_chunks, mask_chunks):
         _, sums = _chunk_sums(z_loss, _chunk_logits(h, kernel), targets, mask)
         return _add(totals, sums), None
 
-    sums, _ = jax.lax.scan(chunk, _ZERO_SUMS, (h_chunks, target_chunks, mask_chunks))
+    sums, _ = jax.lax.scan(chunk, _zero_sums(), (h_chunks, target_chunks, mask_chunks))
     return sums[0] + sums[1], sums
 
 
@@ -121,7 +122,7 @@ def _objective_fwd(z_loss, h_chunks, kernel, target_chunks, mask_chunks):
         return (_add(totals, sums), nn.with_logical_constraint(d_kernel, KERNEL_AXES)), d_h
 
     d_kernel = nn.with_logical_constraint(jnp.zeros(kernel.shape, jnp.float32), KERNEL_AXES)
-    (sums, d_kernel), d_h_chunks = jax.lax.scan(chunk, (_ZERO_SUMS, d_kernel),
+    (sums, d_kernel), d_h_chunks = jax.lax.scan(chunk, (_zero_sums(), d_kernel),
                                                 (h_chunks, target_chunks, mask_chunks))
     return (sums[0] + sums[1], sums), (d_h_chunks, d_kernel.astype(kernel.dtype), mask_chunks)
 

@@ -45,9 +45,11 @@ class RunLogger:
             except OSError:
                 pass
 
-    def log_step(self, step: int, metrics: dict) -> None:
+    def log_step(self, step: int, metrics: dict, steady: bool = True) -> None:
+        """One step's metrics; steady=False for steps whose time includes compiling the step."""
         self.history.append({"step": step, **metrics})
-        self.tokens_per_second.append(metrics["tokens_per_second"])
+        if steady:
+            self.tokens_per_second.append(metrics["tokens_per_second"])
         if not self.enabled:
             return
         for key, value in metrics.items():
@@ -69,7 +71,8 @@ class RunLogger:
                stopped_by: str | None) -> dict:
         """The run's summary (printed and written to summary.json); stopped_by: the signal that ended it early."""
         preempted = stopped_by is not None
-        steady = self.tokens_per_second[1:] or self.tokens_per_second  # the first step includes compilation
+        # Steps timed without the compile; a run of one window has only those.
+        steady = self.tokens_per_second or [h["tokens_per_second"] for h in self.history]
         summary = {
             "final_train_loss": last.get("loss"), "final_eval_loss": (self.eval_history or [{}])[-1].get("loss"),
             "tokens_per_second": sum(steady) / max(len(steady), 1), "mfu": last.get("mfu"),

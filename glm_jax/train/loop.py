@@ -88,28 +88,29 @@ def _train(experiment: Experiment, stop: _StopSignals) -> dict:
     peak, peak_source = flops.peak_flops_per_device(jax.devices()[0])
     with RunLogger(run, settings.steps, start_step=int(state.step), gin_config=experiment.gin_text,
                    tokenizer=tokenizer) as logger:
-        last = {}
+        last, window = {}, _MetricsWindow()
         for step in range(int(state.step), settings.steps):
             local = next(batches)
-            start = time.perf_counter()
-            with jax.set_mesh(mesh):
+            started = time.perf_counter()
+            # The step only dispatches: its metrics stay on the device until the window is fetched
+            # (the guard makes a stray per-step host sync an error on GPU / TPU).
+            with jax.set_mesh(mesh), jax.transfer_guard_device_to_host("disallow"):
                 state, step_metrics = train_step(state, global_batch(local, batch_sharding))
-            last = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-            seconds = time.perf_counter() - start
-            if not np.isfinite(last["loss"]):
-                checkpoints.close()
-                raise TrainingDiverged(
-                    f"loss is {last['loss']} at step {step + 1}; stopped without saving. The last good checkpoint "
-                    f"is step {checkpoints.latest_step()} in {checkpoints.directory}; lower the learning rate or "
-                    "raise grad clipping / z_loss and resume from it")
-            last.update(_throughput(model, local, seconds, peak))
-            logger.log_step(step + 1, last)
+            window.add(step + 1, step_metrics, local, started)
 
-            done = step + 1 == settings.steps or stop.agreed()
-            if (step + 1) % settings.checkpoint_every == 0 or done:
+            checkpoint_due = (step + 1) % settings.checkpoint_every == 0
+            eval_due = (step + 1) % settings.eval_every == 0 or step + 1 == settings.steps
+            # Multi-process runs agree on a stop only at the (identical) window boundaries: a signal
+            # seen by one process must not start a collective the others do not join.
+            stop_seen = jax.process_count() == 1 and stop.requested
+            done = step + 1 == settings.steps or stop_seen
+            if done or checkpoint_due or eval_due or (step + 1) % settings.log_every == 0:
+                last = _log_window(window, model, peak, logger, checkpoints, settings.log_every) or last
+                done = done or stop.agreed()
+            if checkpoint_due or done:
                 checkpoints.save(step + 1, state.params, state.opt_state, _all_data_states(batches),
                                  experiment.gin_text)
-            if (step + 1) % settings.eval_every == 0 or step + 1 == settings.steps:
+            if eval_due:
                 with jax.set_mesh(mesh):
                     scores = evaluate(eval_step, state.params, eval_data, settings.eval_batches,
                                       to_device=lambda batch: global_batch(batch, batch_sharding))
@@ -152,10 +153,75 @@ def _all_data_states(batches: LocalBatches) -> list:
     return [LocalBatches.state_from_array(process) for process in gathered]
 
 
-def _throughput(model: ModelConfig, local: dict, seconds: float, peak: float | None) -> dict:
-    tokens = local["tokens"].size * jax.process_count()
-    counted = flops.training_flops_both(model, local["segment_ids"], local["prefix_mask"])
-    per_device = {key: counted[key] * jax.process_count() / seconds / jax.device_count()
+class _MetricsWindow:
+    """The metrics of the steps since the last fetch, kept on the device, fetched in one transfer.
+
+    Steps are dispatched asynchronously; fetching waits for the window's last step, so the
+    window's wall time over its steps is the mean step time (the first window includes the compile).
+    """
+
+    def __init__(self):
+        self.steps: list[int] = []
+        self.metrics: list[dict] = []
+        self.flops: list[dict] = []
+        self.started = 0.0
+        self.compiled = False  # the first window's time includes compiling the step
+
+    def add(self, step: int, metrics: dict, local: dict, started: float) -> None:
+        if not self.steps:
+            self.started = started
+        self.steps.append(step)
+        self.metrics.append(metrics)
+        self.flops.append(_step_flops(local))
+
+    def fetch(self) -> tuple[list[tuple[int, dict, dict]], float]:
+        """[(step, metrics as floats, counted FLOPs)] of the window and its mean seconds per step."""
+        host = jax.device_get(self.metrics)
+        seconds = (time.perf_counter() - self.started) / max(len(self.steps), 1)
+        rows = [(step, {k: float(v) for k, v in metrics.items()}, counted)
+                for step, metrics, counted in zip(self.steps, host, self.flops)]
+        self.steps, self.metrics, self.flops = [], [], []
+        return rows, seconds
+
+    def steady(self) -> bool:
+        """Whether the window just fetched ran without compiling (the first one did not)."""
+        steady, self.compiled = self.compiled, True
+        return steady
+
+
+def _log_window(window: _MetricsWindow, model: ModelConfig, peak: float | None, logger: RunLogger,
+                checkpoints, log_every: int) -> dict:
+    """Fetches the window, stops on a non-finite loss (before anything is saved), logs every step.
+
+    Returns the last step's metrics ({} for an empty window).
+    """
+    rows, seconds = window.fetch()
+    steady = window.steady()
+    for step, metrics, _ in rows:
+        if not np.isfinite(metrics["loss"]):
+            checkpoints.close()
+            fetched = (f" (steps {rows[0][0]}..{rows[-1][0]} ran before their metrics were fetched together, "
+                       f"train.log_every = {log_every})" if len(rows) > 1 else "")
+            raise TrainingDiverged(
+                f"loss is {metrics['loss']} at step {step}; stopped without saving{fetched}. The last good "
+                f"checkpoint is step {checkpoints.latest_step()} in {checkpoints.directory}; lower the learning "
+                "rate or raise grad clipping / z_loss and resume from it")
+    last = {}
+    for step, metrics, counted in rows:
+        last = {**metrics, **_throughput(model, counted, seconds, peak)}
+        logger.log_step(step, last, steady)
+    return last
+
+
+def _step_flops(local: dict) -> dict:
+    """This process's batch: its tokens and the row masks the FLOP count needs (host arrays, no sync)."""
+    return {"tokens": local["tokens"].size, "segment_ids": local["segment_ids"], "prefix_mask": local["prefix_mask"]}
+
+
+def _throughput(model: ModelConfig, counted: dict, seconds: float, peak: float | None) -> dict:
+    tokens = counted["tokens"] * jax.process_count()
+    pairs = flops.training_flops_both(model, counted["segment_ids"], counted["prefix_mask"])
+    per_device = {key: pairs[key] * jax.process_count() / seconds / jax.device_count()
                   for key in ("attended", "full_matrix")}
     rates = {"step_seconds": seconds, "tokens_per_second": tokens / seconds,
              "model_flops_per_device": per_device["attended"]}
