@@ -22,9 +22,9 @@ from glm_jax.train import preflight
 REPO = Path(__file__).resolve().parents[2]
 
 
-def glm4_9b_experiment(seq_len: int, batch: int, chunk: int | None):
+def glm4_9b_experiment(seq_len: int, batch: int, chunk: int | None, extra=()):
     bindings = [f"DataConfig.seq_len = {seq_len}", f"DataConfig.batch_size = {batch}",
-                "ModelConfig.remat_policy = 'full'", f"train.loss_chunk_length = {chunk}"]
+                "ModelConfig.remat_policy = 'full'", f"train.loss_chunk_length = {chunk}", *extra]
     experiment = experiment_lib.from_gin([REPO / "experiments/configs/glm_tiny_stdlib.gin", "models/glm4_9b.gin"],
                                          bindings)
     return preflight.accelerator_experiment(experiment)
@@ -36,6 +36,7 @@ def main():
     parser.add_argument("--seq_len", type=int, default=8192)
     parser.add_argument("--batch", type=int, default=None, help="global batch (default: one row per chip)")
     parser.add_argument("--chunks", type=int, nargs="+", default=[256, 1024])
+    parser.add_argument("--gin", action="append", default=[], help="extra binding, e.g. 'ModelConfig.num_layers = 2'")
     parser.add_argument("--out", default="experiments/results/preflight_loss.json")
     args = parser.parse_args()
 
@@ -43,10 +44,10 @@ def main():
     batch = args.batch or len(devices)
     rows = []
     for chunk in [None, *args.chunks]:
-        compiled = preflight.compile_train_step(devices, glm4_9b_experiment(args.seq_len, batch, chunk))
+        compiled = preflight.compile_train_step(devices, glm4_9b_experiment(args.seq_len, batch, chunk, args.gin))
         rows.append({"loss_chunk_length": chunk, **preflight.report(compiled, devices[0].device_kind)})
     gib = 1 << 30
-    print(f"glm4_9b train step, {args.topology} ({len(devices)} x {devices[0].device_kind}), global batch {batch}, "
+    print(f"glm4_9b train step {args.gin or ''}, {args.topology} ({len(devices)} x {devices[0].device_kind}), global batch {batch}, "
           f"T={args.seq_len}, bf16, remat full, FSDP")
     print(f"{'loss_chunk_length':>18} {'temporaries GiB':>16} {'per chip GiB':>13} {'fits':>5}")
     for r in rows:
@@ -57,7 +58,7 @@ def main():
         print(f"chunk {r['loss_chunk_length']}: temporaries {r['temporaries'] / whole:.2f}x whole logits, "
               f"{(whole - r['temporaries']) / gib:.2f} GiB less per chip")
     result = {"benchmark": "preflight_loss (glm4_9b)", "topology": args.topology, "seq_len": args.seq_len,
-              "global_batch": batch, "rows": rows}
+              "global_batch": batch, "bindings": args.gin, "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}")
