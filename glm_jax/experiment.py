@@ -43,9 +43,9 @@ class TrainSettings:
     sharding names a rules table of glm_jax/parallel/rules.py. log_every: the train step's
     metrics stay on the device and are fetched (logged, checked for NaN) every log_every
     steps and before every save and eval, so steps are not serialised with the host.
-    loss_chunk_length: the
-    output head and loss run this many positions (of every row) at a time, so no
-    [B, T, vocab] logits exist (glm_jax.model.chunked_loss); None materialises them.
+    loss_chunk_length: the output head and loss run this many positions (of every row)
+    at a time, so no [B, T, vocab] logits exist (glm_jax.model.chunked_loss); None
+    materialises them.
     """
 
     run_dir: str

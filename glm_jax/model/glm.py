@@ -91,8 +91,8 @@ class OutputHead(nn.Module):
     @nn.compact
     def __call__(self):
         cfg = self.config
-        return self.param("kernel", nn.with_logical_partitioning(jax.nn.initializers.normal(cfg.init_std), ("embed", "vocab")),
-                          (cfg.hidden_size, cfg.vocab_size), cfg.weight_dtype)
+        init = nn.with_logical_partitioning(jax.nn.initializers.normal(cfg.init_std), ("embed", "vocab"))
+        return self.param("kernel", init, (cfg.hidden_size, cfg.vocab_size), cfg.weight_dtype)
 
 
 class GLM(nn.Module):

@@ -84,7 +84,8 @@ def _train(experiment: Experiment, stop: _StopSignals) -> dict:
                                              settings.z_loss, settings.loss_chunk_length),
                              in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
                              donate_argnums=0)
-        eval_step = jax.jit(make_eval_step(model, rules, settings.loss_chunk_length), in_shardings=(shardings.params, batch_sharding))
+        eval_step = jax.jit(make_eval_step(model, rules, settings.loss_chunk_length),
+                            in_shardings=(shardings.params, batch_sharding))
     peak, peak_source = flops.peak_flops_per_device(jax.devices()[0])
     with RunLogger(run, settings.steps, start_step=int(state.step), gin_config=experiment.gin_text,
                    tokenizer=tokenizer) as logger:
@@ -163,7 +164,7 @@ class _MetricsWindow:
     def __init__(self):
         self.steps: list[int] = []
         self.metrics: list[dict] = []
-        self.flops: list[dict] = []
+        self.rows: list[dict] = []  # what each step's FLOP count needs (host arrays)
         self.started = 0.0
         self.compiled = False  # the first window's time includes compiling the step
 
@@ -172,21 +173,19 @@ class _MetricsWindow:
             self.started = started
         self.steps.append(step)
         self.metrics.append(metrics)
-        self.flops.append(_step_flops(local))
+        self.rows.append({"tokens": local["tokens"].size, "segment_ids": local["segment_ids"],
+                          "prefix_mask": local["prefix_mask"]})
 
-    def fetch(self) -> tuple[list[tuple[int, dict, dict]], float]:
-        """[(step, metrics as floats, counted FLOPs)] of the window and its mean seconds per step."""
+    def fetch(self) -> tuple[list[tuple[int, dict, dict]], float, bool]:
+        """[(step, metrics as floats, its rows)] of the window, its mean seconds per step, and
+        whether those seconds are steady (False for the first window: it includes the compile)."""
         host = jax.device_get(self.metrics)
         seconds = (time.perf_counter() - self.started) / max(len(self.steps), 1)
-        rows = [(step, {k: float(v) for k, v in metrics.items()}, counted)
-                for step, metrics, counted in zip(self.steps, host, self.flops)]
-        self.steps, self.metrics, self.flops = [], [], []
-        return rows, seconds
-
-    def steady(self) -> bool:
-        """Whether the window just fetched ran without compiling (the first one did not)."""
+        fetched = [(step, {k: float(v) for k, v in metrics.items()}, rows)
+                   for step, metrics, rows in zip(self.steps, host, self.rows)]
+        self.steps, self.metrics, self.rows = [], [], []
         steady, self.compiled = self.compiled, True
-        return steady
+        return fetched, seconds, steady
 
 
 def _log_window(window: _MetricsWindow, model: ModelConfig, peak: float | None, logger: RunLogger,
@@ -195,8 +194,7 @@ def _log_window(window: _MetricsWindow, model: ModelConfig, peak: float | None, 
 
     Returns the last step's metrics ({} for an empty window).
     """
-    rows, seconds = window.fetch()
-    steady = window.steady()
+    rows, seconds, steady = window.fetch()
     for step, metrics, _ in rows:
         if not np.isfinite(metrics["loss"]):
             checkpoints.close()
@@ -207,20 +205,16 @@ def _log_window(window: _MetricsWindow, model: ModelConfig, peak: float | None, 
                 f"checkpoint is step {checkpoints.latest_step()} in {checkpoints.directory}; lower the learning "
                 "rate or raise grad clipping / z_loss and resume from it")
     last = {}
-    for step, metrics, counted in rows:
-        last = {**metrics, **_throughput(model, counted, seconds, peak)}
+    for step, metrics, batch_rows in rows:
+        last = {**metrics, **_throughput(model, batch_rows, seconds, peak)}
         logger.log_step(step, last, steady)
     return last
 
 
-def _step_flops(local: dict) -> dict:
-    """This process's batch: its tokens and the row masks the FLOP count needs (host arrays, no sync)."""
-    return {"tokens": local["tokens"].size, "segment_ids": local["segment_ids"], "prefix_mask": local["prefix_mask"]}
-
-
-def _throughput(model: ModelConfig, counted: dict, seconds: float, peak: float | None) -> dict:
-    tokens = counted["tokens"] * jax.process_count()
-    pairs = flops.training_flops_both(model, counted["segment_ids"], counted["prefix_mask"])
+def _throughput(model: ModelConfig, rows: dict, seconds: float, peak: float | None) -> dict:
+    """Rates of one step of this process's rows (tokens, segment_ids, prefix_mask) taking `seconds`."""
+    tokens = rows["tokens"] * jax.process_count()
+    pairs = flops.training_flops_both(model, rows["segment_ids"], rows["prefix_mask"])
     per_device = {key: pairs[key] * jax.process_count() / seconds / jax.device_count()
                   for key in ("attended", "full_matrix")}
     rates = {"step_seconds": seconds, "tokens_per_second": tokens / seconds,
