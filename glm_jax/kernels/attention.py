@@ -107,24 +107,32 @@ def cached_attention(q, keys, values, allowed, *, scale: float | None = None):
     keys: tuple of [B, Hkv, S_i, D] buffers; values: the matching [B, Hkv, D, S_i]
     buffers (e.g. the context and the generated tokens); allowed: [B, T, sum S_i],
     the parts' slots in order. The decode path: T is 1 (or a few) and the cost is
-    reading the cache, so both contractions run over the last axis of both
-    operands (d for scores, s for values), batched over (B, Hkv), reading every
-    buffer in its stored layout. Scores and softmax in float32.
+    reading the cache. Each KV head is read once for its whole query group: the
+    group's r * T queries are the few columns of matmuls whose left operand is the
+    cache, [S, D] x [D, r T] for the scores and [D, S] x [S, r T] for the values,
+    batched over (B, Hkv), so the long cache axis is what XLA:CPU streams through.
+    With the queries on the left, GQA-4 and MQA ran 1.5x and 1.2x slower per layer
+    at 8k slots, batch 8 (measured; MHA alike). Scores and softmax in float32.
     """
     B, T, Hq, D = q.shape
     Hkv = keys[0].shape[1]
+    r = Hq // Hkv
     scale = D ** -0.5 if scale is None else scale
-    grouped_q = q.reshape(B, T, Hkv, Hq // Hkv, D).astype(keys[0].dtype)
-    scores = jnp.concatenate([jnp.einsum("btgrd,bgsd->bgrts", grouped_q, k, preferred_element_type=jnp.float32)
-                              for k in keys], axis=-1) * scale
-    scores = jnp.where(allowed[:, None, None, :, :], scores, masks.MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1)
+    # [B, Hkv, r * T, D]: the queries of one KV head (its group, every new token) together.
+    grouped_q = q.reshape(B, T, Hkv, r, D).transpose(0, 2, 3, 1, 4).reshape(B, Hkv, r * T, D)
+    grouped_q = grouped_q.astype(keys[0].dtype)
+    scores = jnp.concatenate([jnp.einsum("bgsd,bgqd->bgsq", k, grouped_q, preferred_element_type=jnp.float32)
+                              for k in keys], axis=2)
+    scores = jnp.swapaxes(scores, 2, 3) * scale  # [B, Hkv, r * T, S]: the softmax runs along the last axis
+    visible = jnp.broadcast_to(allowed[:, None, None], (B, 1, r, T, allowed.shape[-1])).reshape(B, 1, r * T, -1)
+    probs = jax.nn.softmax(jnp.where(visible, scores, masks.MASK_VALUE), axis=-1)
     out, start = 0.0, 0
     for v in values:
         part = probs[..., start:start + v.shape[-1]].astype(v.dtype)
-        out = out + jnp.einsum("bgrts,bgds->btgrd", part, v, preferred_element_type=jnp.float32)
+        out = out + jnp.einsum("bgds,bgqs->bgdq", v, part, preferred_element_type=jnp.float32)
         start += v.shape[-1]
-    return out.reshape(B, T, Hq, D).astype(q.dtype)
+    # [B, Hkv, D, r * T] -> [B, T, Hq, D]
+    return out.reshape(B, Hkv, D, r, T).transpose(0, 4, 1, 3, 2).reshape(B, T, Hq, D).astype(q.dtype)
 
 
 def _check_shapes(q, k, v, segment_ids, prefix_mask):
