@@ -4,6 +4,7 @@
     python experiments/benchmarks/attention.py --backend gpu [--batch 4]   # on a GPU: kernel vs cuDNN vs XLA
     python experiments/benchmarks/attention.py --backend tpu   # on a TPU: kernel vs Splash
     python experiments/benchmarks/attention.py --tpu_topology v5e:2x2   # TPU HBM from the AOT compile, on CPU
+    python experiments/benchmarks/attention.py --blockwise   # CPU: dense reference vs the XLA blockwise path
 
 CPU mode: compiled temporary memory (`compiled.memory_analysis()`) of forward+backward
 for both paths at Hq=8, Hkv=2, D=128, B=1 (a GLM mask with one prefix), the
@@ -287,6 +288,42 @@ def tpu_report(lengths: list[int]) -> dict:
     return {"rows": rows}
 
 
+# (batch, length) at the 59M benchmark model's heads (8 x 64, MHA): its own shape first.
+BLOCKWISE_SHAPES = [(8, 512), (4, 1024), (2, 2048), (1, 4096)]
+
+
+def blockwise_report(shapes=BLOCKWISE_SHAPES, heads: int = 8, head_dim: int = 64, repeats: int = 5) -> dict:
+    """CPU wall time of the dense XLA reference vs the XLA blockwise path, forward and forward+backward.
+
+    GLM rows with one prefix each (Part A of a random length in [T/4, 3T/4), as the train-step
+    benchmark's batches), float32.
+    """
+    from glm_jax.kernels.blockwise_attention import blockwise_attention
+
+    rows = []
+    for B, T in shapes:
+        rng = np.random.default_rng(0)
+        sep = rng.integers(T // 4, 3 * T // 4, size=B)
+        seg, prefix = jnp.ones((B, T), jnp.int32), jnp.asarray(np.arange(T)[None] < sep[:, None])
+        q, k, v, cotangent = (jnp.asarray(rng.normal(size=(B, T, heads, head_dim)), jnp.float32) for _ in range(4))
+        row = {"batch": B, "T": T, "heads": heads, "head_dim": head_dim}
+        for name, attend in (("dense", xla_attention), ("blockwise", blockwise_attention)):
+            forward = jax.jit(lambda q, k, v, attend=attend: attend(q, k, v, seg, prefix, scale=head_dim ** -0.5))
+            both = jax.jit(jax.grad(lambda q, k, v, f=forward: jnp.sum(f(q, k, v) * cotangent), argnums=(0, 1, 2)))
+            row[f"{name}_forward_seconds"] = timed(forward, q, k, v, steps=repeats)
+            row[f"{name}_forward_backward_seconds"] = timed(both, q, k, v, steps=repeats)
+        rows.append(row)
+    print(f"CPU attention, {heads} heads x {head_dim}, float32, one GLM prefix per row: dense reference vs blockwise")
+    print(f"{'B x T':>9} {'dense fwd s':>12} {'blockwise':>10} {'speedup':>8} {'dense f+b s':>12} {'blockwise':>10} {'speedup':>8}")
+    for r in rows:
+        fwd = r["dense_forward_seconds"] / r["blockwise_forward_seconds"]
+        both = r["dense_forward_backward_seconds"] / r["blockwise_forward_backward_seconds"]
+        print(f"{r['batch']:>3} x {r['T']:<4} {r['dense_forward_seconds']:>12.4f} {r['blockwise_forward_seconds']:>10.4f} "
+              f"{fwd:>7.2f}x {r['dense_forward_backward_seconds']:>12.4f} "
+              f"{r['blockwise_forward_backward_seconds']:>10.4f} {both:>7.2f}x")
+    return {"rows": rows}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
@@ -296,9 +333,15 @@ def main():
                         help="GPU mode: time this launch configuration instead of sweeping GPU_CONFIGS")
     parser.add_argument("--tpu_topology", default=None, help="e.g. v5e:2x2: TPU HBM from the AOT compile (on CPU)")
     parser.add_argument("--time", action="store_true", help="also time both paths on CPU (T <= 4096)")
+    parser.add_argument("--blockwise", action="store_true",
+                        help="CPU: time the dense reference against the XLA blockwise path (BLOCKWISE_SHAPES)")
     parser.add_argument("--out", default="experiments/results/attention.json")
     args = parser.parse_args()
-    if args.tpu_topology:
+    if args.blockwise:
+        result, name = blockwise_report(), "attention (CPU: dense vs blockwise)"
+        if args.out == parser.get_default("out"):
+            args.out = args.out.replace(".json", "_blockwise_cpu.json")
+    elif args.tpu_topology:
         result, name = tpu_hbm_report(args.lengths, args.tpu_topology), f"attention (TPU AOT {args.tpu_topology})"
         args.out = args.out.replace(".json", f"_{args.tpu_topology.replace(':', '_')}.json")
     else:

@@ -37,8 +37,8 @@ for part in "${parts[@]}"; do
                  --lengths 1024 4096 8192 --triton_config 64 64 4 2 --out "$OUT/attention_gpu.json" ;;
     # (64, 64, 4 warps, 2 stages), the Model's default, was the fastest of attention.py's GPU_CONFIGS
     # sweep on an H100 (run attention.py --backend gpu without --triton_config to sweep again).
-    train_step) run_part train_step 200 bash -c "'$PY' experiments/benchmarks/train_step.py --dtype bfloat16 --batch 16 \
-                 --seq_len 1024 --steps 10 --out '$OUT/train_step_gpu_bf16.json' && '$PY' experiments/benchmarks/train_step.py \
+    train_step) run_part train_step 200 bash -c "'$PY' experiments/benchmarks/train_step.py --malloc default --dtype bfloat16 --batch 16 \
+                 --seq_len 1024 --steps 10 --out '$OUT/train_step_gpu_bf16.json' && '$PY' experiments/benchmarks/train_step.py --malloc default \
                  --dtype float32 --batch 8 --seq_len 512 --steps 10 --out '$OUT/train_step_gpu_f32.json'" ;;
     decode) run_part decode 200 "$PY" experiments/benchmarks/decode.py --contexts 2048 8192 32768 --batches 1 8 \
               --dtype bfloat16 --out "$OUT/decode_gpu.json" ;;

@@ -1,7 +1,8 @@
 """Full train step (forward, backward, AdamW) of the 59M benchmark model vs a PyTorch peer and the matmul peak.
 
     pip install torch==2.13.0 'glm_jax[bench]'   # CPU torch from the local file, transformers
-    python experiments/benchmarks/train_step.py [--steps 5] [--dtype float32|bfloat16] [--out experiments/results/train_step.json]
+    python experiments/benchmarks/train_step.py [--steps 5] [--dtype float32|bfloat16] [--malloc default|retain|both]
+        [--out experiments/results/train_step.json]
 
 Side by side in one run on this machine: (a) the float32 matmul peak, (b) the
 glm_jax train step exactly as glm_jax.train runs it (jit, donated state, clip +
@@ -9,6 +10,10 @@ AdamW), (c) Hugging Face transformers GlmForCausalLM (the same architecture:
 SwiGLU, RMSNorm, partial interleaved RoPE, QKV bias, untied head) trained with
 torch.optim.AdamW on the same token ids. MFU uses analytic FLOPs
 (glm_jax.train.flops): 6 * matmul params per token + attention over attended pairs.
+Both systems run under glibc's default allocator and then (--malloc both, the
+default) with freed memory retained (model_step.retain_freed_memory), which removes
+eager PyTorch's per-step page faults on its large tensors: a fair comparison gives
+both sides the same allocator.
 
 On a GPU both run there: glm_jax with the Triton flash kernel ('auto'), the peer with
 SDPA on CUDA. --dtype bfloat16 is mixed precision on both sides (float32 parameters and
@@ -29,7 +34,8 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).parent))
-from model_step import BENCH_59M, glm_batch, machine, matmul_peak, timed, torch_device, torch_synchronized  # noqa: E402
+from model_step import (BENCH_59M, glm_batch, machine, matmul_peak, retain_freed_memory, timed,  # noqa: E402
+                        torch_device, torch_synchronized)
 
 from glm_jax.model import ModelConfig  # noqa: E402
 from glm_jax.parallel.mesh import MeshConfig, make_mesh  # noqa: E402
@@ -100,37 +106,46 @@ def main():
     parser.add_argument("--seq_len", type=int, default=512)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                         help="compute dtype (bfloat16: mixed precision, float32 parameters)")
+    parser.add_argument("--malloc", choices=["default", "retain", "both"], default="both",
+                        help="host allocator for both systems: glibc's default, model_step.retain_freed_memory "
+                             "(freed memory kept: eager PyTorch's large tensors stop page-faulting), or both in turn")
     parser.add_argument("--out", default="experiments/results/train_step.json")
     args = parser.parse_args()
 
     config = ModelConfig(**BENCH_59M, dtype=args.dtype)
     batch = glm_batch(args.batch, args.seq_len, config.vocab_size)
     flops = training_flops_both(config, batch["segment_ids"], batch["prefix_mask"])
-    peak = matmul_peak(dtype=args.dtype)
-    ours = glm_jax_step_seconds(config, batch, args.steps)
-    peer = torch_step_seconds(batch, args.steps, args.dtype)
     tokens = args.batch * args.seq_len
-
-    rows = [{"system": "glm_jax (jax.jit, AdamW)", "step_seconds": ours, "tokens_per_second": tokens / ours,
-             "fraction_of_matmul_peak": flops["attended"] / ours / peak,
-             "fraction_of_matmul_peak_full_matrix": flops["full_matrix"] / ours / peak}]
-    if peer is not None:
-        causal_pairs = args.batch * args.seq_len * (args.seq_len + 1) // 2  # the peer trains a causal LM
-        rows.append({"system": "transformers GlmForCausalLM (torch AdamW)", "step_seconds": peer,
-                     "tokens_per_second": tokens / peer,
-                     "fraction_of_matmul_peak": training_flops(config, tokens, causal_pairs) / peer / peak,
-                     "fraction_of_matmul_peak_full_matrix": flops["full_matrix"] / peer / peak})
-    print(f"59M GLM train step, B={args.batch}, T={args.seq_len}, {args.dtype}, {machine()}, "
-          f"{args.dtype} matmul peak {peak / 1e9:.1f} GFLOP/s")
-    print(f"{'system':<44} {'step s':>8} {'tokens/s':>9} {'MFU':>7} {'MFU (T^2)':>10}")
+    causal_pairs = args.batch * args.seq_len * (args.seq_len + 1) // 2  # the peer trains a causal LM
+    rows, ratios = [], {}
+    # Default first: once freed memory is retained, the process cannot go back to a cold heap.
+    for malloc in (["default", "retain"] if args.malloc == "both" else [args.malloc]):
+        if malloc == "retain" and not retain_freed_memory():
+            print("glibc malloc not found: skipping malloc=retain")
+            continue
+        peak = matmul_peak(dtype=args.dtype)
+        ours = glm_jax_step_seconds(config, batch, args.steps)
+        peer = torch_step_seconds(batch, args.steps, args.dtype)
+        rows.append({"system": "glm_jax (jax.jit, AdamW)", "malloc": malloc, "matmul_peak": peak,
+                     "step_seconds": ours, "tokens_per_second": tokens / ours,
+                     "fraction_of_matmul_peak": flops["attended"] / ours / peak,
+                     "fraction_of_matmul_peak_full_matrix": flops["full_matrix"] / ours / peak})
+        if peer is not None:
+            rows.append({"system": "transformers GlmForCausalLM (torch AdamW)", "malloc": malloc,
+                         "matmul_peak": peak, "step_seconds": peer, "tokens_per_second": tokens / peer,
+                         "fraction_of_matmul_peak": training_flops(config, tokens, causal_pairs) / peer / peak,
+                         "fraction_of_matmul_peak_full_matrix": flops["full_matrix"] / peer / peak})
+            ratios[malloc] = peer / ours
+    print(f"59M GLM train step, B={args.batch}, T={args.seq_len}, {args.dtype}, {machine()}")
+    print(f"{'system':<44} {'malloc':>7} {'peak GF/s':>9} {'step s':>8} {'tokens/s':>9} {'MFU':>7} {'MFU (T^2)':>10}")
     for r in rows:
-        print(f"{r['system']:<44} {r['step_seconds']:>8.3f} {r['tokens_per_second']:>9.0f} "
-              f"{r['fraction_of_matmul_peak']:>7.1%} {r['fraction_of_matmul_peak_full_matrix']:>10.1%}")
-    if peer is not None:
-        print(f"glm_jax / PyTorch tokens/s: {peer / ours:.2f}x")
+        print(f"{r['system']:<44} {r['malloc']:>7} {r['matmul_peak'] / 1e9:>9.1f} {r['step_seconds']:>8.3f} "
+              f"{r['tokens_per_second']:>9.0f} {r['fraction_of_matmul_peak']:>7.1%} "
+              f"{r['fraction_of_matmul_peak_full_matrix']:>10.1%}")
+    for malloc, ratio in ratios.items():
+        print(f"glm_jax / PyTorch tokens/s (malloc={malloc}): {ratio:.2f}x")
     result = {"benchmark": f"train_step (59M, {args.dtype})", "machine": machine(), "jax": jax.__version__,
-              "batch": args.batch, "seq_len": args.seq_len, "matmul_peak": peak, "rows": rows,
-              "speedup_vs_torch": None if peer is None else peer / ours}
+              "batch": args.batch, "seq_len": args.seq_len, "rows": rows, "speedup_vs_torch": ratios}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}")

@@ -4,6 +4,8 @@
 the model calls. The XLA path is the reference every kernel is tested against:
 scores in the compute dtype, softmax in float32, GQA by grouping query heads per
 KV head (query head h uses KV head h // (Hq // Hkv)) so K/V are never repeated.
+The kernels are the Pallas flash kernels (GPU, TPU) and, on CPU for long sequences,
+the same algorithm in plain XLA (blockwise_attention.py).
 """
 
 from __future__ import annotations
@@ -12,22 +14,33 @@ import jax
 import jax.numpy as jnp
 
 from glm_jax.kernels import masks
+from glm_jax.kernels.blockwise_attention import blockwise_attention
 
-IMPLS = ("auto", "xla", "pallas", "pallas_interpret")
+IMPLS = ("auto", "xla", "blockwise", "pallas", "pallas_interpret")
 
 
-def resolve_impl(impl: str, backend: str | None = None) -> str:
-    """'auto' -> the implementation to use on `backend` (default: jax's default backend).
+# On CPU, 'auto' runs the blockwise path from this many keys on. Below it the dense reference is
+# nearly as fast (forward + backward 1.06x slower at T = 512, experiments/benchmarks/attention.py
+# --blockwise), its [T, T] arrays are small, and it compiles faster: the blockwise loops added
+# about 30% to the compile-bound model tests' time.
+BLOCKWISE_MIN_KEYS = 1024
 
-    'auto' is the Pallas kernel on GPU (Triton) and TPU (Mosaic) and the XLA
-    reference on CPU, where the kernel only runs in interpret mode; 'pallas' on
-    CPU runs the interpret mode, and 'pallas_interpret' forces it anywhere.
+
+def resolve_impl(impl: str, backend: str | None = None, kv_len: int | None = None) -> str:
+    """'auto' -> the implementation to use on `backend` (default: jax's default backend) for kv_len keys.
+
+    'auto' is the Pallas kernel on GPU (Triton) and TPU (Mosaic); on CPU, where the
+    kernel only runs in interpret mode, it is the XLA blockwise path from
+    BLOCKWISE_MIN_KEYS keys on and the dense XLA reference below. 'pallas' on CPU runs
+    the interpret mode, and 'pallas_interpret' forces it anywhere.
     """
     if impl not in IMPLS:
         raise ValueError(f"attention impl {impl!r} is unknown; use one of {IMPLS}")
     if impl == "auto":
         backend = backend or jax.default_backend()
-        return "pallas" if backend in ("gpu", "tpu") else "xla"
+        if backend in ("gpu", "tpu"):
+            return "pallas"
+        return "blockwise" if kv_len is not None and kv_len >= BLOCKWISE_MIN_KEYS else "xla"
     return impl
 
 
@@ -41,7 +54,7 @@ def attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray,
       k, v: [B, S, Hkv, D] keys and values, S >= T, Hq % Hkv == 0.
       segment_ids: [B, S] int, 1.. per packed example, 0 for padding (of the keys).
       prefix_mask: [B, S] bool, True on each segment's bidirectional prefix.
-      impl: 'auto' | 'xla' | 'pallas' | 'pallas_interpret' (see resolve_impl).
+      impl: 'auto' | 'xla' | 'blockwise' | 'pallas' | 'pallas_interpret' (see resolve_impl).
       scale: softmax scale, default 1/sqrt(D).
       q_offset: query t is key position q_offset + t; default S - T (the last T
         positions, e.g. one chunk of a long prefill against all keys up to it).
@@ -52,9 +65,11 @@ def attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray,
     """
     _check_shapes(q, k, v, segment_ids, prefix_mask)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    impl = resolve_impl(impl)
+    impl = resolve_impl(impl, kv_len=k.shape[1])
     if impl == "xla":
         return xla_attention(q, k, v, segment_ids, prefix_mask, scale=scale, q_offset=q_offset)
+    if impl == "blockwise":
+        return blockwise_attention(q, k, v, segment_ids, prefix_mask, scale=scale, q_offset=q_offset)
     backend = jax.default_backend()
     if backend == "tpu" and impl == "pallas":
         from glm_jax.kernels.flash_attention_tpu import flash_attention_tpu  # Mosaic only when asked for

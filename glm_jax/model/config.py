@@ -19,7 +19,7 @@ Norm = Literal["layernorm", "rmsnorm"]
 Residual = Literal["pre", "post", "deepnorm", "sandwich"]
 Position = Literal["learned_2d", "rope", "rope_2d", "none"]
 RopeStyle = Literal["half", "interleaved"]
-AttentionImpl = Literal["auto", "xla", "pallas", "pallas_interpret"]
+AttentionImpl = Literal["auto", "xla", "blockwise", "pallas", "pallas_interpret"]
 RematPolicy = Literal["none", "full", "dots", "dots_no_batch"]
 
 _CHOICES = {
@@ -28,7 +28,7 @@ _CHOICES = {
     "residual": ("pre", "post", "deepnorm", "sandwich"),
     "position": ("learned_2d", "rope", "rope_2d", "none"),
     "rope_style": ("half", "interleaved"),
-    "attention_impl": ("auto", "xla", "pallas", "pallas_interpret"),
+    "attention_impl": ("auto", "xla", "blockwise", "pallas", "pallas_interpret"),
     "remat_policy": ("none", "full", "dots", "dots_no_batch"),
     "dtype": ("auto", "float32", "bfloat16", "float16"),
     "param_dtype": ("float32", "bfloat16"),
@@ -75,7 +75,7 @@ class ModelConfig:
         'layers' axis on every block parameter).
       remat_policy: rematerialisation of each block: 'none', 'full' (save
         nothing), 'dots' (save matmul outputs), 'dots_no_batch'.
-      attention_impl: 'auto' | 'xla' | 'pallas' | 'pallas_interpret'
+      attention_impl: 'auto' | 'xla' | 'blockwise' | 'pallas' | 'pallas_interpret'
         (see glm_jax.kernels.attention.resolve_impl).
       max_position: rows of the learned position tables (learned_2d only).
     """
