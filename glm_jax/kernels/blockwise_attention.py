@@ -113,9 +113,10 @@ def _forward(scale, block_q, block_k, q, k, v, ks, ke):
                                                            preferred_element_type=jnp.float32)
             return out, new_max, total
 
-        rows = q_block.shape[:-1]
-        carry = (jnp.zeros(q_block.shape, jnp.float32), jnp.full(rows, MASK_VALUE, jnp.float32),
-                 jnp.zeros(rows, jnp.float32))
+        # *_like keeps the inputs' sharding (under explicit mesh axes the loop carries must match it).
+        rows = q_block[..., 0]
+        carry = (jnp.zeros_like(q_block, jnp.float32), jnp.full_like(rows, MASK_VALUE, jnp.float32),
+                 jnp.zeros_like(rows, jnp.float32))
         out, row_max, total = _loops(visit, visit_ranges(row_start.ravel(), row_end.ravel(), block_k), carry)
         # Every row sees at least its own key (padded rows their padded key), so total > 0.
         return (out / total[..., None]).astype(q_block.dtype), row_max + jnp.log(total)
@@ -162,7 +163,7 @@ def _attention_bwd(scale, block_q, block_k, residuals, d_out):
                                                   i * block_q, axis=3)
             return d_q, d_k, d_v
 
-        zeros = jnp.zeros(k_block.shape, jnp.float32)
+        zeros = jnp.zeros_like(k_block, jnp.float32)
         d_q, d_k, d_v = _loops(visit, visit_ranges(col_start.ravel(), col_end.ravel(), block_q),
                                (d_q, zeros, zeros))
         return d_q, (d_k, d_v)
@@ -170,7 +171,7 @@ def _attention_bwd(scale, block_q, block_k, residuals, d_out):
     blocks = k.shape[2] // block_k
     inputs = (jnp.arange(blocks), _blocks(k, 2, block_k), _blocks(v, 2, block_k),
               _blocks(qs, 1, block_k), _blocks(qe, 1, block_k))
-    d_q, (d_k, d_v) = lax.scan(key_block, jnp.zeros(q.shape, jnp.float32), inputs)
+    d_q, (d_k, d_v) = lax.scan(key_block, jnp.zeros_like(q, jnp.float32), inputs)
     return (d_q.astype(q.dtype), _unblock(d_k, 2).astype(k.dtype), _unblock(d_v, 2).astype(v.dtype),
             None, None, None, None)
 
