@@ -77,8 +77,9 @@ cmd="${1:-}"
 case "$cmd" in
   test)
     ensure_venv test,tpu
-    # -n 2: both cores; tests share compiled functions within a worker.
-    exec .venv/bin/python -m pytest -n 2 "$@"
+    # -n 2: both cores; tests share compiled functions within a worker. --durations lists the
+    # slowest tests, so a CI log shows where the ~15-minute budget goes.
+    exec .venv/bin/python -m pytest -n 2 --durations=15 "$@"
     ;;
   train)
     need_config "${1:-}"
