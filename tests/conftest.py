@@ -7,6 +7,14 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # The TPU ahead-of-time compile tests load libtpu in every pytest-xdist worker;
 # without this, libtpu's multi-process lockfile fails all but the first.
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+# One persistent XLA compilation cache for the test run, shared by the in-process tests and the
+# command-line subprocesses they start (set here, so they inherit it): many tests compile the same
+# tiny programs (the --quick ablation study alone ran 158 s -> 122 s). Under the checkout, so a
+# clean clone (CI) starts empty; entries are keyed by the program and jax version, never stale.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))), ".jax_test_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax  # noqa: E402
 
