@@ -33,8 +33,8 @@ from jax import lax
 from glm_jax.kernels.blocks import padded_inputs, visit_ranges
 from glm_jax.kernels.masks import MASK_VALUE
 
-# 64 x 64 blocks ran fastest on XLA:CPU at T = 512..2048 (128 and 256 were slower, 32 slower
-# still in the backward): experiments/benchmarks/attention.py --blockwise.
+# 64 x 64 blocks: on XLA:CPU faster than 128 and 256 at T = 512 and 2048 (forward + backward);
+# 32 x 32 was within this machine's noise of 64 x 64 at T = 512.
 DEFAULT_BLOCK = 64
 
 
