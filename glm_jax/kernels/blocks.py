@@ -1,7 +1,8 @@
-"""Block bookkeeping shared by both flash kernels (flash_attention.py, flash_attention_tpu.py).
+"""Block bookkeeping shared by the flash kernels (flash_attention.py, flash_attention_tpu.py) and
+the XLA blockwise path (blockwise_attention.py).
 
 Which key blocks a block of query rows must visit, and which of those it can run
-without a mask (`visit_ranges`); padding of a query window and its keys to whole
+without a mask (`visit_ranges`), and the loops over them (`three_loops`); padding of a query window and its keys to whole
 blocks with per-row key ranges and per-key query ranges that keep every padded row
 non-empty (`padded_ranges`, `padded_inputs`); and the count of visited blocks a
 test or benchmark compares the kernels' own counters with (`visited_blocks`).
@@ -9,8 +10,11 @@ test or benchmark compares the kernels' own counters with (`visited_blocks`).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from glm_jax.kernels import masks
 
@@ -30,6 +34,16 @@ def visit_ranges(starts, ends, block: int):
     full_first = jnp.clip(-(-jnp.max(starts, axis=-1) // block), first, last)
     full_last = jnp.clip(jnp.min(ends, axis=-1) // block, full_first, last)
     return first, full_first, full_last, last
+
+
+def three_loops(visit, ranges, carry):
+    """Run visit(block, carry, masked=...) over visit_ranges' blocks: the masked ones before,
+    those every row sees whole unmasked, the masked ones after. Used inside the Pallas kernels
+    and by the XLA blockwise path alike."""
+    first, full_first, full_last, last = ranges
+    carry = lax.fori_loop(first, full_first, functools.partial(visit, masked=True), carry)
+    carry = lax.fori_loop(full_first, full_last, functools.partial(visit, masked=False), carry)
+    return lax.fori_loop(full_last, last, functools.partial(visit, masked=True), carry)
 
 
 def pad_axis(x, axis: int, length: int):

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from glm_jax.kernels.blocks import padded_inputs, visit_ranges
+from glm_jax.kernels.blocks import padded_inputs, three_loops, visit_ranges
 from glm_jax.kernels.masks import MASK_VALUE
 
 # 64 x 64 blocks: on XLA:CPU faster than 128 and 256 at T = 512 and 2048 (forward + backward);
@@ -61,14 +61,6 @@ def _allowed(rows_start, rows_end, first_col, width: int):
     """[B, rows, width] bool: column first_col + c lies in the row's range."""
     cols = first_col + jnp.arange(width, dtype=jnp.int32)
     return (cols >= rows_start[..., None]) & (cols < rows_end[..., None])
-
-
-def _loops(visit, ranges, carry):
-    """Masked blocks, then the ones every row sees whole without a mask, then masked again."""
-    first, full_first, full_last, last = ranges
-    carry = lax.fori_loop(first, full_first, functools.partial(visit, masked=True), carry)
-    carry = lax.fori_loop(full_first, full_last, functools.partial(visit, masked=False), carry)
-    return lax.fori_loop(full_last, last, functools.partial(visit, masked=True), carry)
 
 
 def _blocks(x, axis: int, size: int):
@@ -117,7 +109,7 @@ def _forward(scale, block_q, block_k, q, k, v, ks, ke):
         rows = q_block[..., 0]
         carry = (jnp.zeros_like(q_block, jnp.float32), jnp.full_like(rows, MASK_VALUE, jnp.float32),
                  jnp.zeros_like(rows, jnp.float32))
-        out, row_max, total = _loops(visit, visit_ranges(row_start.ravel(), row_end.ravel(), block_k), carry)
+        out, row_max, total = three_loops(visit, visit_ranges(row_start.ravel(), row_end.ravel(), block_k), carry)
         # Every row sees at least its own key (padded rows their padded key), so total > 0.
         return (out / total[..., None]).astype(q_block.dtype), row_max + jnp.log(total)
 
@@ -164,7 +156,7 @@ def _attention_bwd(scale, block_q, block_k, residuals, d_out):
             return d_q, d_k, d_v
 
         zeros = jnp.zeros_like(k_block, jnp.float32)
-        d_q, d_k, d_v = _loops(visit, visit_ranges(col_start.ravel(), col_end.ravel(), block_q),
+        d_q, d_k, d_v = three_loops(visit, visit_ranges(col_start.ravel(), col_end.ravel(), block_q),
                                (d_q, zeros, zeros))
         return d_q, (d_k, d_v)
 

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from glm_jax.kernels.blocks import padded_inputs, visit_ranges
+from glm_jax.kernels.blocks import padded_inputs, three_loops, visit_ranges
 from glm_jax.kernels.masks import MASK_VALUE
 
 
@@ -35,14 +35,6 @@ def _dot(a, b, contract_a: int, contract_b: int):
 def _allowed(rows_start, rows_end, first_col: int, width: int):
     cols = first_col + lax.broadcasted_iota(jnp.int32, (rows_start.shape[0], width), 1)
     return (cols >= rows_start[:, None]) & (cols < rows_end[:, None])
-
-
-def _three_loops(visit, ranges, carry):
-    """Masked blocks, then the fully visible ones unmasked, then masked again."""
-    first, full_first, full_last, last = ranges
-    carry = lax.fori_loop(first, full_first, functools.partial(visit, masked=True), carry)
-    carry = lax.fori_loop(full_first, full_last, functools.partial(visit, masked=False), carry)
-    return lax.fori_loop(full_last, last, functools.partial(visit, masked=True), carry)
 
 
 # ----------------------------------------------------------------------------- forward
@@ -85,7 +77,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, ks_ref, ke_ref, o_ref, lse_ref, *visits
     counters = [jnp.int32(0), jnp.int32(0)] if visits_refs else []  # carried only when counting
     init = (jnp.zeros((block_q, head_dim), jnp.float32), jnp.full((block_q,), MASK_VALUE, jnp.float32),
             jnp.zeros((block_q,), jnp.float32), *counters)
-    o, m, l, *visits = _three_loops(visit, visit_ranges(ks, ke, block_k), init)
+    o, m, l, *visits = three_loops(visit, visit_ranges(ks, ke, block_k), init)
     l = jnp.maximum(l, 1e-30)  # every real row sees itself; padding rows too
     o_ref[...] = (o / l[:, None]).astype(o_ref.dtype)
     lse_ref[...] = m + jnp.log(l)
@@ -130,7 +122,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, ks_ref, ke_ref, do_ref, lse_ref, delta_ref, 
         ds = p * (_dot(do, v, 1, 1) - delta[:, None])
         return dq + _dot(ds.astype(k.dtype), k, 1, 0)
 
-    dq = _three_loops(visit, visit_ranges(ks, ke, block_k), jnp.zeros(q.shape, jnp.float32))
+    dq = three_loops(visit, visit_ranges(ks, ke, block_k), jnp.zeros(q.shape, jnp.float32))
     dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
@@ -160,7 +152,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, ks_ref, ke_ref, qs_ref, qe_ref, do_ref, lse
     ranges = visit_ranges(qs, qe, block_q)  # query blocks that see (all of) this key block
     carry = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
     for head in range(group):  # the query heads sharing this KV head, summed in float32
-        carry = _three_loops(functools.partial(visit, head=head), ranges, carry)
+        carry = three_loops(functools.partial(visit, head=head), ranges, carry)
     dk, dv = carry
     dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
