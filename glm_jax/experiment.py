@@ -45,7 +45,10 @@ class TrainSettings:
     steps and before every save and eval, so steps are not serialised with the host.
     loss_chunk_length: the output head and loss run this many positions (of every row)
     at a time, so no [B, T, vocab] logits exist (glm_jax.model.chunked_loss); None
-    materialises them.
+    materialises them. init_from: a run directory (or RUN/checkpoints/STEP) whose parameters
+    start a new run (fine-tuning): its latest (or that) checkpoint's parameters, a fresh
+    optimizer, and its tokenizer unless DataConfig.tokenizer_path names one. Ignored once
+    the run has a checkpoint of its own (resuming continues that).
     """
 
     run_dir: str
@@ -59,6 +62,7 @@ class TrainSettings:
     seed: int = 0
     z_loss: float = 0.0
     loss_chunk_length: int | None = DEFAULT_LOSS_CHUNK
+    init_from: str | None = None
 
     def __post_init__(self):
         if not isinstance(self.steps, int) or self.steps < 0:

@@ -137,6 +137,20 @@ class ChatGLMTokenizer:
     def id_to_piece(self, i: int) -> str:
         return self.id_to_added.get(int(i)) or self.sp.id_to_piece(int(i))
 
+    def encode_plain(self, text: str) -> np.ndarray:
+        """Text as ordinary text (a special written in it is not its id): THUDM's chat messages."""
+        return np.asarray(self.sp.encode(text), np.int32)
+
+    def special_id(self, text: str) -> int | None:
+        return self.added.get(text)
+
+    def with_specials(self, texts: Iterable[str]) -> "ChatGLMTokenizer":
+        """This tokenizer with the missing `texts` added after its last special (ChatGLM2 -> ChatGLM3's roles)."""
+        added = dict(self.added)
+        for text in texts:
+            added.setdefault(text, self.sp.get_piece_size() + len(added))
+        return self if added == self.added else ChatGLMTokenizer(self.model_proto, added, self.settings)
+
 
 def is_chatglm_tokenizer(directory: Path) -> bool:
     """Does this directory's tokenizer_config.json name THUDM's ChatGLM2/3 tokenizer class?"""

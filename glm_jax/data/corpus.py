@@ -6,6 +6,8 @@ Sources (a string, so gin and the CLI can name them):
   'text:GLOB[,GLOB]'     text files, one document per blank-line-separated block
                          (or per line with split='line')
   'jsonl:GLOB[,GLOB]'    JSON lines, one document per line from its 'text' field
+  'chat:GLOB[,GLOB]'     JSON lines of conversations (glm_jax.data.chat_source reads them for
+                         fine-tuning; here, their words train a tokenizer)
 A document belongs to the eval split when a stable hash of its id falls below
 eval_fraction, so the split never changes with file order or process count.
 Tokenised corpora are cached as memory-mapped arrays keyed by the corpus
@@ -59,7 +61,7 @@ def _expand(kind: str, patterns: str) -> list[Path]:
     for pattern in patterns.split(","):
         expanded = os.path.expanduser(pattern)
         if os.path.isdir(expanded):
-            suffix = "jsonl" if kind == "jsonl" else "txt"
+            suffix = "txt" if kind == "text" else "jsonl"
             raise ValueError(f"data source {kind}:{pattern} is a directory; give a glob of its files, e.g. "
                              f"'{kind}:{pattern.rstrip('/')}/**/*.{suffix}'")
         found = [Path(p) for p in sorted(glob.glob(expanded, recursive=True)) if not os.path.isdir(p)]
@@ -76,8 +78,9 @@ def source_files(source: str) -> list[Path]:
         return sorted(p for p in root.rglob("*.py")
                       if not {"site-packages", "dist-packages"} & set(p.relative_to(root).parts))
     kind, _, patterns = source.partition(":")
-    if kind not in ("text", "jsonl") or not patterns:
-        raise ValueError(f"data source {source!r} is not understood; use 'stdlib', 'text:GLOB' or 'jsonl:GLOB'")
+    if kind not in ("text", "jsonl", "chat") or not patterns:
+        raise ValueError(f"data source {source!r} is not understood; use 'stdlib', 'text:GLOB', 'jsonl:GLOB' or "
+                         "'chat:GLOB'")
     return _expand(kind, patterns)
 
 
@@ -109,6 +112,10 @@ def read_documents(source: str, split: str = "blank_line", stats: CorpusStats | 
             parts = [(str(path.relative_to(stdlib_root())), text)]
         elif kind == "jsonl":
             parts = list(_jsonl_documents(path, text, stats, skip_bad_input))
+        elif kind == "chat":  # the words of each conversation (only a tokenizer is trained on them)
+            from glm_jax.data.chat_source import conversation_text
+
+            parts = [(f"{path}:{i}", conversation_text(line)) for i, line in enumerate(text.splitlines())]
         elif split == "line":
             parts = [(f"{path}:{i}", line) for i, line in enumerate(text.splitlines())]
         elif split == "blank_line":

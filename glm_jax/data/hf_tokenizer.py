@@ -38,6 +38,7 @@ class HFTokenizer:
         self.tokenizer = tokenizers.Tokenizer.from_str(json_text)
         self.settings = settings
         self.extra_files = extra_files or {}
+        self._plain = None  # the same tokenizer without its added tokens (encode_plain), made on first use
         self.specials = self._specials(settings)
         self.sentence_end = self._sentence_end_table()
 
@@ -111,6 +112,27 @@ class HFTokenizer:
 
     def id_to_piece(self, i: int) -> str:
         return self.tokenizer.id_to_token(int(i))
+
+    def encode_plain(self, text: str) -> np.ndarray:
+        """Text as ordinary text: the added (special) tokens are not matched, as GLM-4's chat messages
+        are encoded (tiktoken's disallowed_special=())."""
+        if self._plain is None:
+            spec = json.loads(self.json_bytes)
+            spec["added_tokens"] = []
+            self._plain = tokenizers.Tokenizer.from_str(json.dumps(spec))
+        return np.asarray(self._plain.encode(text, add_special_tokens=False).ids, np.int32)
+
+    def special_id(self, text: str) -> int | None:
+        return self._id(text)
+
+    def with_specials(self, texts: Iterable[str]) -> "HFTokenizer":
+        """This tokenizer with the missing `texts` added as special tokens (ids after the last one)."""
+        missing = [t for t in texts if self._id(t) is None]
+        if not missing:
+            return self
+        grown = tokenizers.Tokenizer.from_str(self.json_bytes.decode("utf-8"))
+        grown.add_special_tokens(missing)
+        return HFTokenizer(grown.to_str(), self.settings, self.source, self.extra_files)
 
     def _sentence_end_table(self) -> np.ndarray:
         """bool[vocab]: does this token's text end a sentence (punctuation or newline)?"""

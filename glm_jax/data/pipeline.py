@@ -1,30 +1,27 @@
 """The GLM data pipeline: tokenised corpus -> windows -> corrupted examples -> packed rows -> batches.
 
-Built on grain's random-access MapDataset: the windows of an epoch are shuffled
-with a seed derived from (seed, epoch) and split into `num_shards` disjoint
-streams (`slice(i::n)`) whose union is the epoch. A global batch takes
-batch_size / num_shards rows from every stream, and each process reads only its
-own streams, so the global batch does not depend on how many processes read it
-(num_shards defaults to the process count). Every example is a pure function of
-(seed, epoch, window id). Examples are packed in groups of `group_size`
-(best-fit decreasing). A stream's state is three integers (epoch, group, row):
-restoring it re-packs one group and yields exactly the batches an uninterrupted
-run yields.
+The windows of an epoch are shuffled, sharded and packed by glm_jax.data.packed_rows
+(grain's random-access MapDataset; a stream's state is three integers, so restoring
+it yields exactly the batches an uninterrupted run yields). Each process reads only
+its own `num_shards` streams (one per process by default), so the global batch does
+not depend on how many processes read it. Every example is a pure function of
+(seed, epoch, window id). A 'chat:GLOB' source reads conversations instead
+(glm_jax.data.chat_source: supervised fine-tuning) through the same streams.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from pathlib import Path
 
-import grain
 import numpy as np
 
-from glm_jax.data import batch as batch_schema
 from glm_jax.data import packing
+from glm_jax.data.chat_format import CHAT_FORMATS, PROMPT_ATTENTION, with_role_tokens
+from glm_jax.data.chat_source import is_chat_source, make_chat_datasets
 from glm_jax.data.corpus import DEFAULT_CACHE, TokenizedCorpus, default_tokenizer, tokenize_corpus
 from glm_jax.data.objectives import DocumentTooShort, Objective
+from glm_jax.data.packed_rows import BatchIterator, LocalBatches, PackedRows  # noqa: F401 (re-exported)
 from glm_jax.data.tokenizer import Tokenizer, load_tokenizer_file
 
 
@@ -32,7 +29,12 @@ from glm_jax.data.tokenizer import Tokenizer, load_tokenizer_file
 class DataConfig:
     """Where the text comes from and how batches are shaped.
 
-    source: 'stdlib' | 'text:GLOB' | 'jsonl:GLOB' (glm_jax.data.corpus).
+    source: 'stdlib' | 'text:GLOB' | 'jsonl:GLOB' (glm_jax.data.corpus), or 'chat:GLOB': jsonl
+      conversations for supervised fine-tuning (glm_jax.data.chat_source; the objective is unused).
+    chat_format: how a 'chat:' source's conversations become tokens: 'glm4' or 'chatglm3'
+      (glm_jax.data.chat_format); the tokenizer gets the role tokens if it lacks them.
+    chat_prompt_attention: 'causal' (what ChatGLM3 and GLM-4 use) or 'prefix': the conversation up
+      to its first assistant reply attends bidirectionally (GLM's Part A).
     text_split: documents of text files: 'blank_line' blocks or 'line's.
     seq_len, batch_size: rows are [seq_len]; batch_size is global (all processes).
     window_fraction: documents longer than window_fraction * seq_len are split into
@@ -61,6 +63,8 @@ class DataConfig:
     group_size: int = 64
     num_shards: int | None = None
     skip_bad_input: bool = False
+    chat_format: str = "glm4"
+    chat_prompt_attention: str = "causal"
 
     def __post_init__(self):
         if self.seq_len < 16:
@@ -69,28 +73,33 @@ class DataConfig:
             raise ValueError("DataConfig.batch_size and group_size must be positive")
         if self.window_fraction is not None and not 0.1 <= self.window_fraction <= 1.0:
             raise ValueError(f"DataConfig.window_fraction {self.window_fraction} must be in [0.1, 1]")
+        if self.chat_format not in CHAT_FORMATS:
+            raise ValueError(f"DataConfig.chat_format {self.chat_format!r} is unknown; use one of {list(CHAT_FORMATS)}")
+        if self.chat_prompt_attention not in PROMPT_ATTENTION:
+            raise ValueError(f"DataConfig.chat_prompt_attention {self.chat_prompt_attention!r} is unknown; use one "
+                             f"of {list(PROMPT_ATTENTION)}")
 
 
 def load_tokenizer(config: DataConfig) -> Tokenizer:
+    """The run's tokenizer: DataConfig.tokenizer_path, or one trained on the source (cached). A chat
+    source's tokenizer gets the four role tokens where it lacks them (chat_format.with_role_tokens)."""
     if config.tokenizer_path:
-        return load_tokenizer_file(config.tokenizer_path)
-    return default_tokenizer(config.source, config.vocab_size, split=config.text_split,
-                             eval_fraction=config.eval_fraction, cache_dir=config.cache_dir,
-                             skip_bad_input=config.skip_bad_input)
+        tokenizer = load_tokenizer_file(config.tokenizer_path)
+    else:
+        tokenizer = default_tokenizer(config.source, config.vocab_size, split=config.text_split,
+                                      eval_fraction=config.eval_fraction, cache_dir=config.cache_dir,
+                                      skip_bad_input=config.skip_bad_input)
+    return with_role_tokens(tokenizer) if is_chat_source(config.source) else tokenizer
 
 
-class GLMDataset:
-    """Random access to the packed rows of one split, for one process."""
+class GLMDataset(PackedRows):
+    """The corrupted, packed rows of one split's text windows, for one data shard."""
 
     def __init__(self, config: DataConfig, objective: Objective, tokenizer: Tokenizer, corpus: TokenizedCorpus,
                  shard_index: int = 0, shard_count: int = 1, windows: np.ndarray | None = None):
-        if config.batch_size % shard_count:
-            raise ValueError(f"DataConfig.batch_size {config.batch_size} must be divisible by the "
-                             f"{shard_count} data shards (processes unless num_shards is set)")
-        self.config, self.objective, self.tokenizer, self.corpus = config, objective, tokenizer, corpus
+        super().__init__(config, tokenizer.specials.pad, shard_index, shard_count)
+        self.objective, self.tokenizer, self.corpus = objective, tokenizer, corpus
         self.specials = tokenizer.specials
-        self.shard_index, self.shard_count = shard_index, shard_count
-        self.local_batch = config.batch_size // shard_count
         fraction = config.window_fraction or 0.97 / objective.expected_expansion
         self.max_window = int(fraction * config.seq_len) - 2  # room for [CLS] and <eos>
         self.windows = self._make_windows() if windows is None else windows  # shards of one split share them
@@ -109,17 +118,16 @@ class GLMDataset:
             rows.extend((d, s, e) for s, e in packing.split_windows(len(doc), self.max_window, ends))
         return np.asarray(rows, np.int64).reshape(-1, 3)
 
-    # ------------------------------------------------------------- ordering
-    @functools.lru_cache(maxsize=2)
-    def epoch_windows(self, epoch: int) -> np.ndarray:
-        """This shard's window ids for `epoch`, in order (grain shuffle + shard)."""
-        dataset = (grain.MapDataset.source(np.arange(len(self.windows)))
-                   .shuffle(seed=_mix(self.config.seed, epoch))
-                   .slice(slice(self.shard_index, None, self.shard_count)))
-        return np.asarray([dataset[i] for i in range(len(dataset))], np.int64)
+    @property
+    def num_items(self) -> int:
+        return len(self.windows)
 
-    def num_groups(self, epoch: int) -> int:
-        return -(-len(self.epoch_windows(epoch)) // self.config.group_size)
+    epoch_windows = PackedRows.epoch_items  # items are windows here
+
+    def no_examples_message(self) -> str:
+        return (f"no document of the {corpus_name(self.config)} corpus makes a training example: every one is too "
+                f"short for the objective ({self.counts}); use longer documents (e.g. DataConfig.text_split = "
+                "'blank_line' instead of 'line') or an objective with shorter spans")
 
     # ------------------------------------------------------------- examples
     def window_tokens(self, window_id: int) -> np.ndarray:
@@ -147,121 +155,8 @@ class GLMDataset:
         cut = max(1, int(len(tokens) * 0.97 * self.config.seq_len / len(example["tokens"])))
         return self._corrupt(tokens[:cut], rng) + self._corrupt(tokens[cut:], rng)
 
-    @functools.lru_cache(maxsize=4)
-    def group_rows(self, epoch: int, group: int) -> tuple[dict, ...]:
-        """Packed rows of one group of `group_size` consecutive windows."""
-        size = self.config.group_size
-        ids = self.epoch_windows(epoch)[group * size:(group + 1) * size]
-        examples = [ex for w in ids for ex in self.examples(epoch, int(w))]
-        return tuple(packing.pack(examples, self.config.seq_len, self.specials.pad))
-
-    def iterator(self, state: dict | None = None) -> "BatchIterator":
-        iterator = BatchIterator(self)
-        if state is not None:
-            iterator.set_state(state)
-        return iterator
-
-
-STATE_FIELDS = ("epoch", "group", "row")
-
-
-class BatchIterator:
-    """Yields one shard's rows of each global batch ({key: [rows, ...]}); state is 3 integers."""
-
-    def __init__(self, dataset: GLMDataset):
-        self.dataset = dataset
-        self.epoch, self.group, self.row = 0, 0, 0
-        self.rows_seen, self.real_tokens = 0, 0
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict:
-        rows = [self._next_row() for _ in range(self.dataset.local_batch)]
-        batch = batch_schema.stack_rows(rows)
-        self.rows_seen += len(rows)
-        self.real_tokens += int((batch["segment_ids"] > 0).sum())
-        return batch
-
-    def _next_row(self) -> dict:
-        empty_groups = 0
-        while True:
-            rows = self.dataset.group_rows(self.epoch, self.group)
-            if self.row < len(rows):
-                self.row += 1
-                return rows[self.row - 1]
-            empty_groups = empty_groups + 1 if not rows else 0
-            if empty_groups > self.dataset.num_groups(self.epoch):  # a whole epoch without one example
-                raise ValueError(f"no document of the {corpus_name(self.dataset.config)} corpus makes a training "
-                                 f"example: every one is too short for the objective ({self.dataset.counts}); "
-                                 "use longer documents (e.g. DataConfig.text_split = 'blank_line' instead of "
-                                 "'line') or an objective with shorter spans")
-            self.group, self.row = self.group + 1, 0
-            if self.group >= self.dataset.num_groups(self.epoch):
-                self.epoch, self.group = self.epoch + 1, 0
-
-    @property
-    def packing_efficiency(self) -> float:
-        """Fraction of non-padding tokens in the rows yielded so far."""
-        return self.real_tokens / max(1, self.rows_seen * self.dataset.config.seq_len)
-
-    def get_state(self) -> dict:
-        return dict(zip(STATE_FIELDS, (self.epoch, self.group, self.row)))
-
-    def set_state(self, state: dict) -> None:
-        self.epoch, self.group, self.row = (int(state[k]) for k in STATE_FIELDS)
-
-
 def corpus_name(config: DataConfig) -> str:
     return repr(config.source)
-
-
-def _mix(seed: int, epoch: int) -> int:
-    """A 32-bit seed per (seed, epoch) for grain's shuffle."""
-    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
-
-
-class LocalBatches:
-    """This process's part of every global batch: the rows of its data shards, concatenated."""
-
-    def __init__(self, iterators: list[BatchIterator]):
-        self.iterators = iterators
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict:
-        parts = [next(it) for it in self.iterators]
-        return batch_schema.concatenate(parts)
-
-    @property
-    def packing_efficiency(self) -> float:
-        return float(np.mean([it.packing_efficiency for it in self.iterators]))
-
-    def get_state(self) -> dict:
-        return {"shards": [it.get_state() for it in self.iterators]}
-
-    def state_array(self) -> np.ndarray:
-        """The state as int64 [shards, 3] (epoch, group, row): what processes all-gather before a save."""
-        return np.asarray([[s[k] for k in STATE_FIELDS] for s in self.get_state()["shards"]], np.int64)
-
-    @staticmethod
-    def state_from_array(array: np.ndarray) -> dict:
-        """get_state()'s dict from state_array()'s rows."""
-        return {"shards": [dict(zip(STATE_FIELDS, map(int, row))) for row in np.asarray(array)]}
-
-    def rewind(self) -> None:
-        """Back to the first batch (evaluation reads the same batches every time)."""
-        for it in self.iterators:
-            it.set_state({"epoch": 0, "group": 0, "row": 0})
-
-    def set_state(self, state: dict) -> None:
-        if len(state["shards"]) != len(self.iterators):
-            raise ValueError(f"data state has {len(state['shards'])} shards but this process reads "
-                             f"{len(self.iterators)}; keep DataConfig.num_shards and the process count "
-                             "of the run being resumed (or set num_shards explicitly)")
-        for it, shard_state in zip(self.iterators, state["shards"]):
-            it.set_state(shard_state)
 
 
 def _process() -> tuple[int, int]:
@@ -299,12 +194,18 @@ def make_batches(config: DataConfig, objective: Objective, split: str = "train",
     if shards % process_count:
         raise ValueError(f"DataConfig.num_shards {shards} must be a multiple of the {process_count} processes")
     per_process = shards // process_count
+    mine = range(process_index * per_process, (process_index + 1) * per_process)
     tokenizer = tokenizer or load_tokenizer(config)
-    corpus = _split_corpus(config, tokenizer, split)  # read once for all of this process's shards
-    datasets: list[GLMDataset] = []
-    for s in range(process_index * per_process, (process_index + 1) * per_process):
-        windows = datasets[0].windows if datasets else None
-        datasets.append(GLMDataset(config, objective, tokenizer, corpus, s, shards, windows))
+    if is_chat_source(config.source):
+        if split not in ("train", "eval"):
+            raise ValueError(f"split {split!r} is unknown; use 'train' or 'eval'")
+        datasets = make_chat_datasets(config, tokenizer, split, mine, shards)
+    else:
+        corpus = _split_corpus(config, tokenizer, split)  # read once for all of this process's shards
+        datasets = []
+        for s in mine:
+            windows = datasets[0].windows if datasets else None
+            datasets.append(GLMDataset(config, objective, tokenizer, corpus, s, shards, windows))
     batches = LocalBatches([d.iterator() for d in datasets])
     if state is not None:
         batches.set_state(state)

@@ -120,6 +120,33 @@ class Tokenizer:
     def id_to_piece(self, i: int) -> str:
         return self.sp.id_to_piece(int(i))
 
+    def encode_plain(self, text: str) -> np.ndarray:
+        """Text as ordinary text. SentencePiece always matches user-defined symbols, so a special
+        written in the text still becomes its id here (imported tokenizers do better)."""
+        return self.encode(text)
+
+    def special_id(self, text: str) -> int | None:
+        """The id of a special token (a user-defined piece), or None."""
+        return self.sp.piece_to_id(text) if self._has_piece(text) else None
+
+    def with_specials(self, texts: Iterable[str]) -> "Tokenizer":
+        """This tokenizer with `texts` as specials: each missing one takes the next free
+        <|reserved_i|> piece (its id is unchanged, so the model's embedding table fits)."""
+        missing = [t for t in texts if self.special_id(t) is None]
+        free = [p for p in RESERVED_PIECES if self._has_piece(p)]
+        if not missing:
+            return self
+        if len(missing) > len(free):
+            raise ValueError(f"the tokenizer has {len(free)} free reserved pieces but needs {len(missing)} for "
+                             f"{missing}; train a tokenizer with more reserved pieces (NUM_RESERVED)")
+        from sentencepiece import sentencepiece_model_pb2
+
+        proto = sentencepiece_model_pb2.ModelProto()
+        proto.ParseFromString(self.model_proto)
+        for text, reserved in zip(missing, free):
+            proto.pieces[self.sp.piece_to_id(reserved)].piece = text
+        return Tokenizer(proto.SerializeToString(), source="<with specials>")
+
     # -------------------------------------------------------------- helpers
     def _has_piece(self, piece: str) -> bool:
         i = self.sp.piece_to_id(piece)

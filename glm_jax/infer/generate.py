@@ -12,6 +12,10 @@ generated part is loop state (glm_jax/infer/cache.py says why). The loop is comp
 prompt bucket, mask bucket, max_new_tokens, mode): prompt lengths inside a
 bucket and every sampling knob are traced values.
 
+Causal rows can stop at more tokens (`stop_ids`: a chat reply ends at <|user|>
+or <|observation|>), and `stream` hands every token to the host as the loop
+makes it (an ordered host callback; the chat command prints replies with it).
+
 Blank mode (GLM): rows start from <sop> at their first mask's position with
 block position 1; when a row emits <eop> it moves to its next mask (fresh
 <sop>, block position 1) and it stops after its last mask, on <eos>, or at
@@ -53,7 +57,7 @@ class Generator:
 
     def generate(self, batch: dict, mode: str, max_new_tokens: int,
                  sampling: SamplingConfig = SamplingConfig(), seed: int = 0, record_logits: bool = False,
-                 ignore_stop: bool = False) -> dict:
+                 ignore_stop: bool = False, stop_ids: tuple[int, ...] = (), stream=None) -> dict:
         """Runs prefill + decode on a batch from make_prompt_batch(..., mode).
 
         Returns numpy {'tokens': [B, max_new_tokens] (pad id after each row's end),
@@ -62,28 +66,36 @@ class Generator:
         token was sampled from (for tests and scoring; costs B x N x V floats).
         ignore_stop decodes exactly max_new_tokens per row (benchmarks): <eop>
         still moves a blank-mode row to its next mask, but nothing ends a row.
+        stop_ids: more tokens that end a causal row (a chat reply ends at <|user|> /
+        <|observation|>). stream: called as stream(step, tokens [B], live [B]) with each
+        token as the loop produces it (the program has a host callback; compiled once
+        for all stream functions).
         """
         if mode not in prompt_lib.MODES:
             raise ValueError(f"generation mode {mode!r} is unknown; use one of {prompt_lib.MODES}")
         self._check_lengths(batch, max_new_tokens, mode)
         inputs = {k: jnp.asarray(v) for k, v in batch.items()}
-        program = self._program(mode, max_new_tokens, record_logits, ignore_stop)
-        with _maybe_mesh(self.mesh, self.rules):
+        program = self._program(mode, max_new_tokens, record_logits, ignore_stop, tuple(stop_ids), stream is not None)
+        with _maybe_mesh(self.mesh, self.rules), _streaming_to(stream):
             out = program(self.params, inputs, jax.random.key(seed), sampling.as_arrays())
-        return {k: np.asarray(v) for k, v in out.items()}
+            out = {k: np.asarray(v) for k, v in out.items()}
+            if stream is not None:
+                jax.effects_barrier()  # every token has reached the stream before the call returns
+        return out
 
     def compilations(self) -> int:
         """How many programs have been compiled (for the no-recompilation tests)."""
         return sum(fn._cache_size() for fn in self._compiled.values())
 
     # ------------------------------------------------------------------ internals
-    def _program(self, mode: str, max_new_tokens: int, record_logits: bool, ignore_stop: bool):
-        key = (mode, max_new_tokens, record_logits, ignore_stop)
+    def _program(self, mode: str, max_new_tokens: int, record_logits: bool, ignore_stop: bool,
+                 stop_ids: tuple[int, ...] = (), stream: bool = False):
+        key = (mode, max_new_tokens, record_logits, ignore_stop, stop_ids, stream)
         if key not in self._compiled:
             self._compiled[key] = jax.jit(functools.partial(
                 _generate, model=GLM(self.config), config=self.config, specials=self.specials, mode=mode,
                 max_new_tokens=max_new_tokens, cache_dtype=self.cache_dtype, record_logits=record_logits,
-                ignore_stop=ignore_stop))
+                ignore_stop=ignore_stop, stops=(specials_stops(self.specials) + stop_ids), stream=stream))
         return self._compiled[key]
 
     def _check_lengths(self, batch: dict, max_new_tokens: int, mode: str):
@@ -99,6 +111,28 @@ class Generator:
                              "shorten the prompt or max_new_tokens")
 
 
+_STREAM = {"to": None}  # the stream function of the generate() call in progress (one at a time)
+
+
+@contextlib.contextmanager
+def _streaming_to(stream):
+    _STREAM["to"] = stream
+    try:
+        yield
+    finally:
+        _STREAM["to"] = None
+
+
+def _emit(step, tokens, live):
+    if _STREAM["to"] is not None:
+        _STREAM["to"](int(step), np.asarray(tokens), np.asarray(live))
+
+
+def specials_stops(specials: SpecialTokens) -> tuple[int, ...]:
+    """What ends a causal row by default: <eos> and <eop>."""
+    return (specials.eos, specials.eop)
+
+
 def _maybe_mesh(mesh, rules):
     if mesh is None:
         return contextlib.nullcontext()
@@ -109,7 +143,8 @@ def _maybe_mesh(mesh, rules):
 
 
 def _generate(params, batch, key, sampling, *, model: GLM, config: ModelConfig, specials: SpecialTokens,
-              mode: str, max_new_tokens: int, cache_dtype, record_logits: bool, ignore_stop: bool):
+              mode: str, max_new_tokens: int, cache_dtype, record_logits: bool, ignore_stop: bool,
+              stops: tuple[int, ...], stream: bool):
     """Prefill, then the decode loop: the whole program the Generator compiles."""
     B, P = batch["tokens"].shape
     cache = init_cache(config, B, P, max_new_tokens, cache_dtype)
@@ -126,13 +161,15 @@ def _generate(params, batch, key, sampling, *, model: GLM, config: ModelConfig, 
         first = sample(logits[:, 0], jax.random.fold_in(key, 0), **sampling)
         context, state = decode_state(variables["cache"], P, first, batch["lengths"], jnp.zeros((B,), jnp.int32),
                              max_new_tokens, specials.pad, vocab)
-        state.update(step=jnp.int32(1), out=state["out"].at[:, 0].set(first), done=_is_stop(first, specials),
+        state.update(step=jnp.int32(1), out=state["out"].at[:, 0].set(first), done=_is_stop(first, stops),
                      num_tokens=jnp.ones((B,), jnp.int32))
+        if stream:
+            jax.debug.callback(_emit, 0, first, jnp.ones((B,), bool), ordered=True)
         if record_logits:
             state["logits"] = state["logits"].at[:, 0].set(logits[:, 0])
     return decode_loop(params, context, state, batch["mask_positions"], batch["num_masks"], key, sampling, model=model,
                        specials=specials, mode=mode, max_new_tokens=max_new_tokens, record_logits=record_logits,
-                       ignore_stop=ignore_stop)
+                       ignore_stop=ignore_stop, stops=stops, stream=stream)
 
 
 def decode_state(cache, slot, token, position, block, max_new_tokens: int, pad: int, vocab: int | None = None):
@@ -153,12 +190,15 @@ def decode_state(cache, slot, token, position, block, max_new_tokens: int, pad: 
 
 def decode_loop(params, context: dict, state: dict, mask_positions, num_masks, key, sampling, *, model: GLM,
                 specials: SpecialTokens, mode: str, max_new_tokens: int, record_logits: bool = False,
-                ignore_stop: bool = False) -> dict:
+                ignore_stop: bool = False, stops: tuple[int, ...] | None = None, stream: bool = False) -> dict:
     """One token per row per iteration of a lax.while_loop until every row is done.
 
     mask_positions [B, M] / num_masks [B]: blank mode's mask table (unused in causal mode).
+    stops: the tokens that end a causal row (default <eos>, <eop>). stream: hand each step's
+    tokens to the host as they are made (Generator.generate's stream function).
     Returns {'tokens', 'num_tokens'} (+ 'logits' when recorded).
     """
+    stops = specials_stops(specials) if stops is None else stops
     B = state["token"].shape[0]
     rows = jnp.arange(B)
 
@@ -173,6 +213,8 @@ def decode_loop(params, context: dict, state: dict, mask_positions, num_masks, k
         token = sample(logits[:, 0], jax.random.fold_in(key, s["step"]), **sampling)
         live = ~s["done"] | ignore_stop
         out = s["out"].at[:, s["step"]].set(jnp.where(live, token, specials.pad))
+        if stream:
+            jax.debug.callback(_emit, s["step"], token, live, ordered=True)
         recorded = s["logits"].at[:, s["step"]].set(logits[:, 0]) if record_logits else s["logits"]
         nxt = dict(step=s["step"] + 1, slot=s["slot"] + 1, out=out, num_tokens=s["num_tokens"] + live,
                    logits=recorded, cache=split_context(variables["cache"])[1])
@@ -186,7 +228,7 @@ def decode_loop(params, context: dict, state: dict, mask_positions, num_masks, k
                        done=s["done"] | (token == specials.eos) | (ends_span & (span >= num_masks)))
         else:
             nxt.update(token=token, position=s["position"] + 1, block=s["block"], span=s["span"],
-                       done=s["done"] | _is_stop(token, specials))
+                       done=s["done"] | _is_stop(token, stops))
         return nxt
 
     final = jax.lax.while_loop(keep_going, step, state)
@@ -196,8 +238,8 @@ def decode_loop(params, context: dict, state: dict, mask_positions, num_masks, k
     return result
 
 
-def _is_stop(token, specials: SpecialTokens):
-    return (token == specials.eos) | (token == specials.eop)
+def _is_stop(token, stops: tuple[int, ...]):
+    return functools.reduce(jnp.logical_or, [token == s for s in stops])
 
 
 # ------------------------------------------------------------------ text helpers

@@ -7,6 +7,7 @@ command line (glm_jax.cli.train).
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import sys
 import threading
@@ -17,6 +18,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from glm_jax.checkpoint import DamagedCheckpoint
+from glm_jax.data.chat_source import is_chat_source
 from glm_jax.data.pipeline import LocalBatches, load_tokenizer, make_batches
 from glm_jax.evaluation import eval_stream, evaluate, make_eval_step
 from glm_jax.experiment import Experiment
@@ -28,7 +30,7 @@ from glm_jax.parallel.rules import logical_axis_rules
 from glm_jax.run_dir import RunDir
 from glm_jax.train import flops
 from glm_jax.train.log import RunLogger
-from glm_jax.train.state import init_state, restore_state, state_shardings
+from glm_jax.train.state import TrainState, init_state, restore_state, state_shardings
 from glm_jax.train.step import make_train_step
 
 
@@ -56,15 +58,21 @@ def _train(experiment: Experiment, stop: _StopSignals) -> dict:
     mesh, rules = make_mesh(experiment.mesh), logical_axis_rules(settings.sharding)
     check_batch_fits_mesh(experiment.data.batch_size, experiment.optimizer.grad_accum_steps, mesh)
 
-    tokenizer = load_tokenizer(experiment.data)
-    _check_vocabulary(model, tokenizer.vocab_size)
+    base = RunDir.resolve(settings.init_from) if settings.init_from else None
+    data = experiment.data
+    if base and data.tokenizer_path is None:  # fine-tuning reads the base run's tokenizer
+        data = dataclasses.replace(data, tokenizer_path=str(base[0].tokenizer_path))
+    tokenizer = load_tokenizer(data)
+    _check_vocabulary(model, tokenizer.vocab_size, data)
     tx, schedule = make_optimizer(experiment.optimizer, settings.steps)
     shardings = state_shardings(model, tx, mesh, rules)
     batch_sharding = batch_shardings(mesh)
 
     checkpoints = run.checkpointer(keep=settings.keep_checkpoints)
     restored = _restore_newest_intact(run, checkpoints, model, tx, shardings)
-    if restored is None:
+    if restored is None and base is not None:
+        state, data_state = _state_from(base, model, tx, shardings), None
+    elif restored is None:
         state, data_state = init_state(model, tx, jax.random.key(settings.seed), shardings), None
     else:
         state, meta = restored
@@ -76,8 +84,8 @@ def _train(experiment: Experiment, stop: _StopSignals) -> dict:
         return {"final_train_loss": None, "losses": [],
                 "checkpoint": str(checkpoints.directory / str(checkpoints.latest_step())),
                 "preempted": False, "stopped_by": None}
-    batches = make_batches(experiment.data, experiment.objective, "train", tokenizer=tokenizer, state=data_state)
-    eval_data = eval_stream(experiment.data, experiment.objective, tokenizer)
+    batches = make_batches(data, experiment.objective, "train", tokenizer=tokenizer, state=data_state)
+    eval_data = eval_stream(data, experiment.objective, tokenizer)
 
     with jax.set_mesh(mesh):
         train_step = jax.jit(make_train_step(model, tx, schedule, rules, experiment.optimizer.grad_accum_steps,
@@ -140,11 +148,26 @@ def _restore_newest_intact(run: RunDir, checkpoints, model: ModelConfig, tx, sha
     return None
 
 
-def _check_vocabulary(model: ModelConfig, tokenizer_size: int) -> None:
-    if model.vocab_size < tokenizer_size:
-        raise ValueError(f"ModelConfig.vocab_size {model.vocab_size} is smaller than the tokenizer's "
-                         f"{tokenizer_size} pieces; raise ModelConfig.vocab_size to at least "
-                         f"{tokenizer_size} or lower DataConfig.vocab_size")
+def _state_from(base: tuple[RunDir, int | None], model: ModelConfig, tx, shardings):
+    """Step 0 of a fine-tuning run: the base run's parameters (placed in their shards), a fresh optimizer."""
+    run, step = base
+    params, step = run.restore_params(model, step, shardings.params)
+    print(f"starting from the parameters of {run.path} step {step} (train.init_from)", flush=True)
+    opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
+    return TrainState(step=jax.device_put(np.zeros((), np.int32), shardings.step), params=params, opt_state=opt_state)
+
+
+def _check_vocabulary(model: ModelConfig, tokenizer_size: int, data) -> None:
+    if model.vocab_size >= tokenizer_size:
+        return
+    if is_chat_source(data.source):
+        raise ValueError(f"with the chat role tokens the tokenizer has {tokenizer_size} ids, but the model's "
+                         f"embedding table has ModelConfig.vocab_size = {model.vocab_size} rows; fine-tune a "
+                         "model whose vocabulary has room for them (THUDM's checkpoints pad theirs; glm_jax's own "
+                         "tokenizers reserve pieces for them)")
+    raise ValueError(f"ModelConfig.vocab_size {model.vocab_size} is smaller than the tokenizer's "
+                     f"{tokenizer_size} pieces; raise ModelConfig.vocab_size to at least "
+                     f"{tokenizer_size} or lower DataConfig.vocab_size")
 
 
 def _all_data_states(batches: LocalBatches) -> list:

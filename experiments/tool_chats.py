@@ -1,0 +1,178 @@
+"""Synthetic tool-use conversations: questions only a tool call can answer, for SFT and its test.
+
+    python experiments/tool_chats.py --out data/tool_chats.jsonl [--count 2000] [--seed 0]
+    python experiments/tool_chats.py --out held_out.jsonl --count 100 --seed 1 \
+        --questions held_out.txt --answers held_out_answers.jsonl
+    python -m glm_jax.chat --run_dir runs/sft_tiny_tools --tools experiments/tools/atlas.py \
+        --input held_out.txt > transcript.txt
+    python experiments/tool_chats.py score --transcript transcript.txt --answers held_out_answers.jsonl \
+        --tools experiments/tools/atlas.py
+
+Each conversation (glm_jax.data.chat_format's jsonl form, with the tool list of
+experiments/tools/atlas.py) asks "What is A plus B?" or "What is the capital of X?";
+the assistant calls add(a, b) or lookup(key) with the arguments copied from the
+question, reads the observation and answers with it. Every training conversation's
+capital is drawn at random and the sums are of two-digit numbers, so the answer is
+never in the model's weights: it has to be read from the tool's observation. A
+held-out set (another seed) asks with other numbers, pairs and phrasings. The file
+also holds as many plain chat turns without tools ('Say "..."', answered by the
+words): short conversations that pack many to a row and teach a small model from
+scratch to copy far sooner than the long tool prompts alone (--echo 0 leaves them out).
+--questions also writes the user lines (for `glm_jax chat --input`, each question
+followed by /reset: one conversation per question) and --answers the expected
+{call} per question (JSON lines). `score` reads a chat transcript and reports the
+share of exact tool calls (name and arguments) and of exact final answers (built from
+what the chat's tool module returns for the right call).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent / "tools"))
+import atlas  # noqa: E402
+
+PHRASES = {"add": ["What is {a} plus {b}?", "Add {a} and {b}.", "How much is {a} + {b}?"],
+           "lookup": ['What is the capital of "{key}"?', 'Which city is the capital of "{key}"?']}
+ANSWERS = {"add": "{a} plus {b} is {result}.", "lookup": 'The capital of "{key}" is {result}.'}
+
+
+def tool_descriptions() -> list[dict]:
+    from glm_jax.chat.tools import describe
+
+    return [describe(f) for f in atlas.TOOLS]
+
+
+def make_example(rng: np.random.Generator) -> dict:
+    """{'question', 'call': {'name', 'arguments'}, 'result', 'answer'} of one random question.
+
+    Sums of two-digit numbers are easier to copy from the observation than to compute, and each
+    conversation's capital is drawn at random (a world per conversation): the only way to answer
+    right is to read the tool's result, whatever tool module answers at chat time.
+    """
+    name = "add" if rng.random() < 0.5 else "lookup"
+    if name == "add":
+        arguments = {"a": int(rng.integers(0, 100)), "b": int(rng.integers(0, 100))}
+        result = atlas.add(**arguments)
+    else:
+        arguments = {"key": str(rng.choice(sorted(atlas.CAPITALS)))}
+        result = str(rng.choice(sorted(atlas.CAPITALS.values())))
+    question = str(rng.choice(PHRASES[name])).format(**arguments)
+    return {"question": question, "call": {"name": name, "arguments": arguments}, "result": str(result),
+            "answer": ANSWERS[name].format(**arguments, result=result)}
+
+
+def make_echo(rng: np.random.Generator) -> dict:
+    """A plain chat turn without tools: repeat a few words. Short, so many pack into a row: they
+    teach copying (what every tool conversation needs) at a fraction of a tool prompt's cost."""
+    words = [str(w) for w in rng.choice(sorted(atlas.CAPITALS) + sorted(atlas.CAPITALS.values())
+                                        + [str(n) for n in range(100)], size=int(rng.integers(1, 4)))]
+    return {"question": 'Say "' + " ".join(words) + '".', "answer": " ".join(words)}
+
+
+def conversation(example: dict, tools: list[dict]) -> dict:
+    if "call" not in example:
+        return {"conversations": [{"role": "user", "content": example["question"]},
+                                  {"role": "assistant", "content": example["answer"]}]}
+    return {"tools": tools, "conversations": [
+        {"role": "user", "content": example["question"]},
+        {"role": "assistant", "tool_call": example["call"]},
+        {"role": "observation", "content": example["result"]},
+        {"role": "assistant", "content": example["answer"]}]}
+
+
+def read_transcript(text: str) -> list[dict]:
+    """`glm_jax chat` output -> per question {'question', 'calls': [(name, arguments, result)], 'answer'}."""
+    turns = []
+    for line in text.splitlines():
+        if line.startswith("user> "):
+            turns.append({"question": line[len("user> "):], "calls": [], "answer": ""})
+        elif turns and line.startswith("[tool] ") and " -> " in line:
+            head, _, result = line[len("[tool] "):].partition(" -> ")
+            name, _, arguments = head.partition("(")
+            try:
+                parsed = json.loads(arguments[:-1])
+            except json.JSONDecodeError:
+                parsed = None
+            turns[-1]["calls"].append((name, parsed, result))
+        elif turns and line.startswith("assistant> ") and line[len("assistant> "):].strip():
+            turns[-1]["answer"] = line[len("assistant> "):].strip()
+    return turns
+
+
+def score(transcript: str, expected_calls: list[dict], tools) -> dict:
+    """Shares of questions with the exact tool call (name + arguments) and the exact final answer.
+
+    The right answer is built from what `tools` (the module the chat ran with) returns for the
+    right call, so a chat run with other capitals than the training data is scored correctly.
+    """
+    turns = read_transcript(transcript)
+    if len(turns) != len(expected_calls):
+        raise ValueError(f"the transcript has {len(turns)} questions, the answers file {len(expected_calls)}")
+    calls, finals = [], []
+    for turn, expected in zip(turns, expected_calls):
+        name, arguments = expected["call"]["name"], expected["call"]["arguments"]
+        result = getattr(tools, name)(**arguments)
+        calls.append(bool(turn["calls"]) and turn["calls"][0][:2] == (name, arguments))
+        finals.append(turn["answer"] == ANSWERS[name].format(**arguments, result=result))
+    n = len(turns)
+    return {"questions": n, "exact_calls": sum(calls) / n, "exact_answers": sum(finals) / n}
+
+
+def load_module(path: str | Path):
+    spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def score_main(argv) -> int:
+    parser = argparse.ArgumentParser(description="score a chat transcript of held-out tool questions")
+    parser.add_argument("--transcript", required=True)
+    parser.add_argument("--answers", required=True, help="the --answers file written with the questions")
+    parser.add_argument("--tools", default=str(Path(__file__).parent / "tools" / "atlas.py"),
+                        help="the tool module the chat ran with")
+    args = parser.parse_args(argv)
+    expected = [json.loads(line) for line in Path(args.answers).read_text().splitlines() if line.strip()]
+    print(json.dumps(score(Path(args.transcript).read_text(), expected, load_module(args.tools))))
+    return 0
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["score"]:
+        return score_main(argv[1:])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="jsonl of conversations to write")
+    parser.add_argument("--count", type=int, default=2000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--echo", type=float, default=1.0,
+                        help="plain 'say ...' conversations per tool conversation (0 for tool conversations only)")
+    parser.add_argument("--questions", default=None, help="also write the questions, one per line")
+    parser.add_argument("--answers", default=None, help="also write the expected call and answer per question")
+    args = parser.parse_args(argv)
+    rng = np.random.default_rng(args.seed)
+    examples = [make_example(rng) for _ in range(args.count)]
+    echoes = [make_echo(rng) for _ in range(int(args.count * args.echo))]
+    tools = tool_descriptions()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    mixed = [examples[i // 2] if i % 2 == 0 or i // 2 >= len(echoes) else echoes[i // 2]
+             for i in range(len(examples) + min(len(echoes), len(examples)))] + echoes[len(examples):]
+    out.write_text("".join(json.dumps(conversation(e, tools)) + "\n" for e in mixed))
+    if args.questions:
+        Path(args.questions).write_text("".join(e["question"] + "\n/reset\n" for e in examples))
+    if args.answers:
+        Path(args.answers).write_text("".join(json.dumps({"call": e["call"]}) + "\n" for e in examples))
+    print(f"wrote {len(mixed)} conversations ({len(examples)} with tools) to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
