@@ -7,6 +7,7 @@
         --input held_out.txt > transcript.txt
     python experiments/tool_chats.py score --transcript transcript.txt --answers held_out_answers.jsonl \
         --tools experiments/tools/atlas.py
+    python experiments/tool_chats.py --out data/chat_base.jsonl --no_tool_loss   # tools read, not learned
 
 Each conversation (glm_jax.data.chat_format's jsonl form, with the tool list of
 experiments/tools/atlas.py) asks "What is A plus B?" or "What is the capital of X?";
@@ -76,15 +77,15 @@ def make_echo(rng: np.random.Generator) -> dict:
     return {"question": 'Say "' + " ".join(words) + '".', "answer": " ".join(words)}
 
 
-def conversation(example: dict, tools: list[dict]) -> dict:
+def conversation(example: dict, tools: list[dict], tool_loss: bool = True) -> dict:
     if "call" not in example:
         return {"conversations": [{"role": "user", "content": example["question"]},
                                   {"role": "assistant", "content": example["answer"]}]}
     return {"tools": tools, "conversations": [
         {"role": "user", "content": example["question"]},
-        {"role": "assistant", "tool_call": example["call"]},
+        {"role": "assistant", "tool_call": example["call"], "loss": tool_loss},
         {"role": "observation", "content": example["result"]},
-        {"role": "assistant", "content": example["answer"]}]}
+        {"role": "assistant", "content": example["answer"], "loss": tool_loss}]}
 
 
 def read_transcript(text: str) -> list[dict]:
@@ -154,6 +155,9 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--echo", type=float, default=1.0,
                         help="plain 'say ...' conversations per tool conversation (0 for tool conversations only)")
+    parser.add_argument("--no_tool_loss", action="store_true",
+                        help="tool conversations are read but not learned (loss: false on their assistant turns): "
+                             "the data of a base model for LoRA to teach the tools to")
     parser.add_argument("--questions", default=None, help="also write the questions, one per line")
     parser.add_argument("--answers", default=None, help="also write the expected call and answer per question")
     args = parser.parse_args(argv)
@@ -165,7 +169,7 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     mixed = [examples[i // 2] if i % 2 == 0 or i // 2 >= len(echoes) else echoes[i // 2]
              for i in range(len(examples) + min(len(echoes), len(examples)))] + echoes[len(examples):]
-    out.write_text("".join(json.dumps(conversation(e, tools)) + "\n" for e in mixed))
+    out.write_text("".join(json.dumps(conversation(e, tools, not args.no_tool_loss)) + "\n" for e in mixed))
     if args.questions:
         Path(args.questions).write_text("".join(e["question"] + "\n/reset\n" for e in examples))
     if args.answers:

@@ -23,31 +23,38 @@ from glm_jax.data.pipeline import DataConfig, LocalBatches, make_batches
 from glm_jax.data.tokenizer import Tokenizer
 from glm_jax.model import GLM, ModelConfig
 from glm_jax.model.chunked_loss import DEFAULT_LOSS_CHUNK, chunked_cross_entropy
+from glm_jax.model.lora import LoraConfig, join_adapters, lora_model
 from glm_jax.model.loss import cross_entropy_sums
 
 
 def loss_sums(model: GLM, params, batch: dict, z_loss: float = 0.0,
-              chunk_length: int | None = DEFAULT_LOSS_CHUNK) -> tuple[jax.Array, dict]:
+              chunk_length: int | None = DEFAULT_LOSS_CHUNK, rngs: dict | None = None) -> tuple[jax.Array, dict]:
     """(loss_sum + z_sum: what the train step differentiates, the sums) of one batch.
 
     chunk_length: the head and loss run that many positions at a time
     (glm_jax.model.chunked_loss), never holding [B, T, vocab] logits; None
-    materialises the logits (the reference the chunked loss is tested against).
+    materialises the logits (the reference the chunked loss is tested against). rngs: the
+    model's random streams (LoRA dropout).
     """
     inputs = batch_schema.model_inputs(batch)
     if chunk_length is None:
-        logits = model.apply({"params": params}, **inputs)
+        logits = model.apply({"params": params}, **inputs, rngs=rngs)
         sums = cross_entropy_sums(logits, batch["targets"], batch["loss_mask"], z_loss)
         return sums["loss_sum"] + sums["z_sum"], sums
-    hidden, kernel = model.apply({"params": params}, **inputs, return_hidden=True)
+    hidden, kernel = model.apply({"params": params}, **inputs, return_hidden=True, rngs=rngs)
     return chunked_cross_entropy(hidden, kernel, batch["targets"], batch["loss_mask"], z_loss, chunk_length)
 
 
-def make_eval_step(config: ModelConfig, rules=(), loss_chunk_length: int | None = DEFAULT_LOSS_CHUNK):
-    """(params, batch) -> sums of loss, correct and count over the batch (add them up across batches)."""
-    model = GLM(config)
+def make_eval_step(config: ModelConfig, rules=(), loss_chunk_length: int | None = DEFAULT_LOSS_CHUNK,
+                   lora: LoraConfig | None = None):
+    """(params, batch) -> sums of loss, correct and count over the batch (add them up across batches).
 
-    def eval_step(params, batch: dict):
+    lora: params are the adapters and the step takes the frozen base as a third argument.
+    """
+    model = GLM(config) if lora is None else lora_model(config, dataclasses.replace(lora, dropout=0.0))
+
+    def eval_step(params, batch: dict, frozen=None):
+        params = params if lora is None else join_adapters(frozen, params)
         with nn.logical_axis_rules(rules):
             _, sums = loss_sums(model, params, batch, chunk_length=loss_chunk_length)
         return sums

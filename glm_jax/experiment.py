@@ -30,6 +30,7 @@ from glm_jax.data.objectives import Objective
 from glm_jax.data.pipeline import DataConfig
 from glm_jax.model.chunked_loss import DEFAULT_LOSS_CHUNK
 from glm_jax.model.config import ModelConfig
+from glm_jax.model.lora import LoraConfig
 from glm_jax.optim import OptimizerConfig
 from glm_jax.parallel.mesh import MeshConfig
 from glm_jax.parallel.rules import RULES
@@ -63,6 +64,7 @@ class TrainSettings:
     z_loss: float = 0.0
     loss_chunk_length: int | None = DEFAULT_LOSS_CHUNK
     init_from: str | None = None
+    adapter: str = "none"
 
     def __post_init__(self):
         if not isinstance(self.steps, int) or self.steps < 0:
@@ -77,6 +79,14 @@ class TrainSettings:
                              "per chunk of the head + loss) or None (whole logits)")
         if self.sharding not in RULES:
             raise ValueError(f"train.sharding {self.sharding!r} is unknown; choose one of {sorted(RULES)}")
+        if self.adapter not in ADAPTERS:
+            raise ValueError(f"train.adapter {self.adapter!r} is unknown; choose one of {list(ADAPTERS)}")
+        if self.adapter != "none" and not self.init_from:
+            raise ValueError(f"train.adapter = {self.adapter!r} trains adapters on a frozen model: set "
+                             "train.init_from = 'RUN' to the run (trained or imported) they adapt")
+
+
+ADAPTERS = ("none", "lora")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +100,7 @@ class Experiment:
     optimizer: OptimizerConfig
     mesh: MeshConfig
     train: TrainSettings
+    lora: LoraConfig = LoraConfig()
     gin_text: str = ""
 
     def __post_init__(self):
@@ -97,6 +108,11 @@ class Experiment:
 
     def replace(self, **changes) -> "Experiment":
         return dataclasses.replace(self, **changes)
+
+    @property
+    def adapters(self) -> LoraConfig | None:
+        """The LoRA settings when only adapters train (train.adapter = 'lora'), else None."""
+        return self.lora if self.train.adapter == "lora" else None
 
 
 def check_consistent(model: ModelConfig, data: DataConfig) -> None:
@@ -114,7 +130,8 @@ def check_consistent(model: ModelConfig, data: DataConfig) -> None:
 # Experiment field -> (gin name, the frozen dataclass it builds). Names are the ones run directories use.
 _EXPERIMENT_PARTS = {"model": ("ModelConfig", ModelConfig), "data": ("DataConfig", DataConfig),
                      "objective": ("Objective", Objective), "optimizer": ("OptimizerConfig", OptimizerConfig),
-                     "mesh": ("MeshConfig", MeshConfig), "train": ("train", TrainSettings)}
+                     "mesh": ("MeshConfig", MeshConfig), "train": ("train", TrainSettings),
+                     "lora": ("LoraConfig", LoraConfig)}
 _REGISTRY: dict[str, tuple[type, object]] = {}
 
 

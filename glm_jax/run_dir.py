@@ -7,6 +7,8 @@ generation and evaluation alike.
     RUN/tokenizer.model   + tokenizer_config.json naming ChatGLMTokenizer: an imported ChatGLM2/3 tokenizer
     RUN/summary.json      the last training session's summary
     RUN/provenance.json   where a converted or imported run came from
+    RUN/adapter_base.json a LoRA run's frozen base: its run directory, step and the checksum of
+                          its parameters (the checkpoints hold only the adapters)
     RUN/tensorboard/      training events
     RUN/checkpoints/STEP/ params, opt_state, meta, config (glm_jax.checkpoint)
     RUN/checkpoints_damaged/STEP/  steps that failed to restore, moved aside by training
@@ -18,15 +20,18 @@ Paths are made absolute on entry, so relative run directories work everywhere
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from pathlib import Path
 
 import flax.linen as nn
+import jax
 
 from glm_jax import experiment as experiment_lib
 from glm_jax.checkpoint import Checkpointer, DamagedCheckpoint
 from glm_jax.data.tokenizer import Tokenizer, load_tokenizer_file
 from glm_jax.model import ModelConfig, abstract_params
+from glm_jax.model.lora import init_adapters, join_adapters, merge_adapters
 
 
 @dataclasses.dataclass
@@ -48,6 +53,7 @@ class RunDir:
     hf_tokenizer_path = property(lambda self: self.path / "tokenizer.json")
     summary_path = property(lambda self: self.path / "summary.json")
     provenance_path = property(lambda self: self.path / "provenance.json")
+    adapter_base_path = property(lambda self: self.path / "adapter_base.json")
     tensorboard_path = property(lambda self: self.path / "tensorboard")
     checkpoints_path = property(lambda self: self.path / "checkpoints")
     damaged_checkpoints_path = property(lambda self: self.path / "checkpoints_damaged")
@@ -141,10 +147,62 @@ class RunDir:
             checkpoints.close()
 
     def load(self, step: int | None = None, shardings=None) -> Run:
-        """The latest (or given) checkpoint's parameters (no optimizer state), experiment and tokenizer."""
+        """The latest (or given) checkpoint's parameters (no optimizer state), experiment and tokenizer.
+
+        A LoRA run's parameters come back merged (base + adapters: a plain GLM's parameters).
+        """
         experiment = self.read_experiment()
+        if experiment.adapters is not None:
+            adapters, step = self.restore_adapters(experiment, step)
+            base = self.adapter_base(experiment.model)
+            params = merge_adapters(join_adapters(base, adapters), experiment.adapters)
+            if shardings is not None:
+                params = jax.device_put(params, shardings)
+            return Run(self.path, experiment, self.tokenizer(), params, step)
         params, step = self.restore_params(experiment.model, step, shardings)
         return Run(self.path, experiment, self.tokenizer(), params, step)
+
+    # ------------------------------------------------------------ LoRA runs
+    def restore_adapters(self, experiment: experiment_lib.Experiment, step: int | None = None, shardings=None):
+        """(adapter parameters, step) of a LoRA run's latest (or given) checkpoint."""
+        abstract = nn.unbox(jax.eval_shape(lambda: init_adapters(experiment.model, experiment.adapters,
+                                                                 jax.random.key(0))))
+        checkpoints = self.checkpointer(read_only=True)
+        try:
+            return checkpoints.restore_params(step, abstract, shardings)
+        finally:
+            checkpoints.close()
+
+    def write_adapter_base(self, base: "RunDir", step: int) -> None:
+        """Records which parameters a LoRA run adapts (checked whenever they are loaded again)."""
+        record = {"run": str(base.path), "step": int(step), "params_checksum": base.params_checksum(step)}
+        self.adapter_base_path.write_text(json.dumps(record, indent=2))
+
+    def adapter_base(self, model: ModelConfig, shardings=None):
+        """The frozen base parameters a LoRA run was trained on; ValueError naming both runs if they changed."""
+        if not self.adapter_base_path.is_file():
+            raise FileNotFoundError(f"{self.path} is a LoRA run (train.adapter = 'lora') without {self.adapter_base_path.name}, "
+                                    "which names the base run its adapters belong to; train it again")
+        record = json.loads(self.adapter_base_path.read_text())
+        base = RunDir(record["run"])
+        if not base.config_path.is_file():
+            raise FileNotFoundError(f"the adapters of {self.path} belong to the base run {base.path} step "
+                                    f"{record['step']}, which is gone; put it back there (or edit "
+                                    f"{self.adapter_base_path} to where it moved)")
+        found = base.params_checksum(record["step"])
+        if found != record["params_checksum"]:
+            raise ValueError(f"the adapters of {self.path} were trained on {base.path} step {record['step']} (params "
+                             f"checksum {record['params_checksum']}), but that checkpoint now holds other parameters "
+                             f"(checksum {found}); use the base run they were trained on")
+        return base.restore_params(model, record["step"], shardings)[0]
+
+    def params_checksum(self, step: int) -> str:
+        """A digest of the per-array checksums a checkpoint recorded when it was saved (nothing is read)."""
+        recorded = self.read_meta(step).get("checksums", {}).get("params")
+        if recorded is None:
+            raise ValueError(f"{self.path} step {step} predates recorded checksums, so adapters cannot be tied to "
+                             "it; save it again (e.g. train it one more step) before training adapters on it")
+        return hashlib.sha256(json.dumps(recorded, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def load_run(path: str | Path, step: int | None = None, shardings=None) -> Run:

@@ -136,13 +136,15 @@ def test_chat_settings_are_checked():
         DataConfig(chat_prompt_attention="full")
 
 
-@pytest.mark.parametrize("name, fmt", [("sft_glm4_9b", "glm4"), ("sft_chatglm3_6b", "chatglm3"),
-                                       ("sft_tiny_tools", "glm4")])
-def test_the_shipped_sft_configs_build_chat_experiments(name, fmt):
+@pytest.mark.parametrize("name, fmt, base, adapters", [
+    ("sft_glm4_9b", "glm4", "runs/glm4_chat", None), ("sft_chatglm3_6b", "chatglm3", "runs/chatglm3", None),
+    ("sft_tiny_tools", "glm4", None, None)])
+def test_the_shipped_sft_configs_build_chat_experiments(name, fmt, base, adapters):
     from glm_jax import experiment as experiment_lib
     from train_fixtures import REPO
 
     experiment = experiment_lib.from_gin([REPO / "experiments" / "configs" / f"{name}.gin"], [])
     assert experiment.data.source.startswith("chat:") and experiment.data.chat_format == fmt
     assert experiment.data.chat_prompt_attention == "causal"
-    assert (experiment.train.init_from is None) == (name == "sft_tiny_tools")
+    assert experiment.train.init_from == base
+    assert (experiment.adapters.targets if experiment.adapters else None) == adapters

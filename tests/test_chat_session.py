@@ -10,6 +10,7 @@ from glm_jax.chat.session import ChatSession
 from glm_jax.chat.tools import ToolBox, describe, load_tools
 from glm_jax.data import chat_format as cf
 from glm_jax.infer import prompts as prompt_lib
+from glm_jax.infer.generate import Generator
 from glm_jax.infer.sampling import SamplingConfig
 from test_chat_format import glm4  # noqa: F401 (fixture)
 from test_generate import CAUSAL_PROMPTS, SPECIALS, make_generator, tiny_config
@@ -31,6 +32,17 @@ def test_stop_ids_end_a_causal_row_and_stream_sees_every_token_in_order():
     first = int(np.flatnonzero(free["tokens"][0] == stop)[0])
     assert stopped["num_tokens"][0] == first + 1 and np.array_equal(stopped["tokens"][0, :first + 1],
                                                                     free["tokens"][0, :first + 1])
+
+
+def test_token_limit_keeps_ids_the_tokenizer_lacks_out_of_every_sample():
+    """A model's embedding table may be padded past its tokenizer (THUDM's are): never sample those ids."""
+    config = tiny_config()
+    batch = prompt_lib.make_prompt_batch(CAUSAL_PROMPTS, SPECIALS, "causal", 8)
+    hot = SamplingConfig(temperature=5.0)
+    free = make_generator(config).generate(batch, "causal", 24, hot, seed=3, ignore_stop=True)["tokens"]
+    assert (free >= 10).any()  # without the limit a flat model does produce them
+    limited = Generator(config, make_generator(config).params, SPECIALS, token_limit=10)
+    assert (limited.generate(batch, "causal", 24, hot, seed=3, ignore_stop=True)["tokens"] < 10).all()
 
 
 # ------------------------------------------------------------------ the session, scripted

@@ -15,7 +15,7 @@ COMMANDS = {
     "train": "train a model from gin configs (resumes its run directory)",
     "generate": "fill [MASK]s or continue a prompt with a run's latest checkpoint",
     "chat": "multi-turn chat (ChatGLM3 / GLM-4 format, tool calls) with a run",
-    "convert": "convert a run's checkpoint (MHA -> GQA/MQA uptraining)",
+    "convert": "convert a run (MHA -> GQA/MQA uptraining, Hugging Face import/export, LoRA merge)",
     "preflight": "compile the sharded train step for a TPU topology here and report HBM",
 }
 

@@ -45,7 +45,9 @@ def main(argv: list[str]) -> int:
     tools = load_tools(args.tools) if args.tools else None  # before the model: a bad tool file fails fast
     run = load_run(args.run_dir, args.step)
     data = run.experiment.data
-    session = ChatSession(Generator(run.experiment.model, run.params, run.tokenizer.specials), run.tokenizer,
+    generator = Generator(run.experiment.model, run.params, run.tokenizer.specials,
+                          token_limit=run.tokenizer.vocab_size)
+    session = ChatSession(generator, run.tokenizer,
                           args.format or default_format(run), system=args.system, tools=tools,
                           prompt_attention=data.chat_prompt_attention, max_new_tokens=args.max_new_tokens,
                           sampling=SamplingConfig(args.temperature, args.top_k, args.top_p), seed=args.seed,

@@ -8,6 +8,8 @@
       a run directory that generate, train, evaluate and uptrain accept (glm_jax/convert/hf.py).
   export-hf --from RUN_OR_CKPT --out HF_DIR [--layout glm|glm4|chatglm|chatglm6b] [--max_shard_size 5GB]
       a run's checkpoint -> config.json + sharded safetensors that transformers loads.
+  merge-lora --from LORA_RUN --out NEW_RUN
+      a LoRA run's adapters merged into its frozen base -> a plain run directory (glm_jax/convert/adapters.py).
 """
 
 from __future__ import annotations
@@ -49,6 +51,11 @@ def parse_args(argv):
                          help="default: the layout the run was imported from, else glm (glm4 for sandwich norms)")
     exports.add_argument("--max_shard_size", default="5GB", help="largest safetensors file, e.g. 5GB, 500MB")
     exports.add_argument("--force", action="store_true", help="replace --out if it already holds something")
+
+    merges = commands.add_parser("merge-lora", help="LoRA run -> plain run with the adapters merged in")
+    merges.add_argument("--from", dest="source", required=True,
+                        help="LoRA run directory, its checkpoints/ folder, or RUN/checkpoints/STEP")
+    merges.add_argument("--out", required=True, help="new run directory")
     return parser.parse_args(argv)
 
 
@@ -66,6 +73,11 @@ def main(argv: list[str]) -> int:
         from glm_jax.convert.hf import export_hf
 
         print(json.dumps(export_hf(args.source, args.out, args.layout, args.max_shard_size, args.force), indent=2))
+        return 0
+    if args.command == "merge-lora":
+        from glm_jax.convert.adapters import merge_run
+
+        print(json.dumps(merge_run(args.source, args.out), indent=2))
         return 0
     from glm_jax.convert.uptrain import DEFAULT_RECIPE, convert_run
 

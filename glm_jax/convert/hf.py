@@ -319,6 +319,9 @@ def export_hf(source: str | Path, out: str | Path, layout_name: str | None = Non
     experiment = run.read_experiment()
     model = experiment.model
     provenance = run.provenance() or {}
+    if experiment.adapters is not None:
+        raise ValueError(f"{run.path} holds LoRA adapters, not a model; merge them into their base first: "
+                         f"python -m glm_jax convert merge-lora --from {run.path} --out MERGED, then export MERGED")
     if provenance.get("quantized"):
         raise ValueError(f"{run.path} holds quantized weights; export the full-precision run it was made from")
     layout_name = layout_name or provenance.get("layout") or hf_layouts.for_model(model).name

@@ -45,7 +45,9 @@ class Generator:
     """A model, its parameters and the compiled generation programs."""
 
     def __init__(self, config: ModelConfig, params, specials: SpecialTokens, *, mesh=None, rules=(),
-                 cache_dtype=None):
+                 cache_dtype=None, token_limit: int | None = None):
+        """token_limit: sample only ids below it (the tokenizer's size, when the model's embedding
+        table is padded beyond it, as THUDM's are): an id the tokenizer lacks is never produced."""
         # Decoding never needs rematerialisation (no backward pass), and runs the layers
         # unscanned: a scanned stack rewrites its stacked cache every token (model/scan_layout.py).
         self.config = config.replace(remat_policy="none", scan_layers=False)
@@ -53,6 +55,7 @@ class Generator:
         self.specials = specials
         self.mesh, self.rules = mesh, rules
         self.cache_dtype = cache_dtype
+        self.token_limit = token_limit if token_limit is not None and token_limit < config.vocab_size else None
         self._compiled = {}
 
     def generate(self, batch: dict, mode: str, max_new_tokens: int,
@@ -95,7 +98,8 @@ class Generator:
             self._compiled[key] = jax.jit(functools.partial(
                 _generate, model=GLM(self.config), config=self.config, specials=self.specials, mode=mode,
                 max_new_tokens=max_new_tokens, cache_dtype=self.cache_dtype, record_logits=record_logits,
-                ignore_stop=ignore_stop, stops=(specials_stops(self.specials) + stop_ids), stream=stream))
+                ignore_stop=ignore_stop, stops=(specials_stops(self.specials) + stop_ids), stream=stream,
+                token_limit=self.token_limit))
         return self._compiled[key]
 
     def _check_lengths(self, batch: dict, max_new_tokens: int, mode: str):
@@ -144,7 +148,7 @@ def _maybe_mesh(mesh, rules):
 
 def _generate(params, batch, key, sampling, *, model: GLM, config: ModelConfig, specials: SpecialTokens,
               mode: str, max_new_tokens: int, cache_dtype, record_logits: bool, ignore_stop: bool,
-              stops: tuple[int, ...], stream: bool):
+              stops: tuple[int, ...], stream: bool, token_limit: int | None = None):
     """Prefill, then the decode loop: the whole program the Generator compiles."""
     B, P = batch["tokens"].shape
     cache = init_cache(config, B, P, max_new_tokens, cache_dtype)
@@ -158,7 +162,7 @@ def _generate(params, batch, key, sampling, *, model: GLM, config: ModelConfig, 
                              batch["mask_positions"][:, 0], jnp.ones((B,), jnp.int32), max_new_tokens,
                              specials.pad, vocab)
     else:  # token 0 comes from the prefill; it is fed next at the prompt's next position
-        first = sample(logits[:, 0], jax.random.fold_in(key, 0), **sampling)
+        first = sample(_limited(logits[:, 0], token_limit), jax.random.fold_in(key, 0), **sampling)
         context, state = decode_state(variables["cache"], P, first, batch["lengths"], jnp.zeros((B,), jnp.int32),
                              max_new_tokens, specials.pad, vocab)
         state.update(step=jnp.int32(1), out=state["out"].at[:, 0].set(first), done=_is_stop(first, stops),
@@ -169,7 +173,7 @@ def _generate(params, batch, key, sampling, *, model: GLM, config: ModelConfig, 
             state["logits"] = state["logits"].at[:, 0].set(logits[:, 0])
     return decode_loop(params, context, state, batch["mask_positions"], batch["num_masks"], key, sampling, model=model,
                        specials=specials, mode=mode, max_new_tokens=max_new_tokens, record_logits=record_logits,
-                       ignore_stop=ignore_stop, stops=stops, stream=stream)
+                       ignore_stop=ignore_stop, stops=stops, stream=stream, token_limit=token_limit)
 
 
 def decode_state(cache, slot, token, position, block, max_new_tokens: int, pad: int, vocab: int | None = None):
@@ -190,12 +194,14 @@ def decode_state(cache, slot, token, position, block, max_new_tokens: int, pad: 
 
 def decode_loop(params, context: dict, state: dict, mask_positions, num_masks, key, sampling, *, model: GLM,
                 specials: SpecialTokens, mode: str, max_new_tokens: int, record_logits: bool = False,
-                ignore_stop: bool = False, stops: tuple[int, ...] | None = None, stream: bool = False) -> dict:
+                ignore_stop: bool = False, stops: tuple[int, ...] | None = None, stream: bool = False,
+                token_limit: int | None = None) -> dict:
     """One token per row per iteration of a lax.while_loop until every row is done.
 
     mask_positions [B, M] / num_masks [B]: blank mode's mask table (unused in causal mode).
     stops: the tokens that end a causal row (default <eos>, <eop>). stream: hand each step's
-    tokens to the host as they are made (Generator.generate's stream function).
+    tokens to the host as they are made (Generator.generate's stream function). token_limit:
+    sample only ids below it.
     Returns {'tokens', 'num_tokens'} (+ 'logits' when recorded).
     """
     stops = specials_stops(specials) if stops is None else stops
@@ -210,7 +216,7 @@ def decode_loop(params, context: dict, state: dict, mask_positions, num_masks, k
         logits, variables = model.apply(
             {"params": params, "cache": merge_context(context, s["cache"])}, s["token"][:, None], positions,
             jnp.ones((B, 1), jnp.int32), jnp.zeros((B, 1), bool), cache_index=s["slot"], mutable=["cache"])
-        token = sample(logits[:, 0], jax.random.fold_in(key, s["step"]), **sampling)
+        token = sample(_limited(logits[:, 0], token_limit), jax.random.fold_in(key, s["step"]), **sampling)
         live = ~s["done"] | ignore_stop
         out = s["out"].at[:, s["step"]].set(jnp.where(live, token, specials.pad))
         if stream:
@@ -236,6 +242,13 @@ def decode_loop(params, context: dict, state: dict, mask_positions, num_masks, k
     if record_logits:
         result["logits"] = final["logits"]
     return result
+
+
+def _limited(logits, token_limit: int | None):
+    """Logits with the ids at and above token_limit ruled out (None: all allowed)."""
+    if token_limit is None:
+        return logits
+    return jnp.where(jnp.arange(logits.shape[-1]) < token_limit, logits, -jnp.inf)
 
 
 def _is_stop(token, stops: tuple[int, ...]):

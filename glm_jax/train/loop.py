@@ -8,6 +8,7 @@ command line (glm_jax.cli.train).
 from __future__ import annotations
 
 import dataclasses
+import json
 import signal
 import sys
 import threading
@@ -30,7 +31,7 @@ from glm_jax.parallel.rules import logical_axis_rules
 from glm_jax.run_dir import RunDir
 from glm_jax.train import flops
 from glm_jax.train.log import RunLogger
-from glm_jax.train.state import TrainState, init_state, restore_state, state_shardings
+from glm_jax.train.state import TrainState, frozen_shardings, init_state, restore_state, state_shardings
 from glm_jax.train.step import make_train_step
 
 
@@ -65,15 +66,20 @@ def _train(experiment: Experiment, stop: _StopSignals) -> dict:
     tokenizer = load_tokenizer(data)
     _check_vocabulary(model, tokenizer.vocab_size, data)
     tx, schedule = make_optimizer(experiment.optimizer, settings.steps)
-    shardings = state_shardings(model, tx, mesh, rules)
+    lora = experiment.adapters  # LoRA: only adapters train; the base parameters stay frozen beside the state
+    shardings = state_shardings(model, tx, mesh, rules, lora)
     batch_sharding = batch_shardings(mesh)
+    frozen, frozen_sharding = (), ()
+    if lora is not None:
+        frozen_sharding = (frozen_shardings(model, mesh, rules),)
+        frozen = (_frozen_base(run, base, model, frozen_sharding[0]),)
 
     checkpoints = run.checkpointer(keep=settings.keep_checkpoints)
-    restored = _restore_newest_intact(run, checkpoints, model, tx, shardings)
-    if restored is None and base is not None:
+    restored = _restore_newest_intact(run, checkpoints, model, tx, shardings, lora)
+    if restored is None and base is not None and lora is None:
         state, data_state = _state_from(base, model, tx, shardings), None
-    elif restored is None:
-        state, data_state = init_state(model, tx, jax.random.key(settings.seed), shardings), None
+    elif restored is None:  # a new model, or new adapters (B = 0: the base's function)
+        state, data_state = init_state(model, tx, jax.random.key(settings.seed), shardings, lora), None
     else:
         state, meta = restored
         data_state = meta["data"][jax.process_index()]
@@ -89,11 +95,11 @@ def _train(experiment: Experiment, stop: _StopSignals) -> dict:
 
     with jax.set_mesh(mesh):
         train_step = jax.jit(make_train_step(model, tx, schedule, rules, experiment.optimizer.grad_accum_steps,
-                                             settings.z_loss, settings.loss_chunk_length),
-                             in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
-                             donate_argnums=0)
-        eval_step = jax.jit(make_eval_step(model, rules, settings.loss_chunk_length),
-                            in_shardings=(shardings.params, batch_sharding))
+                                             settings.z_loss, settings.loss_chunk_length, lora, settings.seed),
+                             in_shardings=(shardings, batch_sharding, *frozen_sharding),
+                             out_shardings=(shardings, None), donate_argnums=0)
+        eval_step = jax.jit(make_eval_step(model, rules, settings.loss_chunk_length, lora),
+                            in_shardings=(shardings.params, batch_sharding, *frozen_sharding))
     peak, peak_source = flops.peak_flops_per_device(jax.devices()[0])
     with RunLogger(run, settings.steps, start_step=int(state.step), gin_config=experiment.gin_text,
                    tokenizer=tokenizer) as logger:
@@ -104,7 +110,7 @@ def _train(experiment: Experiment, stop: _StopSignals) -> dict:
             # The step only dispatches: its metrics stay on the device until the window is fetched
             # (the guard makes a stray per-step host sync an error on GPU / TPU).
             with jax.set_mesh(mesh), jax.transfer_guard_device_to_host("disallow"):
-                state, step_metrics = train_step(state, global_batch(local, batch_sharding))
+                state, step_metrics = train_step(state, global_batch(local, batch_sharding), *frozen)
             window.add(step + 1, step_metrics, local, started)
 
             checkpoint_due = (step + 1) % settings.checkpoint_every == 0
@@ -121,7 +127,8 @@ def _train(experiment: Experiment, stop: _StopSignals) -> dict:
                                  experiment.gin_text)
             if eval_due:
                 with jax.set_mesh(mesh):
-                    scores = evaluate(eval_step, state.params, eval_data, settings.eval_batches,
+                    scores = evaluate(lambda params, batch: eval_step(params, batch, *frozen), state.params,
+                                      eval_data, settings.eval_batches,
                                       to_device=lambda batch: global_batch(batch, batch_sharding))
                 logger.log_eval(step + 1, scores)
             if done:
@@ -132,11 +139,11 @@ def _train(experiment: Experiment, stop: _StopSignals) -> dict:
                              stopped_by=stop.received)
 
 
-def _restore_newest_intact(run: RunDir, checkpoints, model: ModelConfig, tx, shardings):
+def _restore_newest_intact(run: RunDir, checkpoints, model: ModelConfig, tx, shardings, lora=None):
     """(state, meta) of the newest checkpoint that restores, or None. Damaged steps are moved aside, loudly."""
     for step in reversed(checkpoints.all_steps()):
         try:
-            return restore_state(checkpoints, step, model, tx, shardings)
+            return restore_state(checkpoints, step, model, tx, shardings, lora)
         except DamagedCheckpoint as damaged:
             if jax.process_index() == 0:
                 moved = checkpoints.move_aside(step, run.damaged_checkpoints_path)
@@ -155,6 +162,25 @@ def _state_from(base: tuple[RunDir, int | None], model: ModelConfig, tx, shardin
     print(f"starting from the parameters of {run.path} step {step} (train.init_from)", flush=True)
     opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
     return TrainState(step=jax.device_put(np.zeros((), np.int32), shardings.step), params=params, opt_state=opt_state)
+
+
+def _frozen_base(run: RunDir, base: tuple[RunDir, int | None], model: ModelConfig, shardings):
+    """A LoRA run's frozen parameters: recorded at its start (adapter_base.json), checked when it resumes."""
+    if not run.adapter_base_path.is_file():
+        base_run, step = base
+        if step is None:
+            checkpoints = base_run.checkpointer(read_only=True)
+            step = checkpoints.latest_step()
+            checkpoints.close()
+        run.path.mkdir(parents=True, exist_ok=True)
+        if jax.process_index() == 0:
+            run.write_adapter_base(base_run, step)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("adapter base recorded")
+    params = run.adapter_base(model, shardings)
+    print(f"training LoRA adapters on the frozen parameters of {json.loads(run.adapter_base_path.read_text())['run']} "
+          "(train.init_from)", flush=True)
+    return params
 
 
 def _check_vocabulary(model: ModelConfig, tokenizer_size: int, data) -> None:

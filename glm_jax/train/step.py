@@ -4,6 +4,8 @@ The loss is the float32 cross-entropy summed over loss_mask and divided by the
 number of masked tokens of the WHOLE batch, so gradient accumulation over
 micro-batches gives exactly the gradient of one big batch. Micro-batches are a
 strided split that keeps every device's share equal (glm_jax.parallel.batch).
+With a LoraConfig only the adapters train: the state holds them, the frozen base
+parameters come in as a third argument (never differentiated, never donated).
 The eval step is glm_jax.evaluation.make_eval_step.
 """
 
@@ -17,37 +19,48 @@ import optax
 from glm_jax.evaluation import loss_sums
 from glm_jax.model.chunked_loss import DEFAULT_LOSS_CHUNK
 from glm_jax.model import GLM, ModelConfig
+from glm_jax.model.lora import LoraConfig, join_adapters, lora_model
 from glm_jax.parallel.batch import split_micro_batches
 from glm_jax.train.state import TrainState
 
 
 def make_train_step(config: ModelConfig, tx: optax.GradientTransformation, schedule: optax.Schedule,
                     rules, grad_accum_steps: int = 1, z_loss: float = 0.0,
-                    loss_chunk_length: int | None = DEFAULT_LOSS_CHUNK):
+                    loss_chunk_length: int | None = DEFAULT_LOSS_CHUNK, lora: LoraConfig | None = None,
+                    seed: int = 0):
     """A pure train step; compile it with jax.jit(in_shardings, out_shardings, donate_argnums=0).
 
     loss_chunk_length: positions per chunk of the head + loss (None: whole logits; see loss_sums).
+    lora: train only LoRA adapters; the step is then (state, batch, frozen base params) -> ...
+    (seed: the adapters' dropout draws, folded with the step).
     """
-    model = GLM(config)
-    grad_fn = jax.grad(lambda p, b: loss_sums(model, p, b, z_loss, loss_chunk_length), has_aux=True)
+    model = GLM(config) if lora is None else lora_model(config, lora)
+    dropout = lora is not None and lora.dropout > 0
 
-    def accumulate(params, batch):
+    def objective(trained, batch, frozen, step):
+        params = trained if lora is None else join_adapters(frozen, trained)
+        rngs = {"dropout": jax.random.fold_in(jax.random.key(seed), step)} if dropout else None
+        return loss_sums(model, params, batch, z_loss, loss_chunk_length, rngs=rngs)
+
+    grad_fn = jax.grad(objective, has_aux=True)
+
+    def accumulate(params, batch, frozen, step):
         if grad_accum_steps == 1:
-            return grad_fn(params, batch)
+            return grad_fn(params, batch, frozen, step)
         micro = split_micro_batches(batch, grad_accum_steps)
 
         def add(carry, micro_batch):
-            grads, sums = grad_fn(params, micro_batch)
+            grads, sums = grad_fn(params, micro_batch, frozen, step)
             return jax.tree_util.tree_map(jnp.add, carry, (grads, sums)), None
 
-        zeros = jax.tree_util.tree_map(jnp.zeros_like, jax.eval_shape(grad_fn, params,
-                                                                      jax.tree_util.tree_map(lambda x: x[0], micro)))
+        first = jax.tree_util.tree_map(lambda x: x[0], micro)
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, jax.eval_shape(grad_fn, params, first, frozen, step))
         (grads, sums), _ = jax.lax.scan(add, zeros, micro)
         return grads, sums
 
-    def train_step(state: TrainState, batch: dict):
+    def train_step(state: TrainState, batch: dict, frozen=None):
         with nn.logical_axis_rules(rules):
-            grads, sums = accumulate(state.params, batch)
+            grads, sums = accumulate(state.params, batch, frozen, state.step)
         count = jnp.maximum(sums["count"], 1.0)
         grads = jax.tree_util.tree_map(lambda g: g / count, grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
