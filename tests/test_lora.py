@@ -3,6 +3,7 @@ adapter changes nothing, that merged weights compute exactly what base + adapter
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -194,3 +195,17 @@ def test_lora_settings_that_cannot_train_are_refused(lora_runs, tmp_path):
     with pytest.raises(ValueError, match=r"LoRA targets \['attention/qkv'\] match no projection"):
         train_in_process(bindings + ["LoraConfig.targets = ('attention/qkv',)", f"RUN_DIR = '{tmp_path}/never'"])
     assert not (tmp_path / "never").exists()
+
+
+def test_the_preflight_compiles_the_lora_step_with_adapter_state_only(lora_runs):
+    from glm_jax.train.preflight import compile_train_step
+
+    _, _, bindings = lora_runs
+    lora = experiment_lib.from_gin([], bindings)
+    full = lora.replace(train=dataclasses.replace(lora.train, adapter="none"))
+    sizes = {name: compile_train_step(jax.devices(), e).memory_analysis().argument_size_in_bytes
+             for name, e in (("lora", lora), ("full", full))}
+    params = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(
+        nn.unbox(jax.eval_shape(lambda: init_params(lora.model, jax.random.key(0))))))
+    # per device: full = params + 2 Adam moments; LoRA = the frozen params + adapters and their moments
+    assert params / len(jax.devices()) < sizes["lora"] < 0.5 * sizes["full"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
+import flax.linen as nn
 import jax
 
 from glm_jax.experiment import Experiment
@@ -18,7 +19,7 @@ from glm_jax.optim import make_optimizer
 from glm_jax.parallel.batch import abstract_batch
 from glm_jax.parallel.mesh import make_mesh
 from glm_jax.parallel.rules import logical_axis_rules
-from glm_jax.train.state import abstract_state, state_shardings
+from glm_jax.train.state import abstract_boxed_params, abstract_state, frozen_shardings, state_shardings
 from glm_jax.train.step import make_train_step
 
 # HBM per chip (bytes), from the vendor specifications.
@@ -56,18 +57,28 @@ def accelerator_experiment(experiment: Experiment) -> Experiment:
 
 
 def compile_train_step(devices, experiment: Experiment):
-    """The compiled train step for `devices` (abstract inputs only; nothing is allocated)."""
+    """The compiled train step for `devices` (abstract inputs only; nothing is allocated).
+
+    A LoRA experiment compiles its own step: adapters and their moments in the state, the frozen
+    base parameters as a third (abstract, sharded) argument.
+    """
     mesh = make_mesh(experiment.mesh, devices)
     rules = logical_axis_rules(experiment.train.sharding)
     tx, schedule = make_optimizer(experiment.optimizer, experiment.train.steps)
-    shardings = state_shardings(experiment.model, tx, mesh, rules)
-    state = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                   abstract_state(experiment.model, tx), shardings)
+    lora = experiment.adapters
+    shardings = state_shardings(experiment.model, tx, mesh, rules, lora)
+    state = _placed(abstract_state(experiment.model, tx, lora), shardings)
+    frozen = () if lora is None else (_placed(nn.unbox(abstract_boxed_params(experiment.model)),
+                                              frozen_shardings(experiment.model, mesh, rules)),)
     batch = abstract_batch(mesh, experiment.data.batch_size, experiment.data.seq_len)
     step = make_train_step(experiment.model, tx, schedule, rules, experiment.optimizer.grad_accum_steps,
-                           experiment.train.z_loss, experiment.train.loss_chunk_length)
+                           experiment.train.z_loss, experiment.train.loss_chunk_length, lora)
     with jax.set_mesh(mesh):
-        return jax.jit(step, donate_argnums=0).lower(state, batch).compile()
+        return jax.jit(step, donate_argnums=0).lower(state, batch, *frozen).compile()
+
+
+def _placed(abstract, shardings):
+    return jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
 
 def report(compiled, device_kind: str) -> dict:
