@@ -167,8 +167,7 @@ def main(argv=None) -> int:
     tools = tool_descriptions()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    mixed = [examples[i // 2] if i % 2 == 0 or i // 2 >= len(echoes) else echoes[i // 2]
-             for i in range(len(examples) + min(len(echoes), len(examples)))] + echoes[len(examples):]
+    mixed = [e for k in range(max(len(examples), len(echoes))) for e in examples[k:k + 1] + echoes[k:k + 1]]
     out.write_text("".join(json.dumps(conversation(e, tools, not args.no_tool_loss)) + "\n" for e in mixed))
     if args.questions:
         Path(args.questions).write_text("".join(e["question"] + "\n/reset\n" for e in examples))

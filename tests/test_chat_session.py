@@ -84,10 +84,13 @@ def test_a_tool_call_runs_and_its_result_is_the_observation_the_model_answers_fr
     assert turn.tool_calls == tools_seen == [{"name": "add", "arguments": {"a": 2, "b": 3}, "result": "5", "ok": True}]
     assert [(m.role, m.content) for m in session.history][-3:] == [("assistant", ""), ("observation", "5"),
                                                                    ("assistant", "It is 5.")]
-    # the second prompt is the first conversation + the call + its observation + <|assistant|>
-    expected = cf.encode_conversation(cf.chat_format("glm4"), cf.Conversation(tuple(session.history[:-1]),
-                                      session.tools.descriptions), glm4, add_generation_prompt=True)[0]
-    assert np.array_equal(generator.prompts[1][0], expected)
+    # the second prompt, as text: the tools' system message, the system prompt, the question, the call,
+    # its observation and <|assistant|> (GLM-4's template, written out by hand)
+    prompt = glm4.decode(generator.prompts[1][0])
+    assert prompt.startswith("[gMASK]<sop><|system|>\n你是一个名为 ChatGLM 的人工智能助手。")
+    assert '\n\n## add\n\n{\n    "name": "add",\n    "description": "Adds two whole numbers.",' in prompt
+    assert prompt.endswith("<|system|>\nBe brief.<|user|>\nWhat is 2 plus 3?<|assistant|>add\n"
+                           '{"a": 2, "b": 3}<|observation|>\n5<|assistant|>')
     assert not generator.prompts[1][1].any()  # causal prompt
     assert describe(add) == {"name": "add", "description": "Adds two whole numbers.", "parameters": {
         "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}, "required": ["a", "b"]}}

@@ -26,7 +26,6 @@ import argparse
 import functools
 import json
 import sys
-import time
 from pathlib import Path
 
 import jax

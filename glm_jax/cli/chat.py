@@ -11,6 +11,7 @@ result goes back to the model as an <|observation|>.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 PROMPT = "user> "
@@ -94,8 +95,6 @@ def chat_loop(session, lines=None) -> None:
 
 
 def show_tool_call(call: dict) -> None:
-    import json
-
     if "error" in call:
         print(f"\n[tool] {call['name'] or '?'}: the call did not parse ({call['error']}); told the model",
               flush=True)

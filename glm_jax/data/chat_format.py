@@ -37,6 +37,8 @@ from typing import Callable
 
 import numpy as np
 
+from glm_jax.data.objectives import causal
+
 ROLES = ("system", "user", "assistant", "observation")
 ROLE_TOKENS = {role: f"<|{role}|>" for role in ROLES}
 FORMATS = ("chatglm3", "glm4")
@@ -79,13 +81,13 @@ class Conversation:
 
 
 # ------------------------------------------------------------------ reading conversations
-def parse_conversation(record, where: str = "conversation") -> Conversation:
+def parse_conversation(record, where: str = "conversation", *, needs_reply: bool = False) -> Conversation:
     """A JSON object -> Conversation, checked (ConversationError names `where` and the message).
 
     {"tools": [...], "conversations": [...]} (ChatGLM3's fine-tuning files; "messages" works too),
     or a bare list of messages. A message is {"role", "content", "metadata"?, "tool_call"?, "loss"?};
     ChatGLM3's {"role": "tool", "name", "parameters", "observation"} becomes its assistant call
-    and the observation.
+    and the observation. needs_reply: a training conversation (check_order).
     """
     if isinstance(record, list):
         record = {"conversations": record}
@@ -102,7 +104,7 @@ def parse_conversation(record, where: str = "conversation") -> Conversation:
     for k, item in enumerate(messages):
         parsed.extend(_parse_message(item, f"{where}, message {k}"))
     conversation = Conversation(tuple(parsed), tuple(_unwrap_tool(t, f"{where}, tools") for t in tools))
-    check_order(conversation, where)
+    check_order(conversation, where, needs_reply=needs_reply)
     return conversation
 
 
@@ -351,10 +353,10 @@ def training_example(fmt: ChatFormat, conversation: Conversation, tokenizer, pro
     if prompt_attention not in PROMPT_ATTENTION:
         raise ValueError(f"chat prompt attention {prompt_attention!r} is unknown; use one of {PROMPT_ATTENTION}")
     ids, trained = encode_conversation(fmt, conversation, tokenizer)
-    n = len(ids) - 1
-    return {"tokens": ids[:-1], "targets": ids[1:], "loss_mask": trained[:-1].astype(np.float32),
-            "positions": np.stack([np.arange(n), np.zeros(n, np.int64)]).astype(np.int32),
-            "sep": prompt_prefix_length(trained) if prompt_attention == "prefix" else 0}
+    example = causal(ids)  # the plain next-token example; chat only changes which positions train
+    example["loss_mask"] = trained[:-1].astype(np.float32)
+    example["sep"] = prompt_prefix_length(trained) if prompt_attention == "prefix" else 0
+    return example
 
 
 PROMPT_ATTENTION = ("causal", "prefix")

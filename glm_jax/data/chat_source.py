@@ -17,9 +17,8 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 
-from glm_jax.data.chat_format import (CHAT_FORMATS, ROLE_TOKENS, Conversation, ConversationError, chat_format, check_order,
+from glm_jax.data.chat_format import (CHAT_FORMATS, ROLE_TOKENS, Conversation, ConversationError, chat_format,
                                       parse_conversation, training_example)
 from glm_jax.data.corpus import SKIP_HINT, in_eval_split, source_files
 from glm_jax.data.packed_rows import PackedRows
@@ -44,8 +43,8 @@ def read_conversations(source: str, split: str, eval_fraction: float,
             if not line.strip() or in_eval_split(f"{path}:{number - 1}", eval_fraction) != (split == "eval"):
                 continue
             try:
-                conversation = parse_conversation(_json(line, f"{path}:{number}"), where=f"{path}:{number}")
-                check_order(conversation, f"{path}:{number}", needs_reply=True)
+                conversation = parse_conversation(_json(line, f"{path}:{number}"), where=f"{path}:{number}",
+                                                  needs_reply=True)
             except ConversationError as error:
                 if not skip_bad_input:
                     raise ValueError(f"{error}; fix the line, {SKIP_HINT}") from None
@@ -91,7 +90,6 @@ class ChatDataset(PackedRows):
     def __init__(self, config, tokenizer, examples: list[dict], shard_index: int = 0, shard_count: int = 1):
         super().__init__(config, tokenizer.specials.pad, shard_index, shard_count)
         self.encoded = examples
-        self.counts = {"conversations": len(examples)}
         if len(examples) < shard_count:
             raise ValueError(f"the {config.source!r} chat source has {len(examples)} conversations in this split, "
                              f"fewer than its {shard_count} data shards; add conversations or lower "
@@ -139,8 +137,3 @@ def make_chat_datasets(config, tokenizer, split: str, shard_ids: range, shard_co
               f"DataConfig.seq_len = {config.seq_len} and were cut to it", file=sys.stderr)
     return [ChatDataset(config, tokenizer, examples, s, shard_count) for s in shard_ids]
 
-
-def loss_token_fraction(examples: list[dict]) -> float:
-    """Share of tokens that carry loss (a quick look at what SFT trains on)."""
-    total = sum(len(e["tokens"]) for e in examples)
-    return float(sum(np.sum(e["loss_mask"]) for e in examples) / max(total, 1))

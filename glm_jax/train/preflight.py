@@ -19,7 +19,7 @@ from glm_jax.optim import make_optimizer
 from glm_jax.parallel.batch import abstract_batch
 from glm_jax.parallel.mesh import make_mesh
 from glm_jax.parallel.rules import logical_axis_rules
-from glm_jax.train.state import abstract_boxed_params, abstract_state, frozen_shardings, state_shardings
+from glm_jax.train.state import abstract_boxed_params, abstract_state, frozen_shardings, placed, state_shardings
 from glm_jax.train.step import make_train_step
 
 # HBM per chip (bytes), from the vendor specifications.
@@ -67,18 +67,15 @@ def compile_train_step(devices, experiment: Experiment):
     tx, schedule = make_optimizer(experiment.optimizer, experiment.train.steps)
     lora = experiment.adapters
     shardings = state_shardings(experiment.model, tx, mesh, rules, lora)
-    state = _placed(abstract_state(experiment.model, tx, lora), shardings)
-    frozen = () if lora is None else (_placed(nn.unbox(abstract_boxed_params(experiment.model)),
-                                              frozen_shardings(experiment.model, mesh, rules)),)
+    state = placed(abstract_state(experiment.model, tx, lora), shardings)
+    frozen = () if lora is None else (placed(nn.unbox(abstract_boxed_params(experiment.model)),
+                                             frozen_shardings(experiment.model, mesh, rules)),)
     batch = abstract_batch(mesh, experiment.data.batch_size, experiment.data.seq_len)
     step = make_train_step(experiment.model, tx, schedule, rules, experiment.optimizer.grad_accum_steps,
                            experiment.train.z_loss, experiment.train.loss_chunk_length, lora)
     with jax.set_mesh(mesh):
         return jax.jit(step, donate_argnums=0).lower(state, batch, *frozen).compile()
 
-
-def _placed(abstract, shardings):
-    return jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
 
 def report(compiled, device_kind: str) -> dict:

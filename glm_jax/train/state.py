@@ -70,6 +70,11 @@ def abstract_state(config: ModelConfig, tx: optax.GradientTransformation, lora: 
     return jax.eval_shape(lambda: create_state(config, tx, jax.random.key(0), lora))
 
 
+def placed(abstract, shardings):
+    """Abstract arrays (shapes, dtypes) with the shardings they will have: restore and compile targets."""
+    return jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
 def init_state(config: ModelConfig, tx, rng: jax.Array, shardings: TrainState,
                lora: LoraConfig | None = None) -> TrainState:
     """The TrainState created directly in its shards (never whole on one device)."""
@@ -83,8 +88,7 @@ def restore_state(checkpoints: Checkpointer, step: int, config: ModelConfig, tx:
     A checkpoint without optimizer state (a converted or imported model) gets a fresh
     one, created directly in its shards.
     """
-    targets = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                     abstract_state(config, tx, lora), shardings)
+    targets = placed(abstract_state(config, tx, lora), shardings)
     params, opt_state, meta = checkpoints.restore(step, targets.params, targets.opt_state)
     if opt_state is None:
         opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
