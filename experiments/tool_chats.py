@@ -7,7 +7,7 @@
         --input held_out.txt > transcript.txt
     python experiments/tool_chats.py score --transcript transcript.txt --answers held_out_answers.jsonl \
         --tools experiments/tools/atlas.py
-    python experiments/tool_chats.py --out data/chat_base.jsonl --no_tool_loss   # tools read, not learned
+    python experiments/tool_chats.py --task ledger --out data/ledger_chats.jsonl   # other tools: a LoRA base
 
 Each conversation (glm_jax.data.chat_format's jsonl form, with the tool list of
 experiments/tools/atlas.py) asks "What is A plus B?" or "What is the capital of X?";
@@ -19,6 +19,10 @@ held-out set (another seed) asks with other numbers, pairs and phrasings. The fi
 also holds as many plain chat turns without tools ('Say "..."', answered by the
 words): short conversations that pack many to a row and teach a small model from
 scratch to copy far sooner than the long tool prompts alone (--echo 0 leaves them out).
+`--task ledger` asks for other tools (experiments/tools/ledger.py: subtract(a, b),
+currency(country)) in other words: the data of a base chat model that already calls
+tools, on which LoRA learns atlas.py's (experiments/configs/sft_tiny_tools_lora.gin); its
+"Say ..." turns also use the words of every task, as a pretrained base knows its language.
 --questions also writes the user lines (for `glm_jax chat --input`, each question
 followed by /reset: one conversation per question) and --answers the expected
 {call} per question (JSON lines). `score` reads a chat transcript and reports the
@@ -29,6 +33,7 @@ what the chat's tool module returns for the right call).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import sys
@@ -38,42 +43,77 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent / "tools"))
 import atlas  # noqa: E402
-
-PHRASES = {"add": ["What is {a} plus {b}?", "Add {a} and {b}.", "How much is {a} + {b}?"],
-           "lookup": ['What is the capital of "{key}"?', 'Which city is the capital of "{key}"?']}
-ANSWERS = {"add": "{a} plus {b} is {result}.", "lookup": 'The capital of "{key}" is {result}.'}
+import ledger  # noqa: E402
 
 
-def tool_descriptions() -> list[dict]:
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """Two tools: `arithmetic(a, b)` on two-digit numbers and `table(<argument>)` of a country."""
+
+    tools: list
+    arithmetic: str
+    table: str
+    argument: str  # the table tool's argument name
+    values: list  # what the table tool may answer (drawn at random per training conversation)
+    phrases: dict  # tool name -> question templates
+    answers: dict  # tool name -> answer template
+
+
+TASKS = {
+    "atlas": Task(atlas.TOOLS, "add", "lookup", "key", sorted(atlas.CAPITALS.values()),
+                  {"add": ["What is {a} plus {b}?", "Add {a} and {b}.", "How much is {a} + {b}?"],
+                   "lookup": ['What is the capital of "{key}"?', 'Which city is the capital of "{key}"?']},
+                  {"add": "{a} plus {b} is {result}.", "lookup": 'The capital of "{key}" is {result}.'}),
+    "ledger": Task(ledger.TOOLS, "subtract", "currency", "country", sorted(ledger.CURRENCIES.values()),
+                   {"subtract": ["What is {a} minus {b}?", "Subtract {b} from {a}.", "How much is {a} - {b}?"],
+                    "currency": ['What is the currency of "{country}"?', 'Which currency does "{country}" use?']},
+                   {"subtract": "{a} minus {b} is {result}.", "currency": 'The currency of "{country}" is {result}.'}),
+}
+ANSWERS = {name: answer for task in TASKS.values() for name, answer in task.answers.items()}
+
+
+def tool_descriptions(task: Task = TASKS["atlas"]) -> list[dict]:
     from glm_jax.chat.tools import describe
 
-    return [describe(f) for f in atlas.TOOLS]
+    return [describe(f) for f in task.tools]
 
 
-def make_example(rng: np.random.Generator) -> dict:
+def make_example(rng: np.random.Generator, task: Task = TASKS["atlas"]) -> dict:
     """{'question', 'call': {'name', 'arguments'}, 'result', 'answer'} of one random question.
 
-    Sums of two-digit numbers are easier to copy from the observation than to compute, and each
-    conversation's capital is drawn at random (a world per conversation): the only way to answer
+    Results of two-digit numbers are easier to copy from the observation than to compute, and each
+    conversation's table answer is drawn at random (a world per conversation): the only way to answer
     right is to read the tool's result, whatever tool module answers at chat time.
     """
-    name = "add" if rng.random() < 0.5 else "lookup"
-    if name == "add":
-        arguments = {"a": int(rng.integers(0, 100)), "b": int(rng.integers(0, 100))}
-        result = atlas.add(**arguments)
+    tools = {f.__name__: f for f in task.tools}
+    if rng.random() < 0.5:
+        name, arguments = task.arithmetic, {"a": int(rng.integers(0, 100)), "b": int(rng.integers(0, 100))}
+        result = tools[name](**arguments)
     else:
-        arguments = {"key": str(rng.choice(sorted(atlas.CAPITALS)))}
-        result = str(rng.choice(sorted(atlas.CAPITALS.values())))
-    question = str(rng.choice(PHRASES[name])).format(**arguments)
+        name, arguments = task.table, {task.argument: str(rng.choice(sorted(atlas.CAPITALS)))}
+        result = str(rng.choice(task.values))
+    question = str(rng.choice(task.phrases[name])).format(**arguments)
     return {"question": question, "call": {"name": name, "arguments": arguments}, "result": str(result),
-            "answer": ANSWERS[name].format(**arguments, result=result)}
+            "answer": task.answers[name].format(**arguments, result=result)}
 
 
-def make_echo(rng: np.random.Generator) -> dict:
+ECHO_WORDS = sorted(atlas.CAPITALS) + sorted(atlas.CAPITALS.values()) + [str(n) for n in range(100)]
+
+
+def every_task_word() -> list[str]:
+    """The words of every task's questions, answers, tool and argument names: what a LoRA base is made
+    to know (as a pretrained model knows its language) without being taught the tools that use them."""
+    words = {name for task in TASKS.values() for name in [f.__name__ for f in task.tools] + [task.argument]}
+    for task in TASKS.values():
+        for text in [*task.answers.values(), *(p for phrases in task.phrases.values() for p in phrases)]:
+            words.update(w.strip('?."+-') for w in text.split() if "{" not in w and w.strip('?."+-'))
+    return sorted(words)
+
+
+def make_echo(rng: np.random.Generator, vocabulary: list[str] = ECHO_WORDS) -> dict:
     """A plain chat turn without tools: repeat a few words. Short, so many pack into a row: they
     teach copying (what every tool conversation needs) at a fraction of a tool prompt's cost."""
-    words = [str(w) for w in rng.choice(sorted(atlas.CAPITALS) + sorted(atlas.CAPITALS.values())
-                                        + [str(n) for n in range(100)], size=int(rng.integers(1, 4)))]
+    words = [str(w) for w in rng.choice(vocabulary, size=int(rng.integers(1, 4)))]
     return {"question": 'Say "' + " ".join(words) + '".', "answer": " ".join(words)}
 
 
@@ -155,16 +195,19 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--echo", type=float, default=1.0,
                         help="plain 'say ...' conversations per tool conversation (0 for tool conversations only)")
+    parser.add_argument("--task", choices=sorted(TASKS), default="atlas",
+                        help="atlas: add + lookup (the task); ledger: subtract + currency (a LoRA base's tools)")
     parser.add_argument("--no_tool_loss", action="store_true",
-                        help="tool conversations are read but not learned (loss: false on their assistant turns): "
-                             "the data of a base model for LoRA to teach the tools to")
+                        help="tool conversations are read but not learned (loss: false on their assistant turns)")
     parser.add_argument("--questions", default=None, help="also write the questions, one per line")
     parser.add_argument("--answers", default=None, help="also write the expected call and answer per question")
     args = parser.parse_args(argv)
     rng = np.random.default_rng(args.seed)
-    examples = [make_example(rng) for _ in range(args.count)]
-    echoes = [make_echo(rng) for _ in range(int(args.count * args.echo))]
-    tools = tool_descriptions()
+    task = TASKS[args.task]
+    examples = [make_example(rng, task) for _ in range(args.count)]
+    vocabulary = ECHO_WORDS if args.task == "atlas" else ECHO_WORDS + every_task_word()
+    echoes = [make_echo(rng, vocabulary) for _ in range(int(args.count * args.echo))]
+    tools = tool_descriptions(task)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     mixed = [e for k in range(max(len(examples), len(echoes))) for e in examples[k:k + 1] + echoes[k:k + 1]]

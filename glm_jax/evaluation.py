@@ -23,7 +23,7 @@ from glm_jax.data.pipeline import DataConfig, LocalBatches, make_batches
 from glm_jax.data.tokenizer import Tokenizer
 from glm_jax.model import GLM, ModelConfig
 from glm_jax.model.chunked_loss import DEFAULT_LOSS_CHUNK, chunked_cross_entropy
-from glm_jax.model.lora import LoraConfig, join_adapters, lora_model
+from glm_jax.model.adapters import Adapter, join_adapters
 from glm_jax.model.loss import cross_entropy_sums
 
 
@@ -46,15 +46,15 @@ def loss_sums(model: GLM, params, batch: dict, z_loss: float = 0.0,
 
 
 def make_eval_step(config: ModelConfig, rules=(), loss_chunk_length: int | None = DEFAULT_LOSS_CHUNK,
-                   lora: LoraConfig | None = None):
+                   adapter: Adapter | None = None):
     """(params, batch) -> sums of loss, correct and count over the batch (add them up across batches).
 
-    lora: params are the adapters and the step takes the frozen base as a third argument.
+    adapter: params are the adapters and the step takes the frozen base as a third argument.
     """
-    model = GLM(config) if lora is None else lora_model(config, dataclasses.replace(lora, dropout=0.0))
+    model = GLM(config) if adapter is None else adapter.for_evaluation().model(config)
 
     def eval_step(params, batch: dict, frozen=None):
-        params = params if lora is None else join_adapters(frozen, params)
+        params = params if adapter is None else join_adapters(frozen, params)
         with nn.logical_axis_rules(rules):
             _, sums = loss_sums(model, params, batch, chunk_length=loss_chunk_length)
         return sums
@@ -100,5 +100,5 @@ def evaluate_model(config: ModelConfig, params, data: DataConfig, objective: Obj
 def evaluate_run(run, num_batches: int = 8, split: str = "eval") -> dict:
     """evaluate_model() of a loaded run directory (glm_jax.run_dir.Run) with its own data and objective."""
     experiment = run.experiment
-    return evaluate_model(experiment.model, run.params, experiment.data, experiment.objective, run.tokenizer,
+    return evaluate_model(run.model, run.params, experiment.data, experiment.objective, run.tokenizer,
                           num_batches, split)

@@ -30,7 +30,9 @@ from glm_jax.data.objectives import Objective
 from glm_jax.data.pipeline import DataConfig
 from glm_jax.model.chunked_loss import DEFAULT_LOSS_CHUNK
 from glm_jax.model.config import ModelConfig
+from glm_jax.model.adapters import Adapter
 from glm_jax.model.lora import LoraConfig
+from glm_jax.model.prefix_tuning import PrefixTuning
 from glm_jax.optim import OptimizerConfig
 from glm_jax.parallel.mesh import MeshConfig
 from glm_jax.parallel.rules import RULES
@@ -86,7 +88,7 @@ class TrainSettings:
                              "train.init_from = 'RUN' to the run (trained or imported) they adapt")
 
 
-ADAPTERS = ("none", "lora")
+ADAPTERS = ("none", "lora", "prefix")  # prefix: P-tuning v2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,18 +103,29 @@ class Experiment:
     mesh: MeshConfig
     train: TrainSettings
     lora: LoraConfig = LoraConfig()
+    prefix: PrefixTuning = PrefixTuning()
     gin_text: str = ""
 
     def __post_init__(self):
         check_consistent(self.model, self.data)
+        if self.model.pre_seq_len:  # the frozen base never has one; PrefixTuning adds it (adapted_model)
+            raise ValueError(f"ModelConfig.pre_seq_len = {self.model.pre_seq_len} gives the model a learned prefix, "
+                             "which only P-tuning trains: set train.adapter = 'prefix' and PrefixTuning.length "
+                             "instead (and leave ModelConfig.pre_seq_len at 0)")
 
     def replace(self, **changes) -> "Experiment":
         return dataclasses.replace(self, **changes)
 
     @property
-    def adapters(self) -> LoraConfig | None:
-        """The LoRA settings when only adapters train (train.adapter = 'lora'), else None."""
-        return self.lora if self.train.adapter == "lora" else None
+    def adapters(self) -> Adapter | None:
+        """The method whose adapters alone train (train.adapter = 'lora' | 'prefix'), else None."""
+        return {"lora": self.lora, "prefix": self.prefix}.get(self.train.adapter)
+
+    @property
+    def adapted_model(self) -> ModelConfig:
+        """The architecture generation and evaluation build: the model with its adapters' changes
+        (P-tuning's learned prefix); the frozen base is `model`."""
+        return self.model if self.adapters is None else self.adapters.model_config(self.model)
 
 
 def check_consistent(model: ModelConfig, data: DataConfig) -> None:
@@ -131,7 +144,7 @@ def check_consistent(model: ModelConfig, data: DataConfig) -> None:
 _EXPERIMENT_PARTS = {"model": ("ModelConfig", ModelConfig), "data": ("DataConfig", DataConfig),
                      "objective": ("Objective", Objective), "optimizer": ("OptimizerConfig", OptimizerConfig),
                      "mesh": ("MeshConfig", MeshConfig), "train": ("train", TrainSettings),
-                     "lora": ("LoraConfig", LoraConfig)}
+                     "lora": ("LoraConfig", LoraConfig), "prefix": ("PrefixTuning", PrefixTuning)}
 _REGISTRY: dict[str, tuple[type, object]] = {}
 
 

@@ -7,8 +7,8 @@ generation and evaluation alike.
     RUN/tokenizer.model   + tokenizer_config.json naming ChatGLMTokenizer: an imported ChatGLM2/3 tokenizer
     RUN/summary.json      the last training session's summary
     RUN/provenance.json   where a converted or imported run came from
-    RUN/adapter_base.json a LoRA run's frozen base: its run directory, step and the checksum of
-                          its parameters (the checkpoints hold only the adapters)
+    RUN/adapter_base.json an adapter run's frozen base (LoRA, P-tuning): its run directory, step and
+                          the checksum of its parameters (the checkpoints hold only the adapters)
     RUN/tensorboard/      training events
     RUN/checkpoints/STEP/ params, opt_state, meta, config (glm_jax.checkpoint)
     RUN/checkpoints_damaged/STEP/  steps that failed to restore, moved aside by training
@@ -31,7 +31,7 @@ from glm_jax import experiment as experiment_lib
 from glm_jax.checkpoint import Checkpointer, DamagedCheckpoint
 from glm_jax.data.tokenizer import Tokenizer, load_tokenizer_file
 from glm_jax.model import ModelConfig, abstract_params
-from glm_jax.model.lora import init_adapters, join_adapters, merge_adapters
+from glm_jax.model.adapters import init_adapters, join_adapters
 
 
 @dataclasses.dataclass
@@ -43,6 +43,11 @@ class Run:
     tokenizer: Tokenizer
     params: object
     step: int
+
+    @property
+    def model(self) -> ModelConfig:
+        """The architecture `params` are for (a P-tuning run's has its learned prefix)."""
+        return self.experiment.adapted_model
 
 
 class RunDir:
@@ -149,22 +154,24 @@ class RunDir:
     def load(self, step: int | None = None, shardings=None) -> Run:
         """The latest (or given) checkpoint's parameters (no optimizer state), experiment and tokenizer.
 
-        A LoRA run's parameters come back merged (base + adapters: a plain GLM's parameters).
+        A LoRA run's parameters come back merged (base + adapters: a plain GLM's parameters), a
+        P-tuning run's as base + prefixes, for its Run.model (which has ModelConfig.pre_seq_len).
         """
         experiment = self.read_experiment()
         if experiment.adapters is not None:
             adapters, step = self.restore_adapters(experiment, step)
-            base = self.adapter_base(experiment.model)
-            params = merge_adapters(join_adapters(base, adapters), experiment.adapters)
+            params = join_adapters(self.adapter_base(experiment.model), adapters)
+            if experiment.adapters.mergeable:
+                params = experiment.adapters.merge(params)
             if shardings is not None:
                 params = jax.device_put(params, shardings)
             return Run(self.path, experiment, self.tokenizer(), params, step)
         params, step = self.restore_params(experiment.model, step, shardings)
         return Run(self.path, experiment, self.tokenizer(), params, step)
 
-    # ------------------------------------------------------------ LoRA runs
+    # ------------------------------------------------ adapter runs (LoRA, P-tuning)
     def restore_adapters(self, experiment: experiment_lib.Experiment, step: int | None = None, shardings=None):
-        """(adapter parameters, step) of a LoRA run's latest (or given) checkpoint."""
+        """(adapter parameters, step) of an adapter run's latest (or given) checkpoint."""
         abstract = nn.unbox(jax.eval_shape(lambda: init_adapters(experiment.model, experiment.adapters,
                                                                  jax.random.key(0))))
         checkpoints = self.checkpointer(read_only=True)
@@ -174,14 +181,14 @@ class RunDir:
             checkpoints.close()
 
     def write_adapter_base(self, base: "RunDir", step: int) -> None:
-        """Records which parameters a LoRA run adapts (checked whenever they are loaded again)."""
+        """Records which parameters an adapter run adapts (checked whenever they are loaded again)."""
         record = {"run": str(base.path), "step": int(step), "params_checksum": base.params_checksum(step)}
         self.adapter_base_path.write_text(json.dumps(record, indent=2))
 
     def adapter_base(self, model: ModelConfig, shardings=None):
-        """The frozen base parameters a LoRA run was trained on; ValueError naming both runs if they changed."""
+        """The frozen base parameters an adapter run was trained on; ValueError naming both runs if they changed."""
         if not self.adapter_base_path.is_file():
-            raise FileNotFoundError(f"{self.path} is a LoRA run (train.adapter = 'lora') without {self.adapter_base_path.name}, "
+            raise FileNotFoundError(f"{self.path} is an adapter run (train.adapter) without {self.adapter_base_path.name}, "
                                     "which names the base run its adapters belong to; train it again")
         record = json.loads(self.adapter_base_path.read_text())
         base = RunDir(record["run"])

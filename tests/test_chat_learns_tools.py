@@ -59,3 +59,31 @@ def test_sft_learns_exact_tool_calls_and_answers_from_observations(tmp_path):
     print(f"\nheld-out tool use after SFT: {scores}")
     assert scores["questions"] == 100
     assert scores["exact_calls"] >= 0.9 and scores["exact_answers"] >= 0.9, scores
+
+
+def test_lora_on_query_and_value_teaches_a_chat_model_new_tools(tmp_path):
+    """LoRA rank 8 on the query and value projections of a frozen chat model trained with other tools
+    (experiments/configs/sft_tiny_ledger.gin) reaches the same thresholds on the held-out questions;
+    the base alone makes no right call."""
+    module = tool_chats()
+    python = sys.executable
+    script = str(REPO / "experiments" / "tool_chats.py")
+    configs = REPO / "experiments" / "configs"
+    run([python, script, "--task", "ledger", "--out", "data/ledger_chats.jsonl"], tmp_path, 120)
+    run([python, script, "--out", "data/tool_chats.jsonl"], tmp_path, 120)
+    run([python, "-m", "glm_jax", "train", "--gin_file", str(configs / "sft_tiny_ledger.gin")], tmp_path, 1500)
+    run([python, "-m", "glm_jax", "train", "--gin_file", str(configs / "sft_tiny_tools_lora.gin")], tmp_path, 3000)
+    run([python, script, "--out", "held_out.jsonl", "--count", "100", "--seed", "1", "--questions", "held_out.txt",
+         "--answers", "answers.jsonl"], tmp_path, 120)
+    write_shuffled_tools(tmp_path, module.atlas)
+    expected = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
+    tools = module.load_module(tmp_path / "atlas_shuffled.py")
+    scores = {}
+    for run_dir in ("runs/sft_tiny_ledger", "runs/sft_tiny_tools_lora"):
+        transcript = run([python, "-m", "glm_jax.chat", "--run_dir", run_dir, "--tools", "atlas_shuffled.py",
+                          "--input", "held_out.txt", "--max_new_tokens", "32"], tmp_path, 900)
+        scores[run_dir] = module.score(transcript, expected, tools)
+    print(f"\nheld-out tool use, base and LoRA: {scores}")
+    assert scores["runs/sft_tiny_ledger"]["exact_calls"] <= 0.05
+    lora = scores["runs/sft_tiny_tools_lora"]
+    assert lora["exact_calls"] >= 0.9 and lora["exact_answers"] >= 0.9, lora

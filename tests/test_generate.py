@@ -71,8 +71,8 @@ def full_forward(config, params, tokens, positions, blocks, prefix_len):
                                         np.ones((1, n), np.int32), prefix[None]))[0]
 
 
-def check_blank_decode_matches_full_forward(config):
-    generator = make_generator(config)
+def check_blank_decode_matches_full_forward(config, generator=None):
+    generator = generator or make_generator(config)
     batch = prompt_lib.make_prompt_batch(BLANK_PROMPTS, SPECIALS, "blank", length_bucket=16)
     out = generator.generate(batch, "blank", 14, SamplingConfig(temperature=4.0), seed=3, record_logits=True)
     switched = 0
@@ -90,8 +90,8 @@ def check_blank_decode_matches_full_forward(config):
     assert switched >= 1, "the sample never moved to a second mask; pick another seed"
 
 
-def check_causal_decode_matches_full_forward(config):
-    generator = make_generator(config)
+def check_causal_decode_matches_full_forward(config, generator=None):
+    generator = generator or make_generator(config)
     batch = prompt_lib.make_prompt_batch(CAUSAL_PROMPTS, SPECIALS, "causal", length_bucket=16)
     out = generator.generate(batch, "causal", 10, SamplingConfig(temperature=1.0), seed=1, record_logits=True)
     for row, prompt in enumerate(CAUSAL_PROMPTS):

@@ -20,8 +20,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:'VariableState' was removed:Depr
 
 from glm_jax import experiment as experiment_lib  # noqa: E402
 from glm_jax.model import GLM, ModelConfig, init_params  # noqa: E402
-from glm_jax.model.lora import (LoraConfig, count_adapter_params, init_lora_params, join_adapters,  # noqa: E402
-                                lora_model, merge_adapters, split_adapters)
+from glm_jax.model.adapters import count_adapter_params, join_adapters, split_adapters  # noqa: E402
+from glm_jax.model.lora import LoraConfig, init_lora_params, lora_model, merge_adapters  # noqa: E402
 from glm_jax.run_dir import RunDir, load_run  # noqa: E402
 from train_fixtures import experiment, shared_run, subprocess_env, train_in_process  # noqa: E402
 

@@ -46,7 +46,7 @@ def main(argv: list[str]) -> int:
     tools = load_tools(args.tools) if args.tools else None  # before the model: a bad tool file fails fast
     run = load_run(args.run_dir, args.step)
     data = run.experiment.data
-    generator = Generator(run.experiment.model, run.params, run.tokenizer.specials,
+    generator = Generator(run.model, run.params, run.tokenizer.specials,
                           token_limit=run.tokenizer.vocab_size)
     session = ChatSession(generator, run.tokenizer,
                           args.format or default_format(run), system=args.system, tools=tools,

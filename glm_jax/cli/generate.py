@@ -37,7 +37,7 @@ def main(argv: list[str]) -> int:
         print(f"note: {run.directory} {hint}", file=sys.stderr)
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
     prompts = [p.replace("\\n", "\n").replace("\\t", "\t") for p in args.prompt]
-    generator = Generator(run.experiment.model, run.params, run.tokenizer.specials,
+    generator = Generator(run.model, run.params, run.tokenizer.specials,
                           token_limit=run.tokenizer.vocab_size)
     complete = fill_blanks if args.mode == "blank" else continue_text
     texts = complete(generator, run.tokenizer, prompts, args.max_new_tokens, sampling, args.seed)

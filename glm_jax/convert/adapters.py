@@ -14,6 +14,7 @@ import datetime
 import json
 from pathlib import Path
 
+from glm_jax.model.prefix_tuning import NOT_MERGEABLE
 from glm_jax.run_dir import RunDir
 
 
@@ -23,6 +24,8 @@ def merge_run(source: str | Path, out: str | Path) -> dict:
     experiment = source_run.read_experiment()
     if experiment.adapters is None:
         raise ValueError(f"{source_run.path} is not a LoRA run (its train.adapter is 'none'); there is nothing to merge")
+    if not experiment.adapters.mergeable:
+        raise ValueError(f"{source_run.path} is a P-tuning run (train.adapter = 'prefix'): {NOT_MERGEABLE}")
     target = RunDir(out)
     if target.checkpoints_path.exists():
         raise FileExistsError(f"{target.path} already holds checkpoints; choose a new --out directory")

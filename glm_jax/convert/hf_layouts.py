@@ -274,6 +274,10 @@ class ChatGLM(Layout):
             raise LayoutError("post_layer_norm = false (no final norm) is not supported")
         if not config.get("original_rope", True):
             raise LayoutError("original_rope = false is not a released ChatGLM configuration")
+        if config.get("pre_seq_len"):
+            raise LayoutError(f"pre_seq_len = {config['pre_seq_len']}: this checkpoint carries a ChatGLM P-tuning v2 "
+                              "prefix encoder, which is not imported; import the base model (pre_seq_len null in "
+                              "config.json) and train a prefix here with train.adapter = 'prefix'")
         multi_query = config.get("multi_query_attention", False)
         add_bias = bool(config.get("add_bias_linear", False))
         return ModelConfig(

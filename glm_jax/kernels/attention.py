@@ -46,7 +46,8 @@ def resolve_impl(impl: str, backend: str | None = None, kv_len: int | None = Non
 
 def attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray,
               segment_ids: jnp.ndarray, prefix_mask: jnp.ndarray, *,
-              impl: str = "auto", scale: float | None = None, q_offset: int | None = None) -> jnp.ndarray:
+              impl: str = "auto", scale: float | None = None, q_offset: int | None = None,
+              return_lse: bool = False):
     """GLM attention.
 
     Args:
@@ -60,32 +61,37 @@ def attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray,
         positions, e.g. one chunk of a long prefill against all keys up to it).
         With T == S the rule is docs/design.md's; otherwise each query gets its row of
         the full S x S mask.
+      return_lse: also return each query's float32 log-sum-exp of its allowed scores,
+        [B, T, Hq], differentiable (every implementation): what merges these keys with
+        other keys, e.g. P-tuning v2's learned prefix (kernels/learned_prefix.py).
     Returns:
-      [B, T, Hq, D] in q's dtype.
+      [B, T, Hq, D] in q's dtype (and the log-sum-exp with return_lse).
     """
     _check_shapes(q, k, v, segment_ids, prefix_mask)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     impl = resolve_impl(impl, kv_len=k.shape[1])
+    common = dict(scale=scale, q_offset=q_offset, return_lse=return_lse)
     if impl == "xla":
-        return xla_attention(q, k, v, segment_ids, prefix_mask, scale=scale, q_offset=q_offset)
+        return xla_attention(q, k, v, segment_ids, prefix_mask, **common)
     if impl == "blockwise":
-        return blockwise_attention(q, k, v, segment_ids, prefix_mask, scale=scale, q_offset=q_offset)
+        return blockwise_attention(q, k, v, segment_ids, prefix_mask, **common)
     backend = jax.default_backend()
     if backend == "tpu" and impl == "pallas":
         from glm_jax.kernels.flash_attention_tpu import flash_attention_tpu  # Mosaic only when asked for
 
-        return flash_attention_tpu(q, k, v, segment_ids, prefix_mask, scale=scale, q_offset=q_offset)
+        return flash_attention_tpu(q, k, v, segment_ids, prefix_mask, **common)
     from glm_jax.kernels.flash_attention import flash_attention  # Pallas only when asked for
 
     if impl == "pallas_interpret" or backend != "gpu":
-        return flash_attention(q, k, v, segment_ids, prefix_mask, scale=scale, q_offset=q_offset, interpret=True)
+        return flash_attention(q, k, v, segment_ids, prefix_mask, interpret=True, **common)
     from jax.experimental.pallas import triton as pallas_triton
 
-    return flash_attention(q, k, v, segment_ids, prefix_mask, scale=scale, q_offset=q_offset,
+    return flash_attention(q, k, v, segment_ids, prefix_mask, **common,
                            compiler_params=pallas_triton.CompilerParams(num_warps=4, num_stages=2))
 
 
-def xla_attention(q, k, v, segment_ids, prefix_mask, *, scale, q_offset: int | None = None):
+def xla_attention(q, k, v, segment_ids, prefix_mask, *, scale, q_offset: int | None = None,
+                  return_lse: bool = False):
     """Dense reference: O(T S) scores, float32 softmax, grouped (never repeated) K/V.
 
     segment_ids, prefix_mask: [B, S] of the keys; query t is key position q_offset + t
@@ -94,10 +100,10 @@ def xla_attention(q, k, v, segment_ids, prefix_mask, *, scale, q_offset: int | N
     T = q.shape[1]
     q_offset = masks.check_query_window(T, k.shape[1], q_offset)
     allowed = masks.dense_mask(segment_ids, prefix_mask, q_len=T, q_offset=q_offset)
-    return masked_attention(q, k, v, allowed, scale=scale)
+    return masked_attention(q, k, v, allowed, scale=scale, return_lse=return_lse)
 
 
-def masked_attention(q, k, v, allowed, *, scale):
+def masked_attention(q, k, v, allowed, *, scale, return_lse: bool = False):
     """Attention of q [B, T, Hq, D] over k, v [B, S, Hkv, D] under a [B, T, S] bool mask.
 
     The dense reference under any mask (xla_attention passes GLM's rule);
@@ -112,8 +118,11 @@ def masked_attention(q, k, v, allowed, *, scale):
     scores = scores.astype(jnp.float32)
     scores = jnp.where(allowed[:, None, None, :, :], scores, masks.MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bgrts,bsgd->btgrd", probs, v)
-    return out.reshape(B, T, Hq, D)
+    out = jnp.einsum("bgrts,bsgd->btgrd", probs, v).reshape(B, T, Hq, D)
+    if not return_lse:
+        return out
+    lse = jax.nn.logsumexp(scores, axis=-1)  # [B, Hkv, group, T]
+    return out, lse.transpose(0, 3, 1, 2).reshape(B, T, Hq)
 
 
 def cached_attention(q, keys, values, allowed, *, scale: float | None = None):

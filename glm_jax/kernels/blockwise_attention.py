@@ -39,8 +39,9 @@ DEFAULT_BLOCK = 64
 
 
 def blockwise_attention(q, k, v, segment_ids, prefix_mask, *, scale: float, q_offset: int | None = None,
-                        block_q: int = DEFAULT_BLOCK, block_k: int = DEFAULT_BLOCK):
-    """GLM attention, q [B, T, Hq, D] over k, v [B, S, Hkv, D]; the contract of kernels.attention."""
+                        block_q: int = DEFAULT_BLOCK, block_k: int = DEFAULT_BLOCK, return_lse: bool = False):
+    """GLM attention, q [B, T, Hq, D] over k, v [B, S, Hkv, D]; the contract of kernels.attention
+    (return_lse: also the float32 log-sum-exp of each query's scores, [B, T, Hq], differentiable)."""
     T, D = q.shape[1], q.shape[3]
     block_q, block_k = min(block_q, _round_up(T, 8)), min(block_k, _round_up(k.shape[1], 8))
     q, k, v, (ks, ke, qs, qe) = padded_inputs(q, k, v, segment_ids, prefix_mask, q_offset, block_q, block_k, D)
@@ -49,8 +50,11 @@ def blockwise_attention(q, k, v, segment_ids, prefix_mask, *, scale: float, q_of
     # Heads before length, the query heads of one KV head together: [B, Hkv, r, T, D] and [B, Hkv, S, D].
     grouped_q = q.reshape(B, padded_q, Hkv, Hq // Hkv, D).transpose(0, 2, 3, 1, 4)
     k, v = (x.transpose(0, 2, 1, 3) for x in (k, v))
-    out = _attention(float(scale), block_q, block_k, grouped_q, k, v, ks, ke, qs, qe)
-    return out.transpose(0, 3, 1, 2, 4).reshape(B, padded_q, Hq, D)[:, :T]
+    out, lse = _attention(float(scale), block_q, block_k, grouped_q, k, v, ks, ke, qs, qe)
+    out = out.transpose(0, 3, 1, 2, 4).reshape(B, padded_q, Hq, D)[:, :T]
+    if not return_lse:
+        return out
+    return out, lse.transpose(0, 3, 1, 2).reshape(B, padded_q, Hq)[:, :T]
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -80,7 +84,8 @@ def _scores(q, k, scale):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
 def _attention(scale, block_q, block_k, q, k, v, ks, ke, qs, qe):
-    return _forward(scale, block_q, block_k, q, k, v, ks, ke)[0]
+    """(output, log-sum-exp); the log-sum-exp is an output so a learned prefix can be merged in."""
+    return _forward(scale, block_q, block_k, q, k, v, ks, ke)
 
 
 def _forward(scale, block_q, block_k, q, k, v, ks, ke):
@@ -126,13 +131,17 @@ def _unblock(x, axis: int):
 
 def _attention_fwd(scale, block_q, block_k, q, k, v, ks, ke, qs, qe):
     out, lse = _forward(scale, block_q, block_k, q, k, v, ks, ke)
-    return out, (q, k, v, ks, ke, qs, qe, out, lse)
+    return (out, lse), (q, k, v, ks, ke, qs, qe, out, lse)
 
 
-def _attention_bwd(scale, block_q, block_k, residuals, d_out):
-    """FlashAttention-2 backward: key block by key block (dK, dV), dQ accumulated in place."""
+def _attention_bwd(scale, block_q, block_k, residuals, cotangents):
+    """FlashAttention-2 backward: key block by key block (dK, dV), dQ accumulated in place.
+
+    d lse / d s = p, so a log-sum-exp cotangent only shifts delta: dS = p (dP - (delta - d_lse)).
+    """
     q, k, v, ks, ke, qs, qe, out, lse = residuals
-    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [B, g, r, T]
+    d_out, d_lse = cotangents
+    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1) - d_lse  # [B, g, r, T]
 
     def key_block(d_q, inputs):
         j, k_block, v_block, col_start, col_end = inputs  # [B, g, bk, D] x 2, [B, bk] x 2

@@ -158,11 +158,13 @@ def _dkv_kernel(q_ref, k_ref, v_ref, ks_ref, ke_ref, qs_ref, qe_ref, do_ref, lse
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _backward(q, k, v, ks, ke, qs, qe, o, lse, do, *, scale, block_q, block_k, interpret, compiler_params):
+def _backward(q, k, v, ks, ke, qs, qe, o, lse, do, dlse, *, scale, block_q, block_k, interpret,
+              compiler_params):
     B, T, Hq, D = q.shape
     Hkv, S = k.shape[2], k.shape[1]
     group = Hq // Hkv
-    delta = jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), do.astype(jnp.float32))
+    # d lse / d s = p: a log-sum-exp cotangent only shifts delta (dS = p (dP - delta)).
+    delta = jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), do.astype(jnp.float32)) - dlse
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, scale=scale, block_k=block_k),
         grid=(B, Hq, T // block_q),
@@ -201,20 +203,21 @@ def _backward(q, k, v, ks, ke, qs, qe, o, lse, do, *, scale, block_q, block_k, i
 # ------------------------------------------------------------------------- custom_vjp
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10, 11))
 def _flash(q, k, v, ks, ke, qs, qe, scale, block_q, block_k, interpret, compiler_params):
-    o, _ = _forward(q, k, v, ks, ke, scale=scale, block_q=block_q, block_k=block_k, interpret=interpret,
-                    compiler_params=compiler_params)
-    return o
+    """(output, log-sum-exp [B, Hq, T]); the log-sum-exp is an output so a learned prefix can be merged in."""
+    return tuple(_forward(q, k, v, ks, ke, scale=scale, block_q=block_q, block_k=block_k, interpret=interpret,
+                          compiler_params=compiler_params))
 
 
 def _flash_fwd(q, k, v, ks, ke, qs, qe, scale, block_q, block_k, interpret, compiler_params):
     o, lse = _forward(q, k, v, ks, ke, scale=scale, block_q=block_q, block_k=block_k, interpret=interpret,
                       compiler_params=compiler_params)
-    return o, (q, k, v, ks, ke, qs, qe, o, lse)
+    return (o, lse), (q, k, v, ks, ke, qs, qe, o, lse)
 
 
-def _flash_bwd(scale, block_q, block_k, interpret, compiler_params, residuals, do):
+def _flash_bwd(scale, block_q, block_k, interpret, compiler_params, residuals, cotangents):
     q, k, v, ks, ke, qs, qe, o, lse = residuals
-    dq, dk, dv = _backward(q, k, v, ks, ke, qs, qe, o, lse, do, scale=scale, block_q=block_q, block_k=block_k,
+    do, dlse = cotangents
+    dq, dk, dv = _backward(q, k, v, ks, ke, qs, qe, o, lse, do, dlse, scale=scale, block_q=block_q, block_k=block_k,
                            interpret=interpret, compiler_params=compiler_params)
     return dq, dk, dv, None, None, None, None
 
@@ -227,20 +230,24 @@ def _power_of_two(D: int) -> int:
 
 
 def flash_attention(q, k, v, segment_ids, prefix_mask, *, scale: float, q_offset: int | None = None,
-                    block_q: int = 64, block_k: int = 64, interpret: bool = False, compiler_params=None):
+                    block_q: int = 64, block_k: int = 64, interpret: bool = False, compiler_params=None,
+                    return_lse: bool = False):
     """GLM attention with the Pallas kernels; same contract as xla_attention.
 
     q [B, T, Hq, D]; k, v [B, S, Hkv, D]; segment_ids, prefix_mask [B, S] describe
     the keys and query t is key position q_offset + t (default S - T: the last T
     positions, e.g. a chunk of a prefill against everything up to it). Any T and S:
     both are padded to the blocks and padded rows attend only to their own padded
-    key. Head dims are padded to a power of two (zeros change no score).
+    key. Head dims are padded to a power of two (zeros change no score). return_lse: also
+    the float32 log-sum-exp of each query's scores, [B, T, Hq] (differentiable).
     """
     T, D = q.shape[1], q.shape[3]
     q, k, v, (ks, ke, qs, qe) = padded_inputs(q, k, v, segment_ids, prefix_mask, q_offset, block_q, block_k,
                                               _power_of_two(D))
-    out = _flash(q, k, v, ks, ke, qs, qe, scale, block_q, block_k, interpret, compiler_params)
-    return out[:, :T, :, :D]
+    out, lse = _flash(q, k, v, ks, ke, qs, qe, scale, block_q, block_k, interpret, compiler_params)
+    if not return_lse:
+        return out[:, :T, :, :D]
+    return out[:, :T, :, :D], lse.transpose(0, 2, 1)[:, :T]
 
 
 def count_forward_visits(q, k, v, segment_ids, prefix_mask, *, q_offset: int | None = None, block_q: int = 64,

@@ -209,12 +209,13 @@ def _dkv_kernel(first, full_first, full_last, last, q_ref, k_ref, v_ref, ks_ref,
         dv_ref[...] = dv_scratch[...].astype(dv_ref.dtype)
 
 
-def _backward(q, k, v, ks, ke, bounds, o, lse, do, *, scale, block_q, block_k, interpret):
+def _backward(q, k, v, ks, ke, bounds, o, lse, do, dlse, *, scale, block_q, block_k, interpret):
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     group, nq = Hq // Hkv, T // block_q
     kv_ranges, q_ranges = bounds
-    delta = jnp.einsum("bhtd,bhtd->bht", o.astype(jnp.float32), do.astype(jnp.float32))
+    # d lse / d s = p: a log-sum-exp cotangent only shifts delta (dS = p (dP - delta)).
+    delta = jnp.einsum("bhtd,bhtd->bht", o.astype(jnp.float32), do.astype(jnp.float32)) - dlse
     delta = jnp.broadcast_to(delta[..., None], (B, Hq, T, LANES))
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, scale=scale, block_k=block_k),
@@ -255,19 +256,22 @@ def _backward(q, k, v, ks, ke, bounds, o, lse, do, *, scale, block_q, block_k, i
 # ------------------------------------------------------------------------- custom_vjp
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
 def _flash(q, k, v, ks, ke, bounds, scale, block_q, block_k, interpret):
-    return _forward(q, k, v, ks, ke, bounds[0], scale=scale, block_q=block_q, block_k=block_k,
-                    interpret=interpret)[0]
+    """(output, log-sum-exp [B, Hq, T]); the log-sum-exp is an output so a learned prefix can be merged in."""
+    o, lse = _forward(q, k, v, ks, ke, bounds[0], scale=scale, block_q=block_q, block_k=block_k,
+                      interpret=interpret)
+    return o, lse[..., 0]
 
 
 def _flash_fwd(q, k, v, ks, ke, bounds, scale, block_q, block_k, interpret):
     o, lse = _forward(q, k, v, ks, ke, bounds[0], scale=scale, block_q=block_q, block_k=block_k,
                       interpret=interpret)
-    return o, (q, k, v, ks, ke, bounds, o, lse)
+    return (o, lse[..., 0]), (q, k, v, ks, ke, bounds, o, lse)
 
 
-def _flash_bwd(scale, block_q, block_k, interpret, residuals, do):
+def _flash_bwd(scale, block_q, block_k, interpret, residuals, cotangents):
     q, k, v, ks, ke, bounds, o, lse = residuals
-    dq, dk, dv = _backward(q, k, v, ks, ke, bounds, o, lse, do, scale=scale, block_q=block_q, block_k=block_k,
+    do, dlse = cotangents
+    dq, dk, dv = _backward(q, k, v, ks, ke, bounds, o, lse, do, dlse, scale=scale, block_q=block_q, block_k=block_k,
                            interpret=interpret)
     return dq, dk, dv, None, None, None
 
@@ -276,13 +280,14 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 def flash_attention_tpu(q, k, v, segment_ids, prefix_mask, *, scale: float, q_offset: int | None = None,
-                        block_q: int = 128, block_k: int = 128, interpret: bool = False):
+                        block_q: int = 128, block_k: int = 128, interpret: bool = False,
+                        return_lse: bool = False):
     """GLM attention with the Mosaic kernels; same contract as flash_attention.flash_attention.
 
     q [B, T, Hq, D], k/v [B, S, Hkv, D], segment_ids/prefix_mask [B, S], query t at key
     position q_offset + t (default S - T). T and S are padded to the blocks (a padded
     query sees only its own padded key), D to a multiple of 128 lanes; blocks must be
-    multiples of 128.
+    multiples of 128. return_lse: also the float32 log-sum-exp per query, [B, T, Hq].
     """
     if block_q % LANES or block_k % LANES:
         raise ValueError(f"TPU blocks must be multiples of {LANES}; got block_q={block_q}, block_k={block_k}")
@@ -293,5 +298,6 @@ def flash_attention_tpu(q, k, v, segment_ids, prefix_mask, *, scale: float, q_of
     q_ranges = _block_ranges(qs, qe, block_k, block_q)  # per key block, over query blocks
     q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
     ks, ke = (jnp.broadcast_to(x[..., None], (*x.shape, LANES)) for x in (ks, ke))
-    out = _flash(q, k, v, ks, ke, (kv_ranges, q_ranges), scale, block_q, block_k, interpret)
-    return out.transpose(0, 2, 1, 3)[:, :T, :, :D]
+    out, lse = _flash(q, k, v, ks, ke, (kv_ranges, q_ranges), scale, block_q, block_k, interpret)
+    out = out.transpose(0, 2, 1, 3)[:, :T, :, :D]
+    return (out, lse.transpose(0, 2, 1)[:, :T]) if return_lse else out

@@ -8,6 +8,11 @@ Decoding (glm_jax.infer) passes a `CacheUpdate`. The 'cache' collection holds
 two parts per layer (glm_jax/infer/cache.py): the context (written once by the
 prefill) and the generated tokens (written one slot per decode step); the
 queries attend over both under the same GLM rule, with slots as positions.
+
+With config.pre_seq_len = P (P-tuning v2) each layer also holds P learned key/value
+slots, `prefix_key` / `prefix_value` [P, G, D], that every query sees without
+positions (glm_jax/kernels/learned_prefix.py): merged with the sequence's attention
+by log-sum-exp in training and prefill, and read as one more cache part when decoding.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import jax.numpy as jnp
 
 from glm_jax import kernels
 from glm_jax.kernels import masks
+from glm_jax.kernels.learned_prefix import attention_with_learned_prefix
 from glm_jax.model import rope
 from glm_jax.model.config import ModelConfig
 from glm_jax.model.layers import Dense, projection_inits
@@ -79,30 +85,54 @@ class Attention(nn.Module):
         q = nn.with_logical_constraint(q, ("activation_batch", "activation_length", "activation_heads", None))
         k = nn.with_logical_constraint(k, ("activation_batch", "activation_length", "activation_kv_heads", None))
         v = nn.with_logical_constraint(v, ("activation_batch", "activation_length", "activation_kv_heads", None))
+        learned = self._learned_prefix() if cfg.pre_seq_len else None
         if cache is None:
-            out = kernels.attention(q, k, v, segment_ids, prefix_mask, impl=cfg.attention_impl)
+            out = self._attend(q, k, v, segment_ids, prefix_mask, learned)
         else:
-            out = self._attend_with_cache(q, k, v, segment_ids, prefix_mask, cache)
+            out = self._attend_with_cache(q, k, v, segment_ids, prefix_mask, cache, learned)
         out = nn.with_logical_constraint(out, ("activation_batch", "activation_length", "activation_heads", None))
         return Dense((cfg.hidden_size,), ("heads", "head_dim", "embed"), num_in_axes=2,
                      use_bias=cfg.out_bias, init=inits["out"], name="out", **common)(out)
 
-    def _attend_with_cache(self, q, k, v, segment_ids, prefix_mask, cache: CacheUpdate):
+    def _learned_prefix(self):
+        """P-tuning v2's [P, G, D] key and value slots of this layer (a normal init: equal slots
+        would stay equal under every update)."""
+        cfg = self.config
+        shape = (cfg.pre_seq_len, cfg.num_kv_heads, cfg.head_dim)
+        init = nn.with_logical_partitioning(jax.nn.initializers.normal(cfg.init_std), (None, "kv_heads", "head_dim"))
+        return (self.param("prefix_key", init, shape, cfg.weight_dtype),
+                self.param("prefix_value", init, shape, cfg.weight_dtype))
+
+    def _attend(self, q, k, v, segment_ids, prefix_mask, learned):
+        impl = self.config.attention_impl
+        if learned is None:
+            return kernels.attention(q, k, v, segment_ids, prefix_mask, impl=impl)
+        return attention_with_learned_prefix(q, k, v, segment_ids, prefix_mask, *learned, impl=impl)
+
+    def _attend_with_cache(self, q, k, v, segment_ids, prefix_mask, cache: CacheUpdate, learned):
         """Writes k, v into their part of the cache and attends q over the cache.
 
         Keys are stored [B, G, slots, D] and values [B, G, D, slots]: both decode
         contractions run over the last axis of both operands, the layout the
-        matmuls read without transposing the cache.
+        matmuls read without transposing the cache. A learned prefix is one more
+        part, first, that every query sees.
         """
         parts = {name: self.variable("cache", name, missing_cache) for name in CACHE_PARTS}
         context_length = parts["context_key"].value.shape[-2]
         if cache.prefill:
             _write(parts["context_key"], parts["context_value"], k, v, cache.index)
-            return kernels.attention(q, k, v, segment_ids, prefix_mask, impl=self.config.attention_impl)
+            return self._attend(q, k, v, segment_ids, prefix_mask, learned)
         _write(parts["new_key"], parts["new_value"], k, v, cache.index - context_length)
         allowed = masks.cache_mask(segment_ids, cache.index, cache.kv_segment_ids, cache.kv_prefix_mask)
-        return kernels.cached_attention(q, (parts["context_key"].value, parts["new_key"].value),
-                                        (parts["context_value"].value, parts["new_value"].value), allowed)
+        keys = (parts["context_key"].value, parts["new_key"].value)
+        values = (parts["context_value"].value, parts["new_value"].value)
+        if learned is not None:
+            B, P = q.shape[0], learned[0].shape[0]
+            prefix_key, prefix_value = (jnp.broadcast_to(x.astype(keys[0].dtype), (B, *x.shape)) for x in learned)
+            keys = (prefix_key.transpose(0, 2, 1, 3), *keys)  # [B, G, P, D]
+            values = (prefix_value.transpose(0, 2, 3, 1), *values)  # [B, G, D, P]
+            allowed = jnp.concatenate([jnp.ones((*allowed.shape[:2], P), bool), allowed], axis=-1)
+        return kernels.cached_attention(q, keys, values, allowed)
 
 
 # The context part is written by the prefill only, so a decode loop can hold it

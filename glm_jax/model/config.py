@@ -78,6 +78,10 @@ class ModelConfig:
       attention_impl: 'auto' | 'xla' | 'blockwise' | 'pallas' | 'pallas_interpret'
         (see glm_jax.kernels.attention.resolve_impl).
       max_position: rows of the learned position tables (learned_2d only).
+      pre_seq_len: P-tuning v2 (ChatGLM2/3's name): P learned key/value slots per
+        layer (attention/prefix_key, prefix_value [P, G, D]) that every query sees,
+        without positions (glm_jax.kernels.learned_prefix). 0 = none. Set through
+        train.adapter = 'prefix' and PrefixTuning.length, which train only them.
     """
 
     vocab_size: int = 8192
@@ -107,6 +111,7 @@ class ModelConfig:
     remat_policy: RematPolicy = "none"
     attention_impl: AttentionImpl = "auto"
     max_position: int = 1024
+    pre_seq_len: int = 0
 
     def __post_init__(self):
         # Fill derived defaults on the frozen instance, then validate.
@@ -153,6 +158,8 @@ class ModelConfig:
                   "in (0, 1] (1.0 turns the GLM-130B shrink off)")
         if self.init_std <= 0:
             _fail("init_std", f"is {self.init_std}; it must be positive")
+        if not isinstance(self.pre_seq_len, int) or self.pre_seq_len < 0:
+            _fail("pre_seq_len", f"is {self.pre_seq_len!r}; it must be a whole number >= 0 (0 = no learned prefix)")
 
     # ------------------------------------------------------- derived values
     @property
@@ -207,6 +214,7 @@ class ModelConfig:
         total += 0 if self.residual == "post" else norm  # final norm
         total += 0 if self.tie_embeddings else V * E
         total += 2 * self.max_position * E if self.position == "learned_2d" else 0
+        total += L * 2 * self.pre_seq_len * G * D
         return int(total)
 
 

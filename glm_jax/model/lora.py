@@ -25,10 +25,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from glm_jax.model.adapters import init_adapted_params, is_adapter, leaves, split_adapters
 from glm_jax.model.config import ModelConfig
-from glm_jax.model.glm import GLM, example_inputs
-
-ADAPTER_SUFFIXES = ("_lora_a", "_lora_b")
+from glm_jax.model.glm import GLM
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +42,9 @@ class LoraConfig:
     targets: tuple[str, ...] = ("attention/query", "attention/value")
     dropout: float = 0.0
 
+    kind = "lora"  # the train.adapter value (glm_jax.model.adapters.Adapter)
+    mergeable = True
+
     def __post_init__(self):
         if not isinstance(self.rank, int) or self.rank < 1:
             raise ValueError(f"LoraConfig.rank {self.rank!r} must be a whole number >= 1")
@@ -53,6 +55,21 @@ class LoraConfig:
                              "('attention/query', 'attention/value')")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LoraConfig.dropout {self.dropout} must be in [0, 1)")
+
+    def model_config(self, config: ModelConfig) -> ModelConfig:
+        return config  # the adapters wrap the projections; the architecture is the base's
+
+    def model(self, config: ModelConfig) -> nn.Module:
+        return lora_model(config, self)
+
+    def for_evaluation(self) -> "LoraConfig":
+        return dataclasses.replace(self, dropout=0.0)
+
+    def check(self, adapters) -> None:
+        check_targets(adapters, self)
+
+    def merge(self, params) -> dict:
+        return merge_adapters(params, self)
 
     @property
     def module_pattern(self) -> str:
@@ -71,66 +88,18 @@ def lora_model(config: ModelConfig, lora: LoraConfig) -> nn.Module:
 
 def init_lora_params(config: ModelConfig, lora: LoraConfig, rng: jax.Array):
     """Parameters of lora_model (base + adapters, unboxed); a ValueError if a target matches nothing."""
-    params = nn.unbox(lora_model(config, lora).init(rng, *example_inputs())["params"])
-    check_targets(params, lora)
-    return params
-
-
-def is_adapter(path) -> bool:
-    name = str(getattr(path[-1], "key", path[-1]))
-    return name.endswith(ADAPTER_SUFFIXES)
-
-
-def _leaves(tree):
-    """(path, leaf) of a parameter tree; a boxed (logically partitioned) parameter is one leaf."""
-    return jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))[0]
-
-
-def split_adapters(params) -> tuple[dict, dict]:
-    """(base parameters, adapter parameters): the same nesting, each holding only its own leaves."""
-    base, adapters = {}, {}
-    for path, leaf in _leaves(params):
-        _insert(adapters if is_adapter(path) else base, path, leaf)
-    return base, adapters
-
-
-def join_adapters(base: dict, adapters: dict) -> dict:
-    """base + adapters -> the parameter tree lora_model applies with (split_adapters' inverse)."""
-    joined: dict = {}
-    for tree in (base, adapters):
-        for path, leaf in _leaves(tree):
-            _insert(joined, path, leaf)
-    return joined
-
-
-def init_adapters(config: ModelConfig, lora: LoraConfig, rng: jax.Array):
-    """Boxed (logically partitioned) adapter parameters alone: what a LoRA run trains. A ValueError
-    names the targets that adapted nothing."""
-    adapters = split_adapters(lora_model(config, lora).init(rng, *example_inputs())["params"])[1]
-    check_targets(adapters, lora)
-    return adapters
-
-
-def _insert(tree: dict, path, leaf) -> None:
-    *parents, last = [str(getattr(k, "key", k)) for k in path]
-    for key in parents:
-        tree = tree.setdefault(key, {})
-    tree[last] = leaf
+    return init_adapted_params(config, lora, rng)
 
 
 def check_targets(params, lora: LoraConfig) -> None:
     """Every target must have adapted at least one kernel."""
-    adapted = ["/".join(str(getattr(k, "key", k)) for k in path[:-1]) for path, _ in _leaves(params)
+    adapted = ["/".join(str(getattr(k, "key", k)) for k in path[:-1]) for path, _ in leaves(params)
                if is_adapter(path)]
     missing = [t for t in lora.targets if not any(re.search(f"(^|/)(?:{t})$", p) for p in adapted)]
     if missing:
         raise ValueError(f"LoRA targets {missing} match no projection of this model; targets are module paths "
                          "inside a layer: 'attention/query', 'attention/key', 'attention/value', 'attention/out', "
                          "'mlp/wi', 'mlp/wo' (regular expressions)")
-
-
-def count_adapter_params(params) -> int:
-    return sum(nn.unbox(leaf).size for path, leaf in _leaves(params) if is_adapter(path))
 
 
 def merge_adapters(params, lora: LoraConfig) -> dict:

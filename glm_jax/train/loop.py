@@ -66,20 +66,20 @@ def _train(experiment: Experiment, stop: _StopSignals) -> dict:
     tokenizer = load_tokenizer(data)
     _check_vocabulary(model, tokenizer.vocab_size, data)
     tx, schedule = make_optimizer(experiment.optimizer, settings.steps)
-    lora = experiment.adapters  # LoRA: only adapters train; the base parameters stay frozen beside the state
-    shardings = state_shardings(model, tx, mesh, rules, lora)
+    adapter = experiment.adapters  # LoRA / P-tuning: only adapters train; the base stays frozen beside the state
+    shardings = state_shardings(model, tx, mesh, rules, adapter)
     batch_sharding = batch_shardings(mesh)
     frozen, frozen_sharding = (), ()
-    if lora is not None:
+    if adapter is not None:
         frozen_sharding = (frozen_shardings(model, mesh, rules),)
         frozen = (_frozen_base(run, base, model, frozen_sharding[0]),)
 
     checkpoints = run.checkpointer(keep=settings.keep_checkpoints)
-    restored = _restore_newest_intact(run, checkpoints, model, tx, shardings, lora)
-    if restored is None and base is not None and lora is None:
+    restored = _restore_newest_intact(run, checkpoints, model, tx, shardings, adapter)
+    if restored is None and base is not None and adapter is None:
         state, data_state = _state_from(base, model, tx, shardings), None
-    elif restored is None:  # a new model, or new adapters (B = 0: the base's function)
-        state, data_state = init_state(model, tx, jax.random.key(settings.seed), shardings, lora), None
+    elif restored is None:  # a new model, or new adapters (fresh LoRA: the base's function)
+        state, data_state = init_state(model, tx, jax.random.key(settings.seed), shardings, adapter), None
     else:
         state, meta = restored
         data_state = meta["data"][jax.process_index()]
@@ -95,10 +95,10 @@ def _train(experiment: Experiment, stop: _StopSignals) -> dict:
 
     with jax.set_mesh(mesh):
         train_step = jax.jit(make_train_step(model, tx, schedule, rules, experiment.optimizer.grad_accum_steps,
-                                             settings.z_loss, settings.loss_chunk_length, lora, settings.seed),
+                                             settings.z_loss, settings.loss_chunk_length, adapter, settings.seed),
                              in_shardings=(shardings, batch_sharding, *frozen_sharding),
                              out_shardings=(shardings, None), donate_argnums=0)
-        eval_step = jax.jit(make_eval_step(model, rules, settings.loss_chunk_length, lora),
+        eval_step = jax.jit(make_eval_step(model, rules, settings.loss_chunk_length, adapter),
                             in_shardings=(shardings.params, batch_sharding, *frozen_sharding))
     peak, peak_source = flops.peak_flops_per_device(jax.devices()[0])
     with RunLogger(run, settings.steps, start_step=int(state.step), gin_config=experiment.gin_text,
@@ -139,11 +139,11 @@ def _train(experiment: Experiment, stop: _StopSignals) -> dict:
                              stopped_by=stop.received)
 
 
-def _restore_newest_intact(run: RunDir, checkpoints, model: ModelConfig, tx, shardings, lora=None):
+def _restore_newest_intact(run: RunDir, checkpoints, model: ModelConfig, tx, shardings, adapter=None):
     """(state, meta) of the newest checkpoint that restores, or None. Damaged steps are moved aside, loudly."""
     for step in reversed(checkpoints.all_steps()):
         try:
-            return restore_state(checkpoints, step, model, tx, shardings, lora)
+            return restore_state(checkpoints, step, model, tx, shardings, adapter)
         except DamagedCheckpoint as damaged:
             if jax.process_index() == 0:
                 moved = checkpoints.move_aside(step, run.damaged_checkpoints_path)
@@ -165,7 +165,7 @@ def _state_from(base: tuple[RunDir, int | None], model: ModelConfig, tx, shardin
 
 
 def _frozen_base(run: RunDir, base: tuple[RunDir, int | None], model: ModelConfig, shardings):
-    """A LoRA run's frozen parameters: recorded at its start (adapter_base.json), checked when it resumes."""
+    """An adapter run's frozen parameters: recorded at its start (adapter_base.json), checked when it resumes."""
     if not run.adapter_base_path.is_file():
         base_run, step = base
         if step is None:
@@ -178,7 +178,7 @@ def _frozen_base(run: RunDir, base: tuple[RunDir, int | None], model: ModelConfi
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices("adapter base recorded")
     params = run.adapter_base(model, shardings)
-    print(f"training LoRA adapters on the frozen parameters of {json.loads(run.adapter_base_path.read_text())['run']} "
+    print(f"training adapters on the frozen parameters of {json.loads(run.adapter_base_path.read_text())['run']} "
           "(train.init_from)", flush=True)
     return params
 

@@ -59,20 +59,20 @@ def accelerator_experiment(experiment: Experiment) -> Experiment:
 def compile_train_step(devices, experiment: Experiment):
     """The compiled train step for `devices` (abstract inputs only; nothing is allocated).
 
-    A LoRA experiment compiles its own step: adapters and their moments in the state, the frozen
-    base parameters as a third (abstract, sharded) argument.
+    An adapter experiment (LoRA, P-tuning) compiles its own step: adapters and their moments in
+    the state, the frozen base parameters as a third (abstract, sharded) argument.
     """
     mesh = make_mesh(experiment.mesh, devices)
     rules = logical_axis_rules(experiment.train.sharding)
     tx, schedule = make_optimizer(experiment.optimizer, experiment.train.steps)
-    lora = experiment.adapters
-    shardings = state_shardings(experiment.model, tx, mesh, rules, lora)
-    state = placed(abstract_state(experiment.model, tx, lora), shardings)
-    frozen = () if lora is None else (placed(nn.unbox(abstract_boxed_params(experiment.model)),
+    adapter = experiment.adapters
+    shardings = state_shardings(experiment.model, tx, mesh, rules, adapter)
+    state = placed(abstract_state(experiment.model, tx, adapter), shardings)
+    frozen = () if adapter is None else (placed(nn.unbox(abstract_boxed_params(experiment.model)),
                                              frozen_shardings(experiment.model, mesh, rules)),)
     batch = abstract_batch(mesh, experiment.data.batch_size, experiment.data.seq_len)
     step = make_train_step(experiment.model, tx, schedule, rules, experiment.optimizer.grad_accum_steps,
-                           experiment.train.z_loss, experiment.train.loss_chunk_length, lora)
+                           experiment.train.z_loss, experiment.train.loss_chunk_length, adapter)
     with jax.set_mesh(mesh):
         return jax.jit(step, donate_argnums=0).lower(state, batch, *frozen).compile()
 

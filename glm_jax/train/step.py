@@ -4,7 +4,7 @@ The loss is the float32 cross-entropy summed over loss_mask and divided by the
 number of masked tokens of the WHOLE batch, so gradient accumulation over
 micro-batches gives exactly the gradient of one big batch. Micro-batches are a
 strided split that keeps every device's share equal (glm_jax.parallel.batch).
-With a LoraConfig only the adapters train: the state holds them, the frozen base
+With an Adapter (LoRA, P-tuning v2) only its parameters train: the state holds them, the frozen base
 parameters come in as a third argument (never differentiated, never donated).
 The eval step is glm_jax.evaluation.make_eval_step.
 """
@@ -19,26 +19,26 @@ import optax
 from glm_jax.evaluation import loss_sums
 from glm_jax.model.chunked_loss import DEFAULT_LOSS_CHUNK
 from glm_jax.model import GLM, ModelConfig
-from glm_jax.model.lora import LoraConfig, join_adapters, lora_model
+from glm_jax.model.adapters import Adapter, join_adapters
 from glm_jax.parallel.batch import split_micro_batches
 from glm_jax.train.state import TrainState
 
 
 def make_train_step(config: ModelConfig, tx: optax.GradientTransformation, schedule: optax.Schedule,
                     rules, grad_accum_steps: int = 1, z_loss: float = 0.0,
-                    loss_chunk_length: int | None = DEFAULT_LOSS_CHUNK, lora: LoraConfig | None = None,
+                    loss_chunk_length: int | None = DEFAULT_LOSS_CHUNK, adapter: Adapter | None = None,
                     seed: int = 0):
     """A pure train step; compile it with jax.jit(in_shardings, out_shardings, donate_argnums=0).
 
     loss_chunk_length: positions per chunk of the head + loss (None: whole logits; see loss_sums).
-    lora: train only LoRA adapters; the step is then (state, batch, frozen base params) -> ...
+    adapter: train only the adapter's parameters; the step is then (state, batch, frozen base params) -> ...
     (seed: the adapters' dropout draws, folded with the step).
     """
-    model = GLM(config) if lora is None else lora_model(config, lora)
-    dropout = lora is not None and lora.dropout > 0
+    model = GLM(config) if adapter is None else adapter.model(config)
+    dropout = adapter is not None and adapter.dropout > 0
 
     def objective(trained, batch, frozen, step):
-        params = trained if lora is None else join_adapters(frozen, trained)
+        params = trained if adapter is None else join_adapters(frozen, trained)
         rngs = {"dropout": jax.random.fold_in(jax.random.key(seed), step)} if dropout else None
         return loss_sums(model, params, batch, z_loss, loss_chunk_length, rngs=rngs)
 
