@@ -21,9 +21,10 @@ pytestmark = pytest.mark.filterwarnings("ignore:'VariableState' was removed:Depr
 from glm_jax import experiment as experiment_lib  # noqa: E402
 from glm_jax.model import GLM, ModelConfig, init_params  # noqa: E402
 from glm_jax.model.adapters import count_adapter_params, join_adapters, split_adapters  # noqa: E402
-from glm_jax.model.lora import LoraConfig, init_lora_params, lora_model, merge_adapters  # noqa: E402
+from glm_jax.model.adapters import init_adapted_params  # noqa: E402
+from glm_jax.model.lora import LoraConfig, lora_model, merge_adapters  # noqa: E402
 from glm_jax.run_dir import RunDir, load_run  # noqa: E402
-from train_fixtures import experiment, shared_run, subprocess_env, train_in_process  # noqa: E402
+from train_fixtures import adapter_run, subprocess_env, train_in_process  # noqa: E402
 
 E, H, G, D, F, L = 32, 4, 2, 8, 64, 2
 
@@ -54,7 +55,7 @@ def with_random_b(params, seed: int = 1):
 
 def test_adapters_sit_beside_their_kernels_with_the_closed_form_count():
     lora = LoraConfig(rank=2, alpha=4.0)
-    params = init_lora_params(config(), lora, jax.random.key(0))
+    params = init_adapted_params(config(), lora, jax.random.key(0))
     attention = params["layers"]["attention"]
     assert attention["query"]["kernel_lora_a"].shape == (L, E, 2)
     assert attention["query"]["kernel_lora_b"].shape == (L, 2, H * D)
@@ -70,7 +71,7 @@ def test_adapters_sit_beside_their_kernels_with_the_closed_form_count():
 
 def test_fresh_adapters_leave_the_function_unchanged():
     lora = LoraConfig(rank=4)
-    params = init_lora_params(config(), lora, jax.random.key(0))
+    params = init_adapted_params(config(), lora, jax.random.key(0))
     base, _ = split_adapters(params)
     got = lora_model(config(), lora).apply({"params": params}, *inputs())
     want = GLM(config()).apply({"params": base}, *inputs())
@@ -85,7 +86,7 @@ def test_fresh_adapters_leave_the_function_unchanged():
 def test_merged_weights_compute_base_plus_adapters(targets, overrides):
     lora = LoraConfig(rank=3, alpha=5.0, targets=targets)
     cfg = config(**overrides)
-    params = with_random_b(init_lora_params(cfg, lora, jax.random.key(0)))
+    params = with_random_b(init_adapted_params(cfg, lora, jax.random.key(0)))
     unmerged = lora_model(cfg, lora).apply({"params": params}, *inputs())
     merged = GLM(cfg).apply({"params": merge_adapters(params, lora)}, *inputs())
     base = GLM(cfg).apply({"params": split_adapters(params)[0]}, *inputs())
@@ -95,7 +96,7 @@ def test_merged_weights_compute_base_plus_adapters(targets, overrides):
 
 def test_a_target_that_matches_no_projection_is_named():
     with pytest.raises(ValueError, match=r"LoRA targets \['attention/qkv'\] match no projection"):
-        init_lora_params(config(), LoraConfig(targets=("attention/query", "attention/qkv")), jax.random.key(0))
+        init_adapted_params(config(), LoraConfig(targets=("attention/query", "attention/qkv")), jax.random.key(0))
 
 
 @pytest.mark.parametrize("changes, words", [({"rank": 0}, "rank 0"), ({"alpha": 0.0}, "alpha 0.0"),
@@ -109,14 +110,7 @@ def test_bad_lora_settings_are_clear_errors(changes, words):
 @pytest.fixture(scope="module")
 def lora_runs(tmp_path_factory):
     """(base run, LoRA run trained 3 steps on it, its bindings): rank 2 on query and value."""
-    shared = shared_run(tmp_path_factory, "text_tiny", steps=2)
-    work = tmp_path_factory.mktemp("lora")
-    bindings = experiment(shared, "unused", 3, [f"RUN_DIR = '{work / 'lora'}'", "train.adapter = 'lora'",
-                                                 f"train.init_from = '{shared / 'run'}'", "LoraConfig.rank = 2",
-                                                 "OptimizerConfig.learning_rate = 1e-2"])
-    summary = train_in_process(bindings)
-    assert np.isfinite(summary["final_train_loss"])
-    return shared / "run", work / "lora", bindings
+    return adapter_run(tmp_path_factory, "lora", ["train.adapter = 'lora'", "LoraConfig.rank = 2"])
 
 
 def _flat(tree) -> dict:

@@ -17,6 +17,7 @@ import optax
 import pytest
 
 from glm_jax import experiment as experiment_lib
+from glm_jax.evaluation import loss_sums
 from glm_jax.kernels import masks
 from glm_jax.kernels.attention import attention, masked_attention
 from glm_jax.kernels.flash_attention_tpu import flash_attention_tpu
@@ -29,7 +30,7 @@ from glm_jax.train.state import create_state
 from glm_jax.train.step import make_train_step
 from test_generate import check_blank_decode_matches_full_forward, check_causal_decode_matches_full_forward
 from test_generate import make_generator, tiny_config
-from train_fixtures import experiment, shared_run, subprocess_env, train_in_process
+from train_fixtures import adapter_run, subprocess_env
 
 B, T, HQ, HKV, D, P = 2, 40, 4, 2, 16, 5
 SEGMENTS = np.array([[1] * 15 + [2] * 20 + [0] * 5, [1] * 40])
@@ -190,7 +191,7 @@ def test_only_the_prefix_trains_and_its_count_is_the_closed_form():
 
     # Differentiated as one tree, base weights get gradients too: the step excludes them, not the model.
     full = join_adapters(frozen, state.params)
-    grads = jax.jit(jax.grad(lambda p: _loss(prefix.model(config), p, batch)))(full)
+    grads = jax.jit(jax.grad(lambda p: loss_sums(prefix.model(config), p, batch)[0]))(full)
     assert all(np.abs(np.asarray(g)).max() > 0 for g in jax.tree_util.tree_leaves(grads))
 
 
@@ -203,24 +204,11 @@ def _batch(config, batch: int = 2, length: int = 12):
             "loss_mask": np.ones_like(tokens, np.float32)}
 
 
-def _loss(model, params, batch):
-    logits = model.apply({"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"],
-                         batch["prefix_mask"])
-    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), batch["targets"][..., None], -1))
-
-
 # ------------------------------------------------------------ P-tuning runs
 @pytest.fixture(scope="module")
 def prefix_runs(tmp_path_factory):
     """(base run, P-tuning run trained 3 steps on it, its bindings): 4 slots per layer."""
-    shared = shared_run(tmp_path_factory, "text_tiny", steps=2)
-    work = tmp_path_factory.mktemp("prefix")
-    bindings = experiment(shared, "unused", 3, [f"RUN_DIR = '{work / 'prefix'}'", "train.adapter = 'prefix'",
-                                                 f"train.init_from = '{shared / 'run'}'", "PrefixTuning.length = 4",
-                                                 "OptimizerConfig.learning_rate = 1e-2"])
-    summary = train_in_process(bindings)
-    assert np.isfinite(summary["final_train_loss"])
-    return shared / "run", work / "prefix", bindings
+    return adapter_run(tmp_path_factory, "prefix", ["train.adapter = 'prefix'", "PrefixTuning.length = 4"])
 
 
 def test_a_p_tuning_run_saves_only_prefixes_and_loads_with_its_base(prefix_runs):

@@ -2,6 +2,7 @@
 
 import fcntl
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -48,6 +49,18 @@ def shared_run(tmp_path_factory, name: str, steps: int, extra=()) -> Path:
             directory.mkdir(exist_ok=True)
             train_in_process(experiment(directory, "run", steps, extra))
     return directory
+
+
+def adapter_run(tmp_path_factory, name: str, settings: list[str], steps: int = 3):
+    """(base run, adapter run trained `steps` steps on it, its bindings): `settings` pick the method
+    (train.adapter and its knobs) on the shared tiny base run, at learning rate 1e-2."""
+    shared = shared_run(tmp_path_factory, "text_tiny", steps=2)
+    work = tmp_path_factory.mktemp(name)
+    bindings = experiment(shared, "unused", steps, [f"RUN_DIR = '{work / name}'", f"train.init_from = '{shared / 'run'}'",
+                                                    "OptimizerConfig.learning_rate = 1e-2", *settings])
+    summary = train_in_process(bindings)
+    assert math.isfinite(summary["final_train_loss"])
+    return shared / "run", work / name, bindings
 
 
 def train_in_process(bindings: list[str]) -> dict:

@@ -319,9 +319,10 @@ def export_hf(source: str | Path, out: str | Path, layout_name: str | None = Non
     experiment = run.read_experiment()
     model = experiment.model
     provenance = run.provenance() or {}
-    if experiment.train.adapter == "prefix":
-        raise ValueError(f"{run.path} holds a P-tuning v2 prefix, not a model, and Hugging Face GLM layouts have no "
-                         "place for one; export its base run (train.init_from) instead")
+    if experiment.adapters is not None and not experiment.adapters.mergeable:
+        raise ValueError(f"{run.path} holds {experiment.train.adapter!r} adapters (P-tuning v2 prefixes), not a "
+                         "model, and Hugging Face GLM layouts have no place for them; export its base run "
+                         "(train.init_from) instead")
     if experiment.adapters is not None:
         raise ValueError(f"{run.path} holds LoRA adapters, not a model; merge them into their base first: "
                          f"python -m glm_jax convert merge-lora --from {run.path} --out MERGED, then export MERGED")

@@ -22,10 +22,9 @@ import dataclasses
 import re
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
-from glm_jax.model.adapters import init_adapted_params, is_adapter, leaves, split_adapters
+from glm_jax.model.adapters import is_adapter, leaves, split_adapters
 from glm_jax.model.config import ModelConfig
 from glm_jax.model.glm import GLM
 
@@ -84,11 +83,6 @@ def lora_model(config: ModelConfig, lora: LoraConfig) -> nn.Module:
     provider = qwix.LoraProvider(module_path=lora.module_pattern, rank=lora.rank, alpha=float(lora.alpha),
                                  dropout=lora.dropout)
     return qwix.apply_lora_to_model(GLM(config), provider)
-
-
-def init_lora_params(config: ModelConfig, lora: LoraConfig, rng: jax.Array):
-    """Parameters of lora_model (base + adapters, unboxed); a ValueError if a target matches nothing."""
-    return init_adapted_params(config, lora, rng)
 
 
 def check_targets(params, lora: LoraConfig) -> None:
