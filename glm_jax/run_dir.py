@@ -169,6 +169,24 @@ class RunDir:
         params, step = self.restore_params(experiment.model, step, shardings)
         return Run(self.path, experiment, self.tokenizer(), params, step)
 
+    def write_derived(self, source: "RunDir", run: Run, params, overrides: list[str]) -> str:
+        """Makes this new directory a run derived from `run` (read from `source`): the source's tokenizer,
+        its config.gin with `overrides` appended (a comment line first, then gin bindings), and `params` as
+        checkpoint run.step without optimizer state, at the source's data position. Returns the gin text."""
+        if self.checkpoints_path.exists():
+            raise FileExistsError(f"{self.path} already holds checkpoints; choose a new --out directory")
+        self.write_tokenizer(run.tokenizer)
+        overrides = [*overrides, f"RUN_DIR = '{self.path}'", "train.adapter = 'none'", "train.init_from = None",
+                     f"DataConfig.tokenizer_path = '{self.tokenizer_path}'"]
+        gin_text = source.config_path.read_text().rstrip("\n") + "\n\n" + "\n".join(overrides) + "\n"
+        self.write_config(gin_text)
+        checkpoints = self.checkpointer(keep=None, async_save=False)
+        try:
+            checkpoints.save(run.step, params, None, source.read_meta(run.step)["data"], gin_text)
+        finally:
+            checkpoints.close()
+        return gin_text
+
     # ------------------------------------------------ adapter runs (LoRA, P-tuning)
     def restore_adapters(self, experiment: experiment_lib.Experiment, step: int | None = None, shardings=None):
         """(adapter parameters, step) of an adapter run's latest (or given) checkpoint."""

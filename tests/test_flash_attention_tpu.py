@@ -75,7 +75,7 @@ def test_auto_picks_the_kernel_on_accelerators_only():
 def test_forward_and_backward_compile_for_tpu(topology):
     """The real TPU compiler (Mosaic included) accepts all three kernels for these shapes."""
     pytest.importorskip("libtpu")
-    from glm_jax.train.preflight import topology_devices
+    from glm_jax.parallel.tpu_topology import topology_devices
 
     device = SingleDeviceSharding(topology_devices(topology)[0])
     for B, T, Hq, Hkv, D, S in [(1, 1000, 8, 2, 80, 1000), (2, 256, 8, 8, 64, 256), (1, 127, 8, 1, 128, 127),
@@ -99,7 +99,7 @@ def test_the_tpu_benchmark_programs_compile_for_v5e():
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments" / "benchmarks"))
     import attention as benchmark
-    from glm_jax.train.preflight import topology_devices
+    from glm_jax.parallel.tpu_topology import topology_devices
 
     device = SingleDeviceSharding(topology_devices("v5e:2x2")[0])
     args = [jax.ShapeDtypeStruct(a.shape, jnp.bfloat16, sharding=device) for a in benchmark.avals(512)]

@@ -136,7 +136,7 @@ def test_the_learned_prefix_path_lowers_for_cuda_and_compiles_for_tpu():
     assert module.count("__gpu$xla.gpu.triton") == 3  # forward, dQ, dK/dV
     pytest.importorskip("libtpu")
     from jax.sharding import SingleDeviceSharding
-    from glm_jax.train.preflight import topology_devices
+    from glm_jax.parallel.tpu_topology import topology_devices
 
     device = SingleDeviceSharding(topology_devices("v5e:2x2")[0])
     grad = jax.jit(jax.value_and_grad(_merged_loss(flash_attention_tpu, D), argnums=(0, 1, 2, 5, 6)))

@@ -356,7 +356,7 @@ def test_home_relative_paths_work(trained, tmp_path, monkeypatch):
 
 
 def test_readme_commands_as_written_from_a_fresh_directory(trained, tmp_path):
-    """The README's train -> generate -> convert -> uptrain chain, typed with relative paths in a new directory
+    """The README's train -> generate -> quantize -> convert -> uptrain chain, typed with relative paths in a new directory
     (a small corpus and model where the README's would be slow)."""
     work = tmp_path / "fresh"
     work.mkdir()
@@ -377,6 +377,9 @@ def test_readme_commands_as_written_from_a_fresh_directory(trained, tmp_path):
     generated = run("generate", "--run_dir", "runs/mha", "--prompt", "alpha [MASK] gamma", "--max_new_tokens", "4")
     assert generated.stdout.startswith("alpha ") and "Given directory is read only" not in generated.stderr
     assert "TPU" not in generated.stderr and "libtpu" not in generated.stderr
+    run("convert", "quantize", "--from", "runs/mha", "--bits", "4", "--group_size", "16", "--out", "runs/mha_int4")
+    quantized = run("generate", "--run_dir", "runs/mha_int4", "--prompt", "alpha [MASK] gamma", "--max_new_tokens", "4")
+    assert quantized.stdout.startswith("alpha ")
     run("convert", "uptrain", "--from", "runs/mha", "--num_kv_heads", "1", "--method", "mean", "--out", "runs/mqa")
     run("train", "--gin_file=runs/mqa/config.gin")
     assert RunDir(work / "runs" / "mqa").summary()["losses"] and (work / "runs/mqa/checkpoints/1").is_dir()

@@ -72,3 +72,78 @@ def test_unrotated_dims_pass_through_and_position_zero_is_identity():
     out = rope.apply_rope(x, jnp.asarray([[0, 5, 9]]), 8, "interleaved")
     np.testing.assert_array_equal(out[..., 8:], x[..., 8:])
     np.testing.assert_allclose(out[:, 0], x[:, 0], atol=0)
+
+
+# ------------------------------------------------------------------ context extension (RopeScaling)
+def numpy_inverse_frequencies(r: int, base: float, method: str, s: float, original: int = 64):
+    """The published formulas in float64: (inverse frequencies, factor on cos / sin)."""
+    inv = base ** (-np.arange(0, r, 2) / r)
+    if method == "theta":  # ChatGLM2-32k / GLM-4: base * rope_ratio
+        return (base * s) ** (-np.arange(0, r, 2) / r), 1.0
+    if method == "linear":  # position interpolation: m / s
+        return inv / s, 1.0
+    if method == "ntk":  # NTK-aware: base * s^(r / (r - 2))
+        return (base * s ** (r / (r - 2))) ** (-np.arange(0, r, 2) / r), 1.0
+    # YaRN (arXiv 2309.00071, eq. 15-20): r(d) = L / lambda_d turns of pair d within L; gamma = ramp
+    # between alpha = 1 and beta = 32 turns; h(theta_d) = (1 - gamma) theta_d / s + gamma theta_d, and
+    # sqrt(1/t) = 0.1 ln s + 1 on both q and k. The ramp is over pair indices (where r(d) crosses 1 and 32,
+    # rounded outward), as the authors' code computes it.
+    def index_at(turns):
+        return r * np.log(original / (turns * 2 * np.pi)) / (2 * np.log(base))
+
+    low, high = max(np.floor(index_at(32)), 0), min(np.ceil(index_at(1)), r - 1)
+    gamma = 1 - np.clip((np.arange(r // 2) - low) / (high - low), 0, 1)  # 1: extrapolate (keep theta_d)
+    return (1 - gamma) * inv / s + gamma * inv, 0.1 * np.log(s) + 1
+
+
+METHODS = ("theta", "linear", "ntk", "yarn")
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("style", ["half", "interleaved"])
+def test_every_scaling_at_factor_one_is_todays_rope_bit_for_bit(method, style):
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.normal(size=(2, 7, 3, 32)).astype(np.float32))
+    pos = jnp.asarray(rng.integers(0, 5000, size=(2, 7)))
+    unscaled = rope.apply_rope(x, pos, 32, style, 500.0)
+    scaled = rope.apply_rope(x, pos, 32, style, 500.0, rope.RopeScaling(method, 1.0, original_context=64))
+    np.testing.assert_array_equal(np.asarray(scaled), np.asarray(unscaled))
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("factor", [2.0, 8.0])
+def test_scaled_rotation_equals_the_published_formula(method, factor):
+    r, base, original = 32, 10000.0, 64
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(1, 9, 2, 48)).astype(np.float32)  # partial: 32 of 48 rotate, interleaved pairs
+    pos = rng.integers(0, int(original * factor), size=(1, 9))
+    got = np.asarray(rope.apply_rope(jnp.asarray(x), jnp.asarray(pos), r, "interleaved", base,
+                                     rope.RopeScaling(method, factor, original_context=original)))
+    inv, magnitude = numpy_inverse_frequencies(r, base, method, factor, original)
+    angle = pos[..., None, None] * inv
+    c, s = magnitude * np.cos(angle), magnitude * np.sin(angle)
+    want = x.astype(np.float64).copy()
+    x0, x1 = x[..., 0:r:2], x[..., 1:r:2]
+    want[..., 0:r:2], want[..., 1:r:2] = x0 * c - x1 * s, x1 * c + x0 * s
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4)
+    if method == "yarn":  # the extremes: the fastest pair keeps its frequency, the slowest is interpolated
+        frequencies, _ = rope.scaled_frequencies(r, base, rope.RopeScaling(method, factor, original_context=original))
+        unscaled = rope.inverse_frequencies(r, base)
+        assert frequencies[0] == unscaled[0] and np.isclose(frequencies[-1], unscaled[-1] / factor)
+
+
+def test_linear_interpolation_is_rope_at_positions_divided_by_the_factor():
+    rng = np.random.default_rng(6)
+    x = jnp.asarray(rng.normal(size=(1, 5, 2, 16)).astype(np.float32))
+    pos = jnp.asarray([[0, 4, 8, 400, 4000]])
+    scaled = rope.apply_rope(x, pos, 16, "half", scaling=rope.RopeScaling("linear", 4.0))
+    np.testing.assert_allclose(np.asarray(scaled), np.asarray(rope.apply_rope(x, pos // 4, 16, "half")),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_cached_decoding_equals_the_full_forward_under_every_scaling(method):
+    from test_generate import check_causal_decode_matches_full_forward, tiny_config
+
+    config = tiny_config("gqa2", "rope", rope_scaling=method, rope_scaling_factor=4.0, rope_original_context=8)
+    check_causal_decode_matches_full_forward(config)

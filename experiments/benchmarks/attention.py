@@ -229,7 +229,7 @@ def tpu_hbm_report(lengths: list[int], topology: str) -> dict:
     """Per-device HBM (arguments + outputs + temporaries) of bf16 forward+backward on one TPU chip."""
     from jax.sharding import SingleDeviceSharding
 
-    from glm_jax.train.preflight import topology_devices
+    from glm_jax.parallel.tpu_topology import topology_devices
 
     device = topology_devices(topology)[0]
     sharding = SingleDeviceSharding(device)

@@ -1,7 +1,7 @@
-"""Decode speed and KV-cache bytes of MHA vs GQA-4 vs MQA, and a Hugging Face transformers peer.
+"""Decode speed and KV-cache bytes of MHA vs GQA-4 vs MQA, weight-only INT8 / INT4, and a transformers peer.
 
     python experiments/benchmarks/decode.py [--contexts 512 2048 8192] [--batches 1 8] [--tokens 32]
-        [--dtype float32|bfloat16] [--out experiments/results/decode.json] [--no-peer]
+        [--dtype float32|bfloat16] [--quant INT8 INT4-g128 INT4] [--out experiments/results/decode.json] [--no-peer]
 
 One model shape (hidden 1024, 16 heads of 64, 8 layers, SwiGLU 2816, vocab
 32768: ChatGLM2 / GLM-4 style) with 16, 4 and 1 KV heads. For each context
@@ -18,6 +18,11 @@ whole cache, 2 x layers x kv_heads x head_dim x 4 bytes per context token,
 so MHA reads H/G times the bytes of GQA-G (16x for MQA) on top of the fixed
 weight read. Ratios, not absolute times, are the result (the machine is noisy).
 On a GPU the peer runs on CUDA too; --dtype sets both sides' weights and cache.
+
+--quant adds the MHA model with its projections quantized (glm_jax.model.quantization:
+INT8 per output channel, INT4 per output channel or per 128 inputs; embedding and head
+stay --dtype), timed in the same run: at batch 1 and short context decode reads the
+weights once per token, so fewer weight bytes are the whole point.
 """
 
 from __future__ import annotations
@@ -42,13 +47,15 @@ from glm_jax.data.tokenizer import SpecialTokens  # noqa: E402
 from glm_jax.infer.cache import init_cache, kv_bytes, kv_bytes_per_token  # noqa: E402
 from glm_jax.infer.generate import decode_loop, decode_state  # noqa: E402
 from glm_jax.infer.sampling import SamplingConfig  # noqa: E402
-from glm_jax.model import GLM, ModelConfig, init_params  # noqa: E402
+from glm_jax.model import GLM, ModelConfig, abstract_params, init_params  # noqa: E402
+from glm_jax.model.quantization import quantize_params  # noqa: E402
 
 MODEL = dict(vocab_size=32768, hidden_size=1024, num_layers=8, num_heads=16, head_dim=64, mlp_dim=2816,
              mlp_activation="swiglu", norm="rmsnorm", position="rope", rope_style="interleaved",
              rotary_fraction=0.5, qkv_bias=True, out_bias=False, mlp_bias=False, tie_embeddings=False,
              dtype="float32", scan_layers=False)  # what the Generator decodes with (model/scan_layout.py)
 VARIANTS = {"MHA": 16, "GQA-4": 4, "MQA": 1}
+QUANT = {"INT8": (8, None), "INT4-g128": (4, 128), "INT4": (4, None)}  # (bits, group size) of the MHA model
 SPECIALS = SpecialTokens(pad=1, eos=2, cls=3, mask=4, smask=5, gmask=6, sop=7, eop=8, dblock=9)
 
 
@@ -68,29 +75,44 @@ def filled_cache(config: ModelConfig, batch: int, context: int, tokens: int, see
     return jax.tree_util.tree_map_with_path(fill, cache)
 
 
-def glm_jax_decode(config: ModelConfig, batch: int, context: int, tokens: int, repeats: int) -> dict:
-    params = nn.unbox(init_params(config, jax.random.key(0)))
-    loop = jax.jit(functools.partial(decode_loop, model=GLM(config), specials=SPECIALS, mode="causal",
-                                     max_new_tokens=tokens, ignore_stop=True))
-    sampling = SamplingConfig().as_arrays()
-    no_masks = jnp.zeros((batch, 1), jnp.int32), jnp.zeros((batch,), jnp.int32)
-    times, cache_bytes = [], None
-    for repeat in range(repeats + 1):  # the first run compiles
-        cache = filled_cache(config, batch, context, tokens, seed=repeat)
-        cache_bytes = kv_bytes(cache)
-        context_cache, state = decode_state(cache, context, jnp.full((batch,), 10, jnp.int32), jnp.full((batch,), context, jnp.int32),
-                             jnp.zeros((batch,), jnp.int32), tokens, SPECIALS.pad)
+class GlmJaxDecode:
+    """One model's compiled decode loop, timed one run at a time (main interleaves the variants, so a
+    slow spell of the machine falls on all of them alike instead of on whichever ran then)."""
+
+    def __init__(self, config: ModelConfig, batch: int, context: int, tokens: int):
+        self.config, self.batch, self.context, self.tokens = config, batch, context, tokens
+        params = nn.unbox(init_params(config.replace(quant_bits=None, quant_group_size=None), jax.random.key(0)))
+        if config.quant_bits:
+            params = quantize_params(params, nn.unbox(abstract_params(config)), config.quant_bits,
+                                     config.quant_group_size)
+        self.params = params
+        self.loop = jax.jit(functools.partial(decode_loop, model=GLM(config), specials=SPECIALS, mode="causal",
+                                              max_new_tokens=tokens, ignore_stop=True))
+        self.times, self.cache_bytes = [], None
+
+    def run(self, seed: int, record: bool = True) -> None:
+        """Decodes `tokens` tokens after a freshly filled cache (record=False: the compiling run)."""
+        batch, context, tokens = self.batch, self.context, self.tokens
+        cache = filled_cache(self.config, batch, context, tokens, seed=seed)
+        self.cache_bytes = kv_bytes(cache)
+        context_cache, state = decode_state(cache, context, jnp.full((batch,), 10, jnp.int32),
+                                            jnp.full((batch,), context, jnp.int32), jnp.zeros((batch,), jnp.int32),
+                                            tokens, SPECIALS.pad)
+        del cache
         jax.block_until_ready(state)
+        no_masks = jnp.zeros((batch, 1), jnp.int32), jnp.zeros((batch,), jnp.int32)
         start = time.perf_counter()
-        out = loop(params, context_cache, state, *no_masks, jax.random.key(0), sampling)
+        out = self.loop(self.params, context_cache, state, *no_masks, jax.random.key(0), SamplingConfig().as_arrays())
         jax.block_until_ready(out)
-        if repeat:
-            times.append(time.perf_counter() - start)
+        if record:
+            self.times.append(time.perf_counter() - start)
         assert int(out["num_tokens"].min()) == tokens
-        del cache, context_cache, state, out
-    seconds = statistics.median(times)
-    return {"tokens_per_second": batch * tokens / seconds, "seconds_per_step": seconds / tokens,
-            "kv_cache_bytes": cache_bytes, "kv_bytes_per_token": kv_bytes_per_token(config)}
+
+    def result(self) -> dict:
+        seconds = statistics.median(self.times)
+        return {"tokens_per_second": self.batch * self.tokens / seconds, "seconds_per_step": seconds / self.tokens,
+                "kv_cache_bytes": self.cache_bytes, "kv_bytes_per_token": kv_bytes_per_token(self.config),
+                "param_bytes": sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(self.params))}
 
 
 def transformers_decode(batch: int, context: int, tokens: int, repeats: int, dtype: str) -> dict | None:
@@ -137,21 +159,34 @@ def main() -> None:
     parser.add_argument("--contexts", type=int, nargs="+", default=[512, 2048, 8192])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--tokens", type=int, default=32, help="decoded tokens per timed run")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each variant, interleaved")
     parser.add_argument("--no-peer", action="store_true", help="skip the transformers peer")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--quant", nargs="*", choices=sorted(QUANT), default=["INT8", "INT4-g128"],
+                        help="quantized MHA columns (none: --quant with no names)")
     parser.add_argument("--out", default="experiments/results/decode.json")
     args = parser.parse_args()
 
     rows = []
     for context in args.contexts:
         for batch in args.batches:
+            cases = {}  # variant name -> its decode loop; timed round-robin
             for name, kv_heads in VARIANTS.items():
                 config = ModelConfig(**{**MODEL, "dtype": args.dtype, "param_dtype": args.dtype}, num_kv_heads=kv_heads)
-                result = glm_jax_decode(config, batch, context, args.tokens, args.repeats)
-                rows.append({"impl": "glm_jax", "variant": name, "kv_heads": kv_heads, "context": context,
-                             "batch": batch, "params": config.num_params(), **result})
+                cases[name] = GlmJaxDecode(config, batch, context, args.tokens)
+            for name in args.quant:
+                bits, group = QUANT[name]
+                config = ModelConfig(**{**MODEL, "dtype": args.dtype, "param_dtype": args.dtype},
+                                     num_kv_heads=VARIANTS["MHA"], quant_bits=bits, quant_group_size=group)
+                cases[f"MHA {name}"] = GlmJaxDecode(config, batch, context, args.tokens)
+            for repeat in range(args.repeats + 1):  # the first round compiles
+                for case in cases.values():
+                    case.run(seed=repeat, record=repeat > 0)
+            for name, case in cases.items():
+                rows.append({"impl": "glm_jax", "variant": name, "kv_heads": case.config.num_kv_heads,
+                             "context": context, "batch": batch, "params": case.config.num_params(), **case.result()})
                 print(_row(rows[-1]), flush=True)
+            del cases
             if not args.no_peer:
                 peer = transformers_decode(batch, context, args.tokens, args.repeats, args.dtype)
                 if peer:
@@ -177,6 +212,24 @@ def main() -> None:
                   f"{line['gqa4_over_mha']:>9.2f} {line['mqa_over_mha']:>8.2f} "
                   f"{line['mha_over_transformers'] or float('nan'):>7.2f} {_mib(mha['kv_cache_bytes']):>10} "
                   f"{_mib(gqa['kv_cache_bytes']):>10} {_mib(mqa['kv_cache_bytes']):>10}")
+    if args.quant:
+        print("\nweight-only quantization (tokens/s of MHA; ratios against float MHA of the same context and batch; "
+              "parameter bytes against float)")
+        print(f"{'context':>7} {'batch':>5} {'float':>9} " + " ".join(f"{n:>10} {n + '/float':>15}" for n in args.quant)
+              + " " + " ".join(f"{n + ' bytes':>15}" for n in args.quant))
+        for line in summary:
+            got = {r["variant"]: r for r in rows if r["context"] == line["context"] and r["batch"] == line["batch"]
+                   and r["impl"] == "glm_jax"}
+            base = got["MHA"]
+            cells, sizes = [], []
+            for name in args.quant:
+                r = got[f"MHA {name}"]
+                line[f"{name}_over_float"] = r["tokens_per_second"] / base["tokens_per_second"]
+                line[f"{name}_param_bytes_over_float"] = r["param_bytes"] / base["param_bytes"]
+                cells.append(f"{r['tokens_per_second']:>10.1f} {line[f'{name}_over_float']:>15.2f}")
+                sizes.append(f"{line[f'{name}_param_bytes_over_float']:>15.2f}")
+            print(f"{line['context']:>7} {line['batch']:>5} {base['tokens_per_second']:>9.1f} " + " ".join(cells)
+                  + " " + " ".join(sizes))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"model": MODEL, "dtype": args.dtype, "tokens": args.tokens, "device": machine(),
                                           "rows": rows, "summary": summary}, indent=2))

@@ -22,6 +22,7 @@ import json
 from pathlib import Path
 
 from glm_jax import experiment as experiment_lib
+from glm_jax.parallel import tpu_topology
 from glm_jax.train import preflight
 
 REPO = Path(__file__).resolve().parents[2]
@@ -69,7 +70,7 @@ def head_only_rows(device, seq_len: int, rows_per_chip: list[int], chunks: list[
 
 
 def head_only_main(args) -> None:
-    device = preflight.topology_devices(args.topology)[0]
+    device = tpu_topology.topology_devices(args.topology)[0]
     rows = head_only_rows(device, args.seq_len, args.rows, args.chunks)
     gib = 1 << 30
     print(f"glm4_9b head + loss (hidden {GLM4_9B_HIDDEN}, vocab {GLM4_9B_VOCAB}), forward + backward, one "
@@ -102,12 +103,12 @@ def main():
     if args.head_only:
         return head_only_main(args)
 
-    devices = preflight.topology_devices(args.topology)
+    devices = tpu_topology.topology_devices(args.topology)
     batch = args.batch or len(devices)
     rows = []
     for chunk in [None, *args.chunks]:
         compiled = preflight.compile_train_step(devices, glm4_9b_experiment(args.seq_len, batch, chunk, args.gin))
-        rows.append({"loss_chunk_length": chunk, **preflight.report(compiled, devices[0].device_kind)})
+        rows.append({"loss_chunk_length": chunk, **tpu_topology.memory_report(compiled, devices[0].device_kind)})
     gib = 1 << 30
     print(f"glm4_9b train step {args.gin or ''}, {args.topology} ({len(devices)} x {devices[0].device_kind}), global batch {batch}, "
           f"T={args.seq_len}, bf16, remat full, FSDP")

@@ -10,6 +10,9 @@
       a run's checkpoint -> config.json + sharded safetensors that transformers loads.
   merge-lora --from LORA_RUN --out NEW_RUN
       a LoRA run's adapters merged into its frozen base -> a plain run directory (glm_jax/convert/adapters.py).
+  quantize --from RUN_OR_CKPT --bits 8|4 [--group_size N] --out RUN_Q
+      weight-only INT8 / INT4 attention and MLP projections (absmax scales per output channel, or per
+      N inputs) -> a run directory for generate, chat and evaluation (glm_jax/convert/quantize.py).
 """
 
 from __future__ import annotations
@@ -56,6 +59,14 @@ def parse_args(argv):
     merges.add_argument("--from", dest="source", required=True,
                         help="LoRA run directory, its checkpoints/ folder, or RUN/checkpoints/STEP")
     merges.add_argument("--out", required=True, help="new run directory")
+
+    quantizes = commands.add_parser("quantize", help="run -> weight-only INT8 / INT4 run for inference")
+    quantizes.add_argument("--from", dest="source", required=True,
+                           help="run directory, its checkpoints/ folder, or RUN/checkpoints/STEP")
+    quantizes.add_argument("--bits", type=int, required=True, help="8 (INT8) or 4 (INT4)")
+    quantizes.add_argument("--group_size", type=int, default=None,
+                           help="inputs per scale, e.g. 128 (default: one scale per output channel, GLM-130B)")
+    quantizes.add_argument("--out", required=True, help="new run directory")
     return parser.parse_args(argv)
 
 
@@ -78,6 +89,12 @@ def main(argv: list[str]) -> int:
         from glm_jax.convert.adapters import merge_run
 
         print(json.dumps(merge_run(args.source, args.out), indent=2))
+        return 0
+    if args.command == "quantize":
+        from glm_jax.convert.quantize import quantize_run
+
+        print(json.dumps(quantize_run(args.source, args.out, args.bits, args.group_size), indent=2))
+        print(f"generate with: python -m glm_jax generate --run_dir {args.out} --prompt ...", file=sys.stderr)
         return 0
     from glm_jax.convert.uptrain import DEFAULT_RECIPE, convert_run
 

@@ -31,16 +31,9 @@ def merge_run(source: str | Path, out: str | Path) -> dict:
         raise FileExistsError(f"{target.path} already holds checkpoints; choose a new --out directory")
     run = source_run.load(step)  # base + adapters, merged
     base = json.loads(source_run.adapter_base_path.read_text())
-    target.write_tokenizer(run.tokenizer)
-    overrides = [f"# glm_jax convert merge-lora: the LoRA adapters of {source_run.path} step {run.step} merged into "
-                 f"{base['run']} step {base['step']} (provenance.json)",
-                 f"RUN_DIR = '{target.path}'", "train.adapter = 'none'", "train.init_from = None",
-                 f"DataConfig.tokenizer_path = '{target.tokenizer_path}'"]
-    gin_text = source_run.config_path.read_text().rstrip("\n") + "\n\n" + "\n".join(overrides) + "\n"
-    target.write_config(gin_text)
-    checkpoints = target.checkpointer(keep=None, async_save=False)
-    checkpoints.save(run.step, run.params, None, source_run.read_meta(run.step)["data"], gin_text)
-    checkpoints.close()
+    target.write_derived(source_run, run, run.params, [
+        f"# glm_jax convert merge-lora: the LoRA adapters of {source_run.path} step {run.step} merged into "
+        f"{base['run']} step {base['step']} (provenance.json)"])
     provenance = {"merged_from": str(source_run.path), "step": int(run.step), "adapter_base": base,
                   "lora": dataclasses.asdict(experiment.adapters),
                   "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}

@@ -326,8 +326,10 @@ def export_hf(source: str | Path, out: str | Path, layout_name: str | None = Non
     if experiment.adapters is not None:
         raise ValueError(f"{run.path} holds LoRA adapters, not a model; merge them into their base first: "
                          f"python -m glm_jax convert merge-lora --from {run.path} --out MERGED, then export MERGED")
-    if provenance.get("quantized"):
-        raise ValueError(f"{run.path} holds quantized weights; export the full-precision run it was made from")
+    if model.quant_bits:
+        raise ValueError(f"{run.path} holds INT{model.quant_bits}-quantized weights (glm_jax convert quantize), which "
+                         "the Hugging Face GLM layouts have no place for; export the float run it was quantized "
+                         f"from ({provenance.get('quantized_from', 'named in its provenance.json')}) instead")
     layout_name = layout_name or provenance.get("layout") or hf_layouts.for_model(model).name
     if layout_name not in hf_layouts.LAYOUTS:
         raise LayoutError(f"--layout {layout_name!r} is unknown; choose one of {sorted(hf_layouts.LAYOUTS)}")

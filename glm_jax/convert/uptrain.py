@@ -47,6 +47,9 @@ class ConversionError(ValueError):
 def check_target(config: ModelConfig, num_kv_heads: int) -> None:
     """Raises ConversionError (saying what to do) unless config can become GQA-num_kv_heads."""
     H, G0 = config.num_heads, config.num_kv_heads
+    if config.quant_bits:
+        raise ConversionError(f"the source is INT{config.quant_bits}-quantized, and a converted model is uptrained, "
+                              "which integer weights cannot; convert the float run it was quantized from")
     if num_kv_heads < 1 or H % num_kv_heads:
         raise ConversionError(f"--num_kv_heads {num_kv_heads} must divide the {H} query heads; choose one of "
                               f"{[g for g in range(1, H + 1) if H % g == 0]}")

@@ -37,7 +37,8 @@ from glm_jax.data.tokenizer import SpecialTokens, Tokenizer
 from glm_jax.infer import prompts as prompt_lib
 from glm_jax.infer.cache import init_cache, merge_context, split_context
 from glm_jax.infer.sampling import SamplingConfig, sample
-from glm_jax.model import GLM, ModelConfig
+from glm_jax.model import GLM, ModelConfig, abstract_params
+from glm_jax.model.quantization import quantize_params
 from glm_jax.model.scan_layout import unscan_params
 
 
@@ -45,13 +46,18 @@ class Generator:
     """A model, its parameters and the compiled generation programs."""
 
     def __init__(self, config: ModelConfig, params, specials: SpecialTokens, *, mesh=None, rules=(),
-                 cache_dtype=None, token_limit: int | None = None):
+                 cache_dtype=None, token_limit: int | None = None, quant_bits: int | None = None,
+                 quant_group_size: int | None = None):
         """token_limit: sample only ids below it (the tokenizer's size, when the model's embedding
-        table is padded beyond it, as THUDM's are): an id the tokenizer lacks is never produced."""
+        table is padded beyond it, as THUDM's are): an id the tokenizer lacks is never produced.
+        quant_bits 8 | 4 (and quant_group_size): quantize float parameters' projections on the way
+        in (glm_jax.model.quantization), as `glm_jax convert quantize` does to a run."""
         # Decoding never needs rematerialisation (no backward pass), and runs the layers
         # unscanned: a scanned stack rewrites its stacked cache every token (model/scan_layout.py).
         self.config = config.replace(remat_policy="none", scan_layers=False)
         self.params = unscan_params(params, config.num_layers)
+        if quant_bits is not None:
+            self.config, self.params = _quantized(self.config, self.params, quant_bits, quant_group_size)
         self.specials = specials
         self.mesh, self.rules = mesh, rules
         self.cache_dtype = cache_dtype
@@ -86,6 +92,18 @@ class Generator:
                 jax.effects_barrier()  # every token has reached the stream before the call returns
         return out
 
+    def lower(self, batch: dict, mode: str, max_new_tokens: int):
+        """The generation program lowered for `batch` (arrays or jax.ShapeDtypeStructs, e.g. with
+        shardings) without running it: .compile().memory_analysis() says what decoding needs."""
+        program = self._program(mode, max_new_tokens, False, False)
+        key, sampling = jax.eval_shape(lambda: (jax.random.key(0), SamplingConfig().as_arrays()))
+        if self.mesh is not None:  # replicated, on the mesh's devices (which may be a described TPU pod)
+            replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+            key, sampling = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                                         (key, sampling))
+        with _maybe_mesh(self.mesh, self.rules):
+            return program.lower(self.params, batch, key, sampling)
+
     def compilations(self) -> int:
         """How many programs have been compiled (for the no-recompilation tests)."""
         return sum(fn._cache_size() for fn in self._compiled.values())
@@ -113,6 +131,14 @@ class Generator:
             raise ValueError(f"prompt bucket {P} + max_new_tokens {max_new_tokens} needs position ids up to "
                              f"{longest} but the model's learned position tables have max_position={limit}; "
                              "shorten the prompt or max_new_tokens")
+
+
+def _quantized(config: ModelConfig, params, bits: int, group_size: int | None):
+    if config.quant_bits:
+        raise ValueError(f"these parameters are already INT{config.quant_bits}-quantized (ModelConfig.quant_bits); "
+                         "leave the Generator's quant_bits unset")
+    config = config.replace(quant_bits=bits, quant_group_size=group_size)
+    return config, quantize_params(params, nn.unbox(abstract_params(config)), bits, group_size)
 
 
 _STREAM = {"to": None}  # the stream function of the generate() call in progress (one at a time)
@@ -213,8 +239,13 @@ def decode_loop(params, context: dict, state: dict, mask_positions, num_masks, k
 
     def step(s):
         positions = jnp.stack([s["position"], s["block"]], axis=1)[:, :, None]
+        weights = params
+        if model.config.quant_bits:
+            # Tie the weights to the step so XLA cannot hoist their dequantization out of the loop
+            # (loop-invariant code motion would hold every layer's float weights at once).
+            weights, _ = jax.lax.optimization_barrier((params, s["step"]))
         logits, variables = model.apply(
-            {"params": params, "cache": merge_context(context, s["cache"])}, s["token"][:, None], positions,
+            {"params": weights, "cache": merge_context(context, s["cache"])}, s["token"][:, None], positions,
             jnp.ones((B, 1), jnp.int32), jnp.zeros((B, 1), bool), cache_index=s["slot"], mutable=["cache"])
         token = sample(_limited(logits[:, 0], token_limit), jax.random.fold_in(key, s["step"]), **sampling)
         live = ~s["done"] | ignore_stop

@@ -22,6 +22,14 @@ from glm_jax.data.tokenizer import SpecialTokens
 MODES = ("blank", "causal")
 
 
+def prompt_batch_shapes(batch: int, prompt_length: int, mask_bucket: int = 4) -> dict:
+    """{name: (shape, dtype)} of what make_prompt_batch returns (ahead-of-time compiles)."""
+    return {"tokens": ((batch, prompt_length), np.int32), "positions": ((batch, 2, prompt_length), np.int32),
+            "segment_ids": ((batch, prompt_length), np.int32), "prefix_mask": ((batch, prompt_length), np.bool_),
+            "lengths": ((batch,), np.int32), "mask_positions": ((batch, mask_bucket), np.int32),
+            "num_masks": ((batch,), np.int32)}
+
+
 def bucket_length(n: int, bucket: int) -> int:
     """n rounded up to a multiple of `bucket` (at least one bucket)."""
     return max(bucket, math.ceil(n / bucket) * bucket)
@@ -55,13 +63,10 @@ def make_prompt_batch(prompts: list[np.ndarray], specials: SpecialTokens, mode: 
                              "(or append [gMASK] for open-ended generation), or use mode='causal'")
     M = bucket_length(max(len(f) for f in found) if mode == "blank" else 1, mask_bucket)
 
-    batch = {"tokens": np.full((B, P), specials.pad, np.int32),
-             "positions": np.zeros((B, 2, P), np.int32),
-             "segment_ids": np.zeros((B, P), np.int32),
-             "prefix_mask": np.zeros((B, P), bool),
-             "lengths": np.asarray([len(p) for p in prompts], np.int32),
-             "mask_positions": np.full((B, M), -1, np.int32),
-             "num_masks": np.zeros(B, np.int32)}
+    batch = {name: np.zeros(shape, dtype) for name, (shape, dtype) in prompt_batch_shapes(B, P, M).items()}
+    batch["tokens"][:] = specials.pad
+    batch["lengths"][:] = [len(p) for p in prompts]
+    batch["mask_positions"][:] = -1
     for row, (prompt, masks) in enumerate(zip(prompts, found)):
         n = len(prompt)
         batch["tokens"][row, :n] = prompt

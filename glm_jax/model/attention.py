@@ -58,10 +58,11 @@ def missing_cache():
 def rotate(config: ModelConfig, x: jnp.ndarray, positions: jnp.ndarray) -> jnp.ndarray:
     """Applies the config's rotary embedding to q or k ([B, T, heads, D])."""
     if config.position == "rope":
-        return rope.apply_rope(x, positions[:, 0], config.rotary_dim, config.rope_style, config.rope_theta)
+        return rope.apply_rope(x, positions[:, 0], config.rotary_dim, config.rope_style, config.rope_theta,
+                               config.rope_scaling_spec)
     if config.position == "rope_2d":
         return rope.apply_rope_2d(x, positions[:, 0], positions[:, 1], config.rotary_dim,
-                                  config.rope_style, config.rope_theta)
+                                  config.rope_style, config.rope_theta, config.rope_scaling_spec)
     return x
 
 
@@ -73,7 +74,7 @@ class Attention(nn.Module):
         cfg = self.config
         H, G, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         inits = projection_inits(cfg)
-        common = dict(dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype)
+        common = cfg.dense_options
 
         def project(name, heads, head_axis):
             return Dense((heads, D), ("embed", head_axis, "head_dim"), use_bias=cfg.qkv_bias,

@@ -14,6 +14,8 @@ from typing import Literal
 
 import jax.numpy as jnp
 
+from glm_jax.model import quantization, rope
+
 MlpActivation = Literal["gelu", "geglu", "swiglu"]
 Norm = Literal["layernorm", "rmsnorm"]
 Residual = Literal["pre", "post", "deepnorm", "sandwich"]
@@ -28,6 +30,7 @@ _CHOICES = {
     "residual": ("pre", "post", "deepnorm", "sandwich"),
     "position": ("learned_2d", "rope", "rope_2d", "none"),
     "rope_style": ("half", "interleaved"),
+    "rope_scaling": rope.SCALING_METHODS,
     "attention_impl": ("auto", "xla", "blockwise", "pallas", "pallas_interpret"),
     "remat_policy": ("none", "full", "dots", "dots_no_batch"),
     "dtype": ("auto", "float32", "bfloat16", "float16"),
@@ -61,6 +64,12 @@ class ModelConfig:
       rotary_fraction: fraction of head_dim that rotates (ChatGLM2 / GLM-4: 0.5).
       rope_style: 'half' pairs (j, j + r/2) (NeoX); 'interleaved' pairs (2i, 2i+1).
       rope_theta: RoPE base.
+      rope_scaling: context extension of a RoPE model (glm_jax.model.rope): 'none',
+        'theta' (base x factor: ChatGLM2-32k / GLM-4 `rope_ratio`), 'linear' (position
+        interpolation), 'ntk' (NTK-aware base), 'yarn' (YaRN). The same rotation in
+        training, prefill and decoding.
+      rope_scaling_factor: s >= 1, the extension factor (1 = identity).
+      rope_original_context: the context the model was trained at (YaRN's ramp).
       qkv_bias, out_bias, mlp_bias: biases of the q/k/v, attention-output and MLP
         projections.
       tie_embeddings: output head is the transposed word embedding.
@@ -82,6 +91,12 @@ class ModelConfig:
         layer (attention/prefix_key, prefix_value [P, G, D]) that every query sees,
         without positions (glm_jax.kernels.learned_prefix). 0 = none. Set through
         train.adapter = 'prefix' and PrefixTuning.length, which train only them.
+      quant_bits: 8 | 4: weight-only INT8 / INT4 projections (attention and MLP) for
+        inference (glm_jax.model.quantization); None = float. Written by
+        `glm_jax convert quantize`, which quantizes a run's parameters; such a run
+        generates, evaluates and chats but does not train.
+      quant_group_size: inputs per scale (group-wise, e.g. 128); None = one scale per
+        output channel (GLM-130B). Must divide every projection's input dimension.
     """
 
     vocab_size: int = 8192
@@ -99,6 +114,9 @@ class ModelConfig:
     rotary_fraction: float = 1.0
     rope_style: RopeStyle = "half"
     rope_theta: float = 10000.0
+    rope_scaling: str = "none"
+    rope_scaling_factor: float = 1.0
+    rope_original_context: int = 2048
     qkv_bias: bool = True
     out_bias: bool = True
     mlp_bias: bool = True
@@ -112,6 +130,8 @@ class ModelConfig:
     attention_impl: AttentionImpl = "auto"
     max_position: int = 1024
     pre_seq_len: int = 0
+    quant_bits: int | None = None
+    quant_group_size: int | None = None
 
     def __post_init__(self):
         # Fill derived defaults on the frozen instance, then validate.
@@ -151,6 +171,7 @@ class ModelConfig:
                       f"multiple of {multiple} for position={self.position!r}")
         if self.rope_theta <= 0:
             _fail("rope_theta", f"is {self.rope_theta}; it must be positive")
+        self._validate_rope_scaling()
         if self.norm_eps <= 0:
             _fail("norm_eps", f"is {self.norm_eps}; it must be positive")
         if not 0.0 < self.embedding_grad_scale <= 1.0:
@@ -160,6 +181,32 @@ class ModelConfig:
             _fail("init_std", f"is {self.init_std}; it must be positive")
         if not isinstance(self.pre_seq_len, int) or self.pre_seq_len < 0:
             _fail("pre_seq_len", f"is {self.pre_seq_len!r}; it must be a whole number >= 0 (0 = no learned prefix)")
+        self._validate_quantization()
+
+    def _validate_rope_scaling(self):
+        if not self.rope_scaling_factor >= 1.0:
+            _fail("rope_scaling_factor", f"is {self.rope_scaling_factor}; it must be >= 1 (the context is extended "
+                  "s-fold; 1 = unscaled)")
+        if self.rope_scaling == "none" and self.rope_scaling_factor != 1.0:
+            _fail("rope_scaling_factor", f"is {self.rope_scaling_factor} but rope_scaling is 'none'; choose a "
+                  f"method: ModelConfig.rope_scaling = one of {rope.SCALING_METHODS[1:]}")
+        if self.rope_scaling != "none" and self.position not in ("rope", "rope_2d"):
+            _fail("rope_scaling", f"is {self.rope_scaling!r} but position is {self.position!r}, which has no "
+                  "rotary embedding to scale")
+        if not isinstance(self.rope_original_context, int) or self.rope_original_context < 1:
+            _fail("rope_original_context", f"is {self.rope_original_context!r}; it must be a positive integer")
+
+    def _validate_quantization(self):
+        if self.quant_bits is None:
+            if self.quant_group_size is not None:
+                _fail("quant_group_size", f"is {self.quant_group_size} but quant_bits is None; set "
+                      "ModelConfig.quant_bits = 8 or 4 too, or drop the group size")
+            return
+        try:
+            for name, width in self.projection_inputs.items():
+                quantization.check_scheme(self.quant_bits, self.quant_group_size, width, f" of {name}")
+        except ValueError as error:
+            _fail("quant_bits / quant_group_size", f"do not fit this model: {error}")
 
     # ------------------------------------------------------- derived values
     @property
@@ -180,6 +227,22 @@ class ModelConfig:
     @property
     def weight_dtype(self):
         return jnp.dtype(self.param_dtype)
+
+    @property
+    def rope_scaling_spec(self) -> rope.RopeScaling:
+        return rope.RopeScaling(self.rope_scaling, self.rope_scaling_factor, self.rope_original_context)
+
+    @property
+    def dense_options(self) -> dict:
+        """The dtypes and quantization every projection (layers.Dense) is built with."""
+        return dict(dtype=self.compute_dtype, param_dtype=self.weight_dtype, quant_bits=self.quant_bits,
+                    quant_group_size=self.quant_group_size)
+
+    @property
+    def projection_inputs(self) -> dict[str, int]:
+        """Input width of each projection that quantization applies to."""
+        return {"attention/query, key, value and mlp/wi": self.hidden_size,
+                "attention/out": self.num_heads * self.head_dim, "mlp/wo": self.mlp_dim}
 
     @property
     def gated_mlp(self) -> bool:

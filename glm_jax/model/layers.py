@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from glm_jax.model import quantization
 from glm_jax.model.config import ModelConfig
 
 # An init factory receives the kernel's input and output axes (fans for Xavier).
@@ -52,6 +53,9 @@ class Dense(nn.Module):
     `axes` names every kernel dimension (input axes first); the bias is named by
     the feature part. Contracting several input axes (e.g. heads x head_dim of
     the attention output) keeps the head structure visible to the sharding rules.
+
+    quant_bits 8 | 4: a weight-only quantized projection for inference, `qkernel` and
+    `scale` instead of `kernel` (glm_jax.model.quantization), dequantized inside the matmul.
     """
 
     features: Sequence[int]
@@ -61,25 +65,46 @@ class Dense(nn.Module):
     init: InitFactory = normal_init(0.02)
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    quant_bits: int | None = None
+    quant_group_size: int | None = None
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         features = tuple(self.features)
         n_in = self.num_in_axes
-        in_shape = x.shape[-n_in:]
-        in_axis = tuple(range(n_in))
-        out_axis = tuple(range(n_in, n_in + len(features)))
-        kernel = self.param(
-            "kernel",
-            nn.with_logical_partitioning(self.init(in_axis, out_axis), tuple(self.axes)),
-            in_shape + features, self.param_dtype)
-        contract = (tuple(range(x.ndim - n_in, x.ndim)), in_axis)
-        y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
+        if self.quant_bits:
+            y = self._quantized(x, features)
+        else:
+            in_shape = x.shape[-n_in:]
+            in_axis = tuple(range(n_in))
+            out_axis = tuple(range(n_in, n_in + len(features)))
+            kernel = self.param(
+                "kernel",
+                nn.with_logical_partitioning(self.init(in_axis, out_axis), tuple(self.axes)),
+                in_shape + features, self.param_dtype)
+            contract = (tuple(range(x.ndim - n_in, x.ndim)), in_axis)
+            y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
         if self.use_bias:
             bias = self.param("bias", nn.with_logical_partitioning(
                 jax.nn.initializers.zeros, tuple(self.axes[n_in:])), features, self.param_dtype)
             y = y + bias.astype(self.dtype)
         return y
+
+    def _quantized(self, x: jnp.ndarray, features: tuple[int, ...]) -> jnp.ndarray:
+        """x @ W with W stored quantized, output-major: qkernel [*out, in], scale [*out, groups]."""
+        n_in, bits, group = self.num_in_axes, self.quant_bits, self.quant_group_size
+        in_features = math.prod(x.shape[-n_in:])
+        quantization.check_scheme(bits, group, in_features, f" of {self.name}")
+        groups = in_features // (group or in_features)
+        # The flattened input axis is named by its major (first) input axis, which shards it the
+        # same way; per-channel scales have one group, which no mesh axis divides.
+        out_names, in_name = tuple(self.axes[n_in:]), self.axes[0]
+        stored = features + (quantization.stored_inputs(bits, in_features),)
+        qkernel = self.param("qkernel", nn.with_logical_partitioning(jax.nn.initializers.zeros, out_names + (in_name,)),
+                             stored, jnp.int8 if bits == 8 else jnp.uint8)
+        scale = self.param("scale", nn.with_logical_partitioning(
+            jax.nn.initializers.ones, out_names + (in_name if group else None,)), features + (groups,), jnp.float32)
+        return quantization.quantized_matmul(x, qkernel, scale, bits, n_in, self.dtype)
 
 
 class Norm(nn.Module):
@@ -132,7 +157,7 @@ class Mlp(nn.Module):
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         cfg = self.config
         inits = projection_inits(cfg)
-        common = dict(use_bias=cfg.mlp_bias, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype)
+        common = dict(use_bias=cfg.mlp_bias, **cfg.dense_options)
         if cfg.gated_mlp:
             h = Dense((2, cfg.mlp_dim), ("embed", None, "mlp"), init=inits["mlp_in"],
                       name="wi", **common)(x)

@@ -31,7 +31,7 @@ from glm_jax.parallel.rules import logical_axis_rules
 from glm_jax.run_dir import RunDir
 from glm_jax.train import flops
 from glm_jax.train.log import RunLogger
-from glm_jax.train.state import TrainState, frozen_shardings, init_state, restore_state, state_shardings
+from glm_jax.train.state import TrainState, check_trainable, frozen_shardings, init_state, restore_state, state_shardings
 from glm_jax.train.step import make_train_step
 
 
@@ -55,6 +55,7 @@ def train(experiment: Experiment) -> dict:
 
 def _train(experiment: Experiment, stop: _StopSignals) -> dict:
     settings, model = experiment.train, experiment.model
+    check_trainable(model)
     run = RunDir(settings.run_dir)
     mesh, rules = make_mesh(experiment.mesh), logical_axis_rules(settings.sharding)
     check_batch_fits_mesh(experiment.data.batch_size, experiment.optimizer.grad_accum_steps, mesh)

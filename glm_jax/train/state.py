@@ -29,6 +29,14 @@ class TrainState:
     opt_state: Any
 
 
+def check_trainable(config: ModelConfig) -> None:
+    """A quantized model (glm_jax convert quantize) is for inference: its integer weights have no gradient."""
+    if config.quant_bits:
+        raise ValueError(f"this model's projections are INT{config.quant_bits}-quantized (ModelConfig.quant_bits), "
+                         "which is for generation and evaluation only: integer weights cannot train. Train or "
+                         "fine-tune the float run it was quantized from, then quantize again")
+
+
 def init_trainable(config: ModelConfig, rng: jax.Array, adapter: Adapter | None = None):
     """Boxed parameters that train: the model's, or only its adapters."""
     return init_params(config, rng) if adapter is None else init_adapters(config, adapter, rng)
