@@ -115,6 +115,14 @@ class GlmJaxDecode:
                 "param_bytes": sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(self.params))}
 
 
+def glm_jax_decode(config: ModelConfig, batch: int, context: int, tokens: int, repeats: int) -> dict:
+    """One model timed alone: a compiling run, then `repeats` timed ones (the ablation's decode column)."""
+    case = GlmJaxDecode(config, batch, context, tokens)
+    for repeat in range(repeats + 1):
+        case.run(seed=repeat, record=repeat > 0)
+    return case.result()
+
+
 def transformers_decode(batch: int, context: int, tokens: int, repeats: int, dtype: str) -> dict | None:
     try:
         import torch
