@@ -264,3 +264,27 @@ def test_streaming_import_peak_memory_stays_well_under_the_checkpoint_size(tmp_p
     result = bench.measure("small", tmp_path)
     growth = result["peak_rss_bytes"] - result["baseline_rss_bytes"]
     assert growth < 0.5 * result["checkpoint_bytes"], result
+
+
+def test_rope_scaling_of_a_config_json_maps_onto_the_model_config_or_is_refused():
+    from glm_jax.convert import hf_layouts
+
+    base = dict(model_type="glm", vocab_size=96, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
+                num_attention_heads=4, head_dim=8, max_position_embeddings=64)
+    glm = hf_layouts.LAYOUTS["glm"]
+    yarn = glm.model_config({**base, "rope_parameters": {"rope_type": "yarn", "factor": 8.0, "rope_theta": 5e5,
+                                                          "original_max_position_embeddings": 8192}})
+    assert (yarn.rope_scaling, yarn.rope_scaling_factor, yarn.rope_original_context, yarn.rope_theta) == \
+        ("yarn", 8.0, 8192, 5e5)
+    legacy = glm.model_config({**base, "rope_scaling": {"type": "linear", "factor": 2.0}})  # transformers 4 field
+    assert (legacy.rope_scaling, legacy.rope_scaling_factor) == ("linear", 2.0)
+    with pytest.raises(hf_layouts.LayoutError, match="rope_type 'dynamic', which glm_jax does not compute"):
+        glm.model_config({**base, "rope_parameters": {"rope_type": "dynamic", "factor": 2.0}})
+    with pytest.raises(hf_layouts.LayoutError, match="sets {'beta_fast': 16}"):
+        glm.model_config({**base, "rope_parameters": {"rope_type": "yarn", "factor": 2.0, "beta_fast": 16}})
+    ntk = yarn.replace(rope_scaling="ntk")
+    with pytest.raises(hf_layouts.LayoutError, match="rope_scaling is 'ntk'"):
+        glm.hf_config(ntk, None)
+    theta = yarn.replace(rope_scaling="theta", rope_scaling_factor=4.0)  # exported as the scaled base
+    assert glm.hf_config(theta, None)["rope_parameters"] == {"rope_theta": 2e6, "partial_rotary_factor": 0.5,
+                                                             "rope_type": "default"}

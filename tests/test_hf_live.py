@@ -26,7 +26,7 @@ pytestmark = pytest.mark.hf
 IDS = np.random.default_rng(0).integers(0, 96, (2, 11))
 
 
-def make_model(architecture: str, kv_heads: int, rotary: float, directory):
+def make_model(architecture: str, kv_heads: int, rotary: float, directory, scaling: dict | None = None):
     config_class, model_class = {"glm": (transformers.GlmConfig, transformers.GlmForCausalLM),
                                  "glm4": (transformers.Glm4Config, transformers.Glm4ForCausalLM)}[architecture]
     torch.manual_seed(kv_heads)
@@ -35,7 +35,7 @@ def make_model(architecture: str, kv_heads: int, rotary: float, directory):
                           max_position_embeddings=64, rms_norm_eps=1e-5, attention_bias=True,
                           tie_word_embeddings=False, pad_token_id=86, eos_token_id=86,
                           rope_parameters={"rope_type": "default", "rope_theta": 5000.0,
-                                           "partial_rotary_factor": rotary})
+                                           "partial_rotary_factor": rotary, **(scaling or {})})
     model = model_class(config).eval()
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -78,3 +78,21 @@ def test_uptrained_mqa_model_loads_in_transformers_with_the_same_logits(architec
     assert json.loads((tmp_path / "mqa_hf" / "config.json").read_text())["num_key_value_heads"] == 1
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "mqa_hf").eval()
     np.testing.assert_allclose(torch_logits(reloaded), ours, atol=1e-5)
+
+
+@pytest.mark.parametrize("scaling", [{"rope_type": "linear", "factor": 4.0},
+                                     {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}],
+                         ids=["linear", "yarn"])
+def test_rope_scaling_imports_and_exports_with_transformers_logits(scaling, tmp_path):
+    """transformers' own linear and YaRN RoPE (modeling_rope_utils) is the reference for ours."""
+    reference = make_model("glm", 2, 0.5, tmp_path / "hf", scaling)
+    expected = torch_logits(reference)
+    import_hf(tmp_path / "hf", tmp_path / "run")
+    run = load_run(tmp_path / "run")
+    assert (run.experiment.model.rope_scaling, run.experiment.model.rope_scaling_factor) == (scaling["rope_type"], 4.0)
+    np.testing.assert_allclose(logits(run.experiment.model, run.params, causal_inputs(IDS)), expected, atol=1e-5)
+    unscaled = make_model("glm", 2, 0.5, tmp_path / "plain")
+    assert np.abs(torch_logits(unscaled) - expected).max() > 1e-4  # the scaling changes the function (1e-5 above)
+    export_hf(tmp_path / "run", tmp_path / "back")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
+    np.testing.assert_allclose(torch_logits(reloaded), expected, atol=1e-6)

@@ -193,12 +193,10 @@ class TransformersGlm(Layout):
     def model_config(self, config: dict) -> ModelConfig:
         V, E, F, L, H = _require(config, self.name, "vocab_size", "hidden_size", "intermediate_size",
                                  "num_hidden_layers", "num_attention_heads")
-        rope = config.get("rope_parameters") or {}
+        rope = {**(config.get("rope_scaling") or {}), **(config.get("rope_parameters") or {})}
         theta = rope.get("rope_theta", config.get("rope_theta", 10000.0))
         fraction = rope.get("partial_rotary_factor", config.get("partial_rotary_factor", 0.5))
-        if rope.get("rope_type", "default") != "default" or config.get("rope_scaling"):
-            raise LayoutError(f"this checkpoint uses RoPE scaling ({rope or config.get('rope_scaling')}), "
-                              "which glm_jax does not implement yet; only rope_type 'default' imports")
+        scaling = _rope_scaling_fields(rope, config)
         activation = config.get("hidden_act", "silu")
         if activation != "silu":
             raise LayoutError(f"hidden_act {activation!r}: the {self.architecture} layout is SwiGLU ('silu')")
@@ -208,13 +206,14 @@ class TransformersGlm(Layout):
             head_dim=config.get("head_dim") or E // H, mlp_dim=F, mlp_activation="swiglu",
             norm="rmsnorm", norm_eps=float(config.get("rms_norm_eps", 1e-5)),
             residual="sandwich" if self.sandwich else "pre", position="rope",
-            rotary_fraction=float(fraction), rope_style="interleaved", rope_theta=float(theta),
+            rotary_fraction=float(fraction), rope_style="interleaved", rope_theta=float(theta), **scaling,
             qkv_bias=bool(config.get("attention_bias", True)), out_bias=False, mlp_bias=False,
             tie_embeddings=bool(config.get("tie_word_embeddings", False)),
             max_position=int(config.get("max_position_embeddings", 131072)))
 
     def hf_config(self, model: ModelConfig, base: dict | None) -> dict:
-        _check_exportable(model, self, residual="sandwich" if self.sandwich else "pre", position="rope",
+        _check_exportable(model, self, scalings=("none", "theta", "linear", "yarn"),
+                          residual="sandwich" if self.sandwich else "pre", position="rope",
                           rope_style="interleaved", norm="rmsnorm", mlp_activation="swiglu", out_bias=False,
                           mlp_bias=False)
         config = {k: v for k, v in (base or {}).items() if k not in ("architectures", "model_type")}
@@ -226,9 +225,9 @@ class TransformersGlm(Layout):
             rms_norm_eps=model.norm_eps, attention_bias=model.qkv_bias,
             tie_word_embeddings=model.tie_embeddings, max_position_embeddings=model.max_position,
             # transformers 5 reads rope_parameters; 4.x the top-level fields: write both.
-            rope_theta=model.rope_theta, partial_rotary_factor=model.rotary_fraction,
-            rope_parameters={"rope_type": "default", "rope_theta": model.rope_theta,
-                             "partial_rotary_factor": model.rotary_fraction})
+            rope_theta=effective_rope_theta(model), partial_rotary_factor=model.rotary_fraction,
+            rope_parameters={"rope_theta": effective_rope_theta(model), "partial_rotary_factor": model.rotary_fraction,
+                             **_hf_rope_scaling(model)})
         config.setdefault("torch_dtype", model.param_dtype)
         return config
 
@@ -292,8 +291,8 @@ class ChatGLM(Layout):
             tie_embeddings=False, max_position=int(config.get("seq_length", 32768)))
 
     def hf_config(self, model: ModelConfig, base: dict | None) -> dict:
-        _check_exportable(model, self, residual="pre", position="rope", rope_style="interleaved",
-                          mlp_activation="swiglu", tie_embeddings=False, rotary_fraction=0.5)
+        _check_exportable(model, self, scalings=("none", "theta"), residual="pre", position="rope",
+                          rope_style="interleaved", mlp_activation="swiglu", tie_embeddings=False, rotary_fraction=0.5)
         if model.out_bias != model.mlp_bias or (model.out_bias and not model.qkv_bias):
             raise LayoutError("the chatglm layout has one add_bias_linear switch for the output and MLP "
                               "projections (which implies QKV bias); this model's biases differ")
@@ -305,7 +304,7 @@ class ChatGLM(Layout):
             multi_query_group_num=model.num_kv_heads, add_bias_linear=model.out_bias,
             add_qkv_bias=model.qkv_bias, rmsnorm=model.norm == "rmsnorm", layernorm_epsilon=model.norm_eps,
             apply_residual_connection_post_layernorm=False, post_layer_norm=True, original_rope=True,
-            rope_ratio=model.rope_theta / 10000.0, seq_length=model.max_position)
+            rope_ratio=effective_rope_theta(model) / 10000.0, seq_length=model.max_position)
         config.setdefault("architectures", ["ChatGLMModel"])
         return config
 
@@ -417,8 +416,50 @@ def for_model(model: ModelConfig) -> Layout:
     return LAYOUTS["glm4" if model.residual == "sandwich" else "glm"]
 
 
-def _check_exportable(model: ModelConfig, layout: Layout, **required) -> None:
+# Hugging Face rope_type <-> ModelConfig.rope_scaling (transformers' modeling_rope_utils; YaRN with its
+# default ramp (beta_fast 32, beta_slow 1), truncation and attention factor, the only ones glm_jax computes).
+HF_ROPE_TYPES = {"default": "none", "linear": "linear", "yarn": "yarn"}
+
+
+def _rope_scaling_fields(rope: dict, config: dict) -> dict:
+    """ModelConfig rope_scaling fields of a config.json's rope_parameters / rope_scaling."""
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind not in HF_ROPE_TYPES:
+        raise LayoutError(f"this checkpoint uses RoPE scaling rope_type {kind!r}, which glm_jax does not compute; "
+                          f"supported: {sorted(HF_ROPE_TYPES)}")
+    if kind == "default":
+        return {}
+    custom = {k: rope[k] for k, default in (("beta_fast", 32), ("beta_slow", 1), ("truncate", True))
+              if k in rope and rope[k] != default}
+    custom.update({k: rope[k] for k in ("attention_factor", "mscale", "mscale_all_dim") if rope.get(k) is not None})
+    if custom:
+        raise LayoutError(f"this checkpoint's {kind} RoPE scaling sets {custom}; glm_jax computes YaRN with its "
+                          "defaults (beta_fast 32, beta_slow 1, truncated ramp, attention factor 0.1 ln s + 1) only")
+    original = rope.get("original_max_position_embeddings") or config.get("max_position_embeddings", 2048)
+    factor = rope.get("factor") or config.get("max_position_embeddings", original) / original
+    return {"rope_scaling": HF_ROPE_TYPES[kind], "rope_scaling_factor": float(factor),
+            "rope_original_context": int(original)}
+
+
+def _hf_rope_scaling(model: ModelConfig) -> dict:
+    """rope_parameters entries of the model's scaling ('theta' is folded into rope_theta)."""
+    if model.rope_scaling in ("none", "theta"):
+        return {"rope_type": "default"}
+    entries = {"rope_type": model.rope_scaling, "factor": model.rope_scaling_factor}
+    if model.rope_scaling == "yarn":
+        entries["original_max_position_embeddings"] = model.rope_original_context
+    return entries
+
+
+def effective_rope_theta(model: ModelConfig) -> float:
+    """The RoPE base a reader without scaling support needs: theta x s under 'theta' scaling."""
+    return model.rope_theta * (model.rope_scaling_factor if model.rope_scaling == "theta" else 1.0)
+
+
+def _check_exportable(model: ModelConfig, layout: Layout, scalings: tuple[str, ...] = ("none",), **required) -> None:
     wrong = {k: (getattr(model, k), v) for k, v in required.items() if getattr(model, k) != v}
+    if model.rope_scaling not in scalings:
+        wrong["rope_scaling"] = (model.rope_scaling, scalings)
     if wrong:
         details = ", ".join(f"{k} is {have!r} (the layout needs {want!r})" for k, (have, want) in wrong.items())
         raise LayoutError(f"this model cannot be written in the {layout.name!r} layout: {details}. "
