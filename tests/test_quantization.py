@@ -166,7 +166,8 @@ def quantize_command(*args):
                           text=True)
 
 
-def test_quantize_command_writes_a_run_that_generates_and_evaluates_like_the_dequantized_model(trained, tmp_path):
+def test_quantize_command_writes_the_generator_options_parameters_and_int8_evaluates_within_half_a_percent(
+        trained, tmp_path):
     from glm_jax.evaluation import evaluate_run
     from glm_jax.run_dir import load_run
 
