@@ -17,21 +17,15 @@ import json
 import sys
 from pathlib import Path
 
-import flax.linen as nn
 import jax
 
 from glm_jax.evaluation import evaluate_model
 from glm_jax.experiment import load_preset
-from glm_jax.model import abstract_params
-from glm_jax.model.quantization import quantize_params
+from glm_jax.model import abstract_params, param_bytes, quantize_params
 from glm_jax.run_dir import load_run
 
 SCHEMES = {"float": (None, None), "INT8": (8, None), "INT8-g128": (8, 128), "INT4-g128": (4, 128),
            "INT4-g64": (4, 64), "INT4": (4, None)}
-
-
-def param_bytes(tree) -> int:
-    return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)))
 
 
 def bf16_bytes(tree) -> int:
@@ -55,7 +49,7 @@ def main() -> int:
         config, params = run.model, run.params
         if bits:
             config = config.replace(quant_bits=bits, quant_group_size=group)
-            params = quantize_params(params, nn.unbox(abstract_params(config)), bits, group)
+            params = quantize_params(params, config)
         result = evaluate_model(config, params, data, objective, run.tokenizer, args.eval_batches)
         rows.append({"scheme": name, "bits": bits, "group_size": group, "eval_loss": result["loss"],
                      "eval_accuracy": result["accuracy"], "tokens": result["tokens"],

@@ -13,9 +13,10 @@ import pytest
 
 from glm_jax.infer.generate import Generator
 from glm_jax.infer.prompts import prompt_batch_shapes
-from glm_jax.model import GLM, ModelConfig, abstract_params, example_inputs, init_params
+from glm_jax.infer.sampling import SamplingConfig
+from glm_jax.model import (GLM, ModelConfig, abstract_params, example_inputs, init_params, param_bytes,
+                           quantize_params)
 from glm_jax.model import quantization as q
-from glm_jax.model.quantization import quantize_params
 from test_generate import (SPECIALS, check_blank_decode_matches_full_forward, check_causal_decode_matches_full_forward,
                            tiny_config)
 from train_fixtures import shared_run
@@ -104,7 +105,7 @@ def test_quantized_logits_equal_the_float_model_with_dequantized_weights(bits, g
     config = ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, mlp_dim=64, **MODELS[model])
     params = nn.unbox(init_params(config, jax.random.key(0)))
     config_q = config.replace(quant_bits=bits, quant_group_size=group_size)
-    params_q = quantize_params(params, nn.unbox(abstract_params(config_q)), bits, group_size)
+    params_q = quantize_params(params, config_q)
     tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, 64)
     inputs = (tokens, *example_inputs(2, 12)[1:])
     quantized = GLM(config_q).apply({"params": params_q}, *inputs)
@@ -118,7 +119,7 @@ def test_quantized_parameters_are_integers_and_only_the_projections_change():
     config = tiny_config("gqa2", "rope")
     params = nn.unbox(init_params(config, jax.random.key(0)))
     config_q = config.replace(quant_bits=4, quant_group_size=16)
-    params_q = quantize_params(params, nn.unbox(abstract_params(config_q)), 4, 16)
+    params_q = quantize_params(params, config_q)
     layers = params_q["layers"]
     for module in (layers["attention"]["query"], layers["attention"]["out"], layers["mlp"]["wo"]):
         assert "kernel" not in module and module["qkernel"].dtype == jnp.uint8 and module["scale"].dtype == jnp.float32
@@ -141,7 +142,8 @@ def parameter_bytes_of_the_decoder(config: ModelConfig) -> int:
     generator = Generator(config, nn.unbox(abstract_params(config)), SPECIALS)
     batch = {name: jax.ShapeDtypeStruct(shape, dtype) for name, (shape, dtype) in prompt_batch_shapes(1, 8).items()}
     compiled = generator.lower(batch, "causal", 4).compile()
-    inputs = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(batch)) + 64  # + the key, the sampling knobs
+    key_bytes = 8  # a threefry key: two uint32
+    inputs = param_bytes(batch) + param_bytes(SamplingConfig().as_arrays()) + key_bytes
     return compiled.memory_analysis().argument_size_in_bytes - inputs
 
 

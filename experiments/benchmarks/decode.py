@@ -47,8 +47,7 @@ from glm_jax.data.tokenizer import SpecialTokens  # noqa: E402
 from glm_jax.infer.cache import init_cache, kv_bytes, kv_bytes_per_token  # noqa: E402
 from glm_jax.infer.generate import decode_loop, decode_state  # noqa: E402
 from glm_jax.infer.sampling import SamplingConfig  # noqa: E402
-from glm_jax.model import GLM, ModelConfig, abstract_params, init_params  # noqa: E402
-from glm_jax.model.quantization import quantize_params  # noqa: E402
+from glm_jax.model import GLM, ModelConfig, init_params, param_bytes, quantize_params  # noqa: E402
 
 MODEL = dict(vocab_size=32768, hidden_size=1024, num_layers=8, num_heads=16, head_dim=64, mlp_dim=2816,
              mlp_activation="swiglu", norm="rmsnorm", position="rope", rope_style="interleaved",
@@ -83,8 +82,7 @@ class GlmJaxDecode:
         self.config, self.batch, self.context, self.tokens = config, batch, context, tokens
         params = nn.unbox(init_params(config.replace(quant_bits=None, quant_group_size=None), jax.random.key(0)))
         if config.quant_bits:
-            params = quantize_params(params, nn.unbox(abstract_params(config)), config.quant_bits,
-                                     config.quant_group_size)
+            params = quantize_params(params, config)
         self.params = params
         self.loop = jax.jit(functools.partial(decode_loop, model=GLM(config), specials=SPECIALS, mode="causal",
                                               max_new_tokens=tokens, ignore_stop=True))
@@ -112,7 +110,7 @@ class GlmJaxDecode:
         seconds = statistics.median(self.times)
         return {"tokens_per_second": self.batch * self.tokens / seconds, "seconds_per_step": seconds / self.tokens,
                 "kv_cache_bytes": self.cache_bytes, "kv_bytes_per_token": kv_bytes_per_token(self.config),
-                "param_bytes": sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(self.params))}
+                "param_bytes": param_bytes(self.params)}
 
 
 def glm_jax_decode(config: ModelConfig, batch: int, context: int, tokens: int, repeats: int) -> dict:

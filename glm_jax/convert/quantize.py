@@ -13,11 +13,8 @@ from __future__ import annotations
 import datetime
 from pathlib import Path
 
-import flax.linen as nn
-import jax
-
-from glm_jax.model import abstract_params
-from glm_jax.model.quantization import check_scheme, quantize_params
+from glm_jax.model import param_bytes, quantize_params
+from glm_jax.model.quantization import check_scheme
 from glm_jax.run_dir import RunDir
 
 
@@ -38,17 +35,14 @@ def quantize_run(source: str | Path, out: str | Path, bits: int, group_size: int
     if target.checkpoints_path.exists():
         raise FileExistsError(f"{target.path} already holds checkpoints; choose a new --out directory")
     run = source_run.load(step)  # a LoRA run comes back merged
-    params = quantize_params(run.params, nn.unbox(abstract_params(model)), bits, group_size)
+    params = quantize_params(run.params, model)
     scheme = f"INT{bits} " + (f"group {group_size}" if group_size else "per output channel")
     target.write_derived(source_run, run, params, [
         f"# glm_jax convert quantize: {source_run.path} step {run.step}, projections {scheme} (provenance.json)",
         f"ModelConfig.quant_bits = {bits}", f"ModelConfig.quant_group_size = {group_size}"])
     provenance = {"quantized_from": str(source_run.path), "step": int(run.step), "bits": bits,
-                  "group_size": group_size, "param_bytes": _bytes(params), "source_param_bytes": _bytes(run.params),
+                  "group_size": group_size, "param_bytes": param_bytes(params), "source_param_bytes": param_bytes(run.params),
                   "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     target.write_provenance(provenance)
     return provenance
 
-
-def _bytes(tree) -> int:
-    return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)))

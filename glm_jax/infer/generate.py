@@ -37,8 +37,7 @@ from glm_jax.data.tokenizer import SpecialTokens, Tokenizer
 from glm_jax.infer import prompts as prompt_lib
 from glm_jax.infer.cache import init_cache, merge_context, split_context
 from glm_jax.infer.sampling import SamplingConfig, sample
-from glm_jax.model import GLM, ModelConfig, abstract_params
-from glm_jax.model.quantization import quantize_params
+from glm_jax.model import GLM, ModelConfig, quantize_params
 from glm_jax.model.scan_layout import unscan_params
 
 
@@ -138,7 +137,7 @@ def _quantized(config: ModelConfig, params, bits: int, group_size: int | None):
         raise ValueError(f"these parameters are already INT{config.quant_bits}-quantized (ModelConfig.quant_bits); "
                          "leave the Generator's quant_bits unset")
     config = config.replace(quant_bits=bits, quant_group_size=group_size)
-    return config, quantize_params(params, nn.unbox(abstract_params(config)), bits, group_size)
+    return config, quantize_params(params, config)
 
 
 _STREAM = {"to": None}  # the stream function of the generate() call in progress (one at a time)

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from glm_jax.model.attention import Attention, CacheUpdate, missing_cache
 from glm_jax.model.config import ModelConfig
 from glm_jax.model.layers import Mlp, make_norm
+from glm_jax.model.quantization import quantize_tree
 
 EMBED_ACTIVATION = ("activation_batch", "activation_length", "activation_embed")
 
@@ -179,3 +180,14 @@ def init_params(config: ModelConfig, rng: jax.Array):
 def abstract_params(config: ModelConfig):
     """Shapes and dtypes of every parameter, nothing allocated (jax.eval_shape)."""
     return jax.eval_shape(lambda rng: init_params(config, rng), jax.random.key(0))
+
+
+def quantize_params(params, config: ModelConfig):
+    """Float parameters of the unquantized model -> those of GLM(config), whose config.quant_bits is set
+    (glm_jax.model.quantization: the attention and MLP projections; everything else as it is)."""
+    return quantize_tree(params, nn.unbox(abstract_params(config)), config.quant_bits, config.quant_group_size)
+
+
+def param_bytes(params) -> int:
+    """Bytes of a parameter tree (arrays or abstract shapes)."""
+    return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params)))

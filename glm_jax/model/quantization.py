@@ -114,8 +114,9 @@ def quantized_matmul(x: jax.Array, qkernel: jax.Array, scale: jax.Array, bits: i
 
 
 
-def quantize_params(params: dict, abstract_quantized: dict, bits: int, group_size: int | None) -> dict:
-    """Float GLM parameters -> the parameters of the same model with quant_bits / quant_group_size.
+def quantize_tree(params: dict, abstract_quantized: dict, bits: int, group_size: int | None) -> dict:
+    """Float GLM parameters -> the parameters of the same model with quant_bits / quant_group_size
+    (glm_jax.model.quantize_params derives the arguments from a ModelConfig).
 
     `abstract_quantized` (the quantized model's abstract parameters) says which projections are
     quantized (those with a `qkernel`); everything else is returned as it is. Kernels of a scanned
