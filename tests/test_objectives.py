@@ -173,3 +173,64 @@ def test_bad_objective_configuration_is_explained():
         objectives.blank_infill(np.arange(20, 60), np.random.default_rng(0), SPECIALS, "span")
     with pytest.raises(objectives.DocumentTooShort):
         objectives.blank_infill(np.array([3, 20, 2]), np.random.default_rng(0), SPECIALS, "document")
+
+
+# ----------------------------------------------------------------- [dBLOCK] (GLM-10B)
+@settings(max_examples=100, deadline=None)
+@given(doc=documents, seed=st.integers(0, 2 ** 32 - 1))
+def test_dblock_replaces_only_span_inputs_and_leaves_targets(doc, seed):
+    try:
+        plain = objectives.blank_infill(doc, np.random.default_rng(seed), SPECIALS, "token")
+    except objectives.DocumentTooShort:
+        return
+    ex = objectives.blank_infill(doc, np.random.default_rng(seed), SPECIALS, "token", dblock_fraction=0.5)
+    for key in ("targets", "loss_mask", "positions"):  # the same example apart from its inputs
+        np.testing.assert_array_equal(ex[key], plain[key])
+    assert ex["sep"] == plain["sep"]
+    changed = np.flatnonzero(ex["tokens"] != plain["tokens"])
+    assert (ex["tokens"][changed] == SPECIALS.dblock).all()
+    # The reference rule: only Part-B inputs that are span tokens, i.e. the previous position's
+    # target within the same span; never Part A, never the <sop> that opens a span.
+    assert (changed >= ex["sep"]).all() and (ex["positions"][1, changed] >= 2).all()
+    np.testing.assert_array_equal(plain["tokens"][changed], plain["targets"][changed - 1])
+    span_openers = (np.arange(len(ex["tokens"])) >= ex["sep"]) & (ex["positions"][1] == 1)
+    assert (ex["tokens"][span_openers] == S).all()
+
+
+def test_dblock_fraction_is_the_replaced_share_of_span_inputs():
+    rng = np.random.default_rng(5)
+    replaced = candidates = 0
+    for _ in range(400):
+        doc = rng.integers(FIRST_WORD, 100, size=200)
+        ex = objectives.blank_infill(doc, rng, SPECIALS, "token", dblock_fraction=0.1)
+        part_b = np.arange(len(ex["tokens"])) >= ex["sep"]
+        candidates += int((part_b & (ex["positions"][1] >= 2)).sum())
+        replaced += int((ex["tokens"] == SPECIALS.dblock).sum())
+    assert candidates > 5000
+    assert stats.binomtest(replaced, candidates, 0.1).pvalue > 0.001, (replaced, candidates)
+
+
+def test_dblock_leaves_sentence_and_document_examples_alone():
+    doc = np.concatenate([[SPECIALS.cls], np.tile(np.arange(20, 40), 6), [SPECIALS.eos]])
+    for mode in ("sentence", "document"):
+        for seed in range(20):
+            plain = objectives.blank_infill(doc, np.random.default_rng(seed), SPECIALS, mode, sentence_end=SENTENCE_END)
+            ex = objectives.blank_infill(doc, np.random.default_rng(seed), SPECIALS, mode, sentence_end=SENTENCE_END,
+                                         dblock_fraction=0.9)
+            np.testing.assert_array_equal(ex["tokens"], plain["tokens"])
+
+
+def test_glm_10b_preset_sets_dblock_and_bad_settings_are_explained():
+    from glm_jax import experiment
+
+    (objective,) = experiment.read(["objectives/glm_10b.gin"], [], "Objective")
+    assert objective.dblock_fraction == 0.1 and objective.token == 0.5
+    for bad in (1.0, -0.1):
+        with pytest.raises(ValueError, match=r"dblock_fraction .* must be in \[0, 1\)"):
+            objectives.Objective(dblock_fraction=bad)
+    no_dblock = SpecialTokens(pad=1, eos=2, cls=3, mask=4, smask=5, gmask=6, sop=7, eop=8, dblock=None)
+    with pytest.raises(ValueError, match=r"needs a \[dBLOCK\] token.*has none.*dblock_fraction = 0.0"):
+        objective.check_tokenizer(no_dblock)
+    with pytest.raises(ValueError, match="dblock_fraction = 0.0"):
+        objectives.blank_infill(np.arange(20, 80), np.random.default_rng(0), no_dblock, "token", dblock_fraction=0.1)
+    objectives.Objective(token=0.0, document=1.0, dblock_fraction=0.1).check_tokenizer(no_dblock)  # never used

@@ -65,6 +65,20 @@ def build_infill_example(doc: np.ndarray, spans: list[tuple[int, int]], order: n
     return dict(tokens=tokens, targets=targets, loss_mask=loss_mask, positions=positions, sep=sep)
 
 
+def replace_with_dblock(example: dict, rng: np.random.Generator, fraction: float, dblock_id: int) -> dict:
+    """GLM-10B's [dBLOCK] corruption: each Part-B span token *input* becomes [dBLOCK] with probability
+    `fraction`, independently (the reference's block_mask_prob, its 'bert' task only).
+
+    Never replaced: Part A, and the <sop> that opens each span (block position 1). Targets are
+    unchanged, so the model still predicts every span token, now without always seeing the one before.
+    """
+    tokens, sep = example["tokens"].copy(), example["sep"]
+    span_inputs = np.flatnonzero((np.arange(len(tokens)) >= sep) & (example["positions"][1] >= 2))
+    replaced = span_inputs[rng.random(len(span_inputs)) < fraction]
+    tokens[replaced] = dblock_id
+    return {**example, "tokens": tokens}
+
+
 def interior(doc: np.ndarray, specials: SpecialTokens) -> tuple[int, int]:
     """[start, end) of the document without its leading / trailing special tokens."""
     is_special = np.isin(doc, specials.all_ids)
@@ -156,7 +170,7 @@ def causal(doc: np.ndarray) -> dict:
 def blank_infill(doc: np.ndarray, rng: np.random.Generator, specials: SpecialTokens, mode: str, *,
                  mask_ratio: float = 0.15, span_lambda: float = 3.0, max_span: int = 39,
                  sentence_end: np.ndarray | None = None, gmask_ratio_min: float = 0.5,
-                 gpt_infill_prob: float = 0.5) -> dict:
+                 gpt_infill_prob: float = 0.5, dblock_fraction: float = 0.0) -> dict:
     """One GLM blank-infilling example from one document (the contract of docs/design.md).
 
     Args:
@@ -170,6 +184,9 @@ def blank_infill(doc: np.ndarray, rng: np.random.Generator, specials: SpecialTok
       gmask_ratio_min: min [gMASK] span fraction (paper 0.5; GLM-10B 0.25).
       gpt_infill_prob: in 'document' mode, the chance of the single long span being
         placed anywhere (ending with <eop>) instead of as the suffix.
+      dblock_fraction: in 'token' mode, the chance that each Part-B span input is replaced by
+        [dBLOCK] (GLM-10B: 0.1; replace_with_dblock). Drawn after everything else, so 0 leaves
+        every example as it was.
     Returns:
       dict(tokens, targets, loss_mask, positions [2, L'], sep) for one example.
     """
@@ -194,7 +211,13 @@ def blank_infill(doc: np.ndarray, rng: np.random.Generator, specials: SpecialTok
         hint = "; a causal LM example is make_example(..., mode='causal')" if mode == "causal" else ""
         raise ValueError(f"blank-infilling mode {mode!r} is unknown; use one of {INFILL_MODES}{hint}")
     spans = [(s + start, e + start) for s, e in spans]
-    return build_infill_example(doc, spans, rng.permutation(len(spans)), mask_id, specials, eop)
+    example = build_infill_example(doc, spans, rng.permutation(len(spans)), mask_id, specials, eop)
+    if mode == "token" and dblock_fraction > 0:
+        if specials.dblock is None:
+            raise ValueError(f"Objective.dblock_fraction = {dblock_fraction} needs a [dBLOCK] token and this "
+                             "tokenizer has none (e.g. a ChatGLM tokenizer); set Objective.dblock_fraction = 0.0")
+        example = replace_with_dblock(example, rng, dblock_fraction, specials.dblock)
+    return example
 
 
 def make_example(doc: np.ndarray, rng: np.random.Generator, specials: SpecialTokens, mode: str, **options) -> dict:
@@ -225,6 +248,7 @@ class Objective:
     max_span: int = 39
     gmask_ratio_min: float = 0.5
     gpt_infill_prob: float = 0.5
+    dblock_fraction: float = 0.0
 
     def __post_init__(self):
         probs = self.probabilities
@@ -234,6 +258,8 @@ class Objective:
             raise ValueError(f"Objective.mask_ratio {self.mask_ratio} must be in (0, 1)")
         if not 0 < self.gmask_ratio_min < 1:
             raise ValueError(f"Objective.gmask_ratio_min {self.gmask_ratio_min} must be in (0, 1)")
+        if not 0 <= self.dblock_fraction < 1:
+            raise ValueError(f"Objective.dblock_fraction {self.dblock_fraction} must be in [0, 1) (GLM-10B: 0.1)")
 
     @property
     def probabilities(self) -> tuple[float, ...]:
@@ -241,7 +267,8 @@ class Objective:
 
     def options(self) -> dict:
         return dict(mask_ratio=self.mask_ratio, span_lambda=self.span_lambda, max_span=self.max_span,
-                    gmask_ratio_min=self.gmask_ratio_min, gpt_infill_prob=self.gpt_infill_prob)
+                    gmask_ratio_min=self.gmask_ratio_min, gpt_infill_prob=self.gpt_infill_prob,
+                    dblock_fraction=self.dblock_fraction)
 
     @property
     def expected_expansion(self) -> float:
@@ -253,6 +280,12 @@ class Objective:
         mean_span = float(np.sum(np.arange(1, self.max_span + 1) * truncated_poisson(self.span_lambda, self.max_span)))
         per_mode = (1 + 2 * self.mask_ratio / mean_span, 1 + 2 * self.mask_ratio / 10, 1.0, 1.0)
         return float(np.dot(self.probabilities, per_mode))
+
+    def check_tokenizer(self, specials: SpecialTokens) -> None:
+        """Refuses a mixture that needs a special token the tokenizer lacks."""
+        if self.token > 0 and self.dblock_fraction > 0 and specials.dblock is None:
+            raise ValueError(f"Objective.dblock_fraction = {self.dblock_fraction} needs a [dBLOCK] token and this "
+                             "tokenizer has none (e.g. a ChatGLM tokenizer); set Objective.dblock_fraction = 0.0")
 
     def sample_mode(self, rng: np.random.Generator) -> str:
         return MODES[int(rng.choice(len(MODES), p=np.asarray(self.probabilities)))]

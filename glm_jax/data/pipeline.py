@@ -100,6 +100,7 @@ class GLMDataset(PackedRows):
         super().__init__(config, tokenizer.specials.pad, shard_index, shard_count)
         self.objective, self.tokenizer, self.corpus = objective, tokenizer, corpus
         self.specials = tokenizer.specials
+        objective.check_tokenizer(self.specials)  # before the first example, not inside the loader
         fraction = config.window_fraction or 0.97 / objective.expected_expansion
         self.max_window = int(fraction * config.seq_len) - 2  # room for [CLS] and <eos>
         self.windows = self._make_windows() if windows is None else windows  # shards of one split share them
