@@ -149,10 +149,46 @@ def test_disk_round_trip_then_uptraining(source_run, tmp_path, rng):
 def test_convert_cli(source_run, tmp_path):
     command = [sys.executable, "-m", "glm_jax", "convert", "uptrain", f"--from={source_run}", "--num_kv_heads=1",
                "--method=random", f"--out={tmp_path / 'mqa'}"]
-    result = subprocess.run(command, capture_output=True, text=True, env=subprocess_env(1), cwd=REPO, timeout=300)
+    recipe = ["--gin.uptrain_recipe.learning_rate_from='final'", "--gin.uptrain_recipe.schedule='constant'"]
+    result = subprocess.run(command + recipe, capture_output=True, text=True, env=subprocess_env(1), cwd=REPO,
+                            timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert json.loads(result.stdout)["num_kv_heads"] == 1
+    provenance = json.loads(result.stdout)
+    assert provenance["num_kv_heads"] == 1 and provenance["recipe"]["schedule"] == "constant"
+    optimizer = RunDir(tmp_path / "mqa").read_experiment().optimizer
+    source = RunDir(source_run).read_experiment().optimizer
+    assert optimizer.learning_rate == pytest.approx(source.learning_rate * source.min_lr_ratio)
+    assert optimizer.min_lr_ratio == 1.0 and provenance["learning_rate"] == optimizer.learning_rate
     assert "ModelConfig.num_kv_heads = 1" in (tmp_path / "mqa" / "config.gin").read_text()
     again = subprocess.run(command[:-1] + [f"--out={tmp_path / 'bad'}", "--num_kv_heads=3"], capture_output=True,
                            text=True, env=subprocess_env(1), cwd=REPO, timeout=300)
     assert again.returncode == 2 and "must divide the 4 query heads" in again.stderr
+
+
+def test_uptrain_recipe_knobs_set_the_schedule_and_bad_ones_are_explained():
+    from glm_jax.convert.uptrain import read_recipe
+    from glm_jax.optim import OptimizerConfig, learning_rate_schedule
+
+    source = OptimizerConfig(learning_rate=1e-3, min_lr_ratio=0.1)
+    shipped = read_recipe()
+    assert shipped.learning_rate(source) == pytest.approx(1e-3 * shipped.learning_rate_scale * (
+        source.min_lr_ratio if shipped.learning_rate_from == "final" else 1.0))
+    recipe = read_recipe(bindings=["uptrain_recipe.learning_rate_from = 'final'",
+                                   "uptrain_recipe.learning_rate_scale = 0.5", "uptrain_recipe.schedule = 'constant'",
+                                   "uptrain_recipe.warmup_fraction = 0.2"])
+    assert recipe.learning_rate(source) == pytest.approx(5e-5)
+    bindings = dict(b.split(" = ") for b in recipe.optimizer_bindings(source))
+    uptrain = OptimizerConfig(learning_rate=float(bindings["OptimizerConfig.learning_rate"]),
+                              warmup_fraction=float(bindings["OptimizerConfig.warmup_fraction"]),
+                              min_lr_ratio=float(bindings["OptimizerConfig.min_lr_ratio"]))
+    schedule = learning_rate_schedule(uptrain, 10)
+    assert float(schedule(0)) == 0.0 and float(schedule(1)) == pytest.approx(2.5e-5)  # two warmup steps
+    assert [float(schedule(i)) for i in range(2, 10)] == pytest.approx([5e-5] * 8)  # then constant
+    cosine = read_recipe(bindings=["uptrain_recipe.schedule = 'cosine'"])
+    assert "OptimizerConfig.min_lr_ratio = 1.0" not in cosine.optimizer_bindings(source)
+    for binding, message in (("learning_rate_from = 'last'", "'peak'.*or 'final'"),
+                             ("schedule = 'linear'", "'cosine' or 'constant'"),
+                             ("learning_rate_scale = 0.0", "must be positive"),
+                             ("warmup_fraction = 1.0", r"must be in \[0, 1\)")):
+        with pytest.raises(ConversionError, match=message):
+            read_recipe(bindings=[f"uptrain_recipe.{binding}"])

@@ -1,6 +1,7 @@
 """glm_jax convert uptrain | import-hf | export-hf
 
   uptrain --from RUN_OR_CKPT --num_kv_heads G --method mean|first|random --out NEW_RUN
+          [--alpha A] [--recipe FILE] [--gin.uptrain_recipe.NAME=VALUE ...]
       converts an MHA (or GQA) checkpoint to G key/value heads and writes a run directory
       that `./launch.sh train NEW_RUN/config.gin` uptrains (glm_jax/convert/uptrain.py).
   import-hf --from HF_DIR --out RUN [--dtype bfloat16|float32|float16] [--force]
@@ -20,6 +21,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+
+from glm_jax.cli import flags
 
 
 def parse_args(argv):
@@ -67,7 +70,14 @@ def parse_args(argv):
     quantizes.add_argument("--group_size", type=int, default=None,
                            help="inputs per scale, e.g. 128 (default: one scale per output channel, GLM-130B)")
     quantizes.add_argument("--out", required=True, help="new run directory")
-    return parser.parse_args(argv)
+    args, overrides = flags.parse_with_gin(parser, argv)
+    recipe_overrides = [o for o in overrides if o.startswith("uptrain_recipe.")]
+    if overrides != recipe_overrides or (overrides and args.command != "uptrain"):
+        parser.error(f"{overrides} cannot be set here: `convert uptrain` takes --gin.uptrain_recipe.NAME=VALUE "
+                     "(alpha, learning_rate_scale, learning_rate_from, schedule, warmup_fraction); the other "
+                     "commands take no gin overrides")
+    args.recipe_bindings = recipe_overrides
+    return args
 
 
 def main(argv: list[str]) -> int:
@@ -99,7 +109,8 @@ def main(argv: list[str]) -> int:
     from glm_jax.convert.uptrain import DEFAULT_RECIPE, convert_run
 
     provenance = convert_run(args.source, args.num_kv_heads, args.method, args.out, seed=args.seed,
-                             alpha=args.alpha, recipe_file=args.recipe or DEFAULT_RECIPE)
+                             alpha=args.alpha, recipe_file=args.recipe or DEFAULT_RECIPE,
+                             recipe_bindings=args.recipe_bindings)
     print(json.dumps(provenance, indent=2))
     print(f"uptrain it with: ./launch.sh train {args.out}/config.gin", file=sys.stderr)
     return 0

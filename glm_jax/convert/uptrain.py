@@ -33,6 +33,7 @@ import numpy as np
 
 from glm_jax import experiment as experiment_lib
 from glm_jax.model import ModelConfig, init_params
+from glm_jax.optim import OptimizerConfig
 from glm_jax.run_dir import RunDir
 
 METHODS = ("mean", "first", "random")
@@ -107,28 +108,61 @@ def _lookup(tree: dict, keys: list):
 # ------------------------------------------------------------------- run directories
 @dataclasses.dataclass(frozen=True)
 class UptrainRecipe:
-    """How a converted model is uptrained (bound as uptrain_recipe.* in glm_jax/configs/uptrain_gqa.gin)."""
+    """How a converted model is uptrained (bound as uptrain_recipe.* in glm_jax/configs/uptrain_gqa.gin).
+
+    alpha: uptraining steps as a fraction of the source's steps.
+    learning_rate_from: what learning_rate_scale multiplies: the source's 'peak' learning rate, or
+      its 'final' one (peak x min_lr_ratio, where its schedule ended).
+    schedule: 'cosine' (warmup, then decay to the source's min_lr_ratio of the uptraining peak) or
+      'constant' (warmup, then the peak to the end).
+    warmup_fraction: of the uptraining steps.
+    """
 
     alpha: float = 0.05
     learning_rate_scale: float = 1.0
+    learning_rate_from: str = "peak"
+    schedule: str = "cosine"
     warmup_fraction: float = 0.1
 
     def __post_init__(self):
         if not 0 < self.alpha <= 1:
             raise ConversionError(f"uptrain_recipe.alpha {self.alpha} must be in (0, 1]")
+        if not self.learning_rate_scale > 0:
+            raise ConversionError(f"uptrain_recipe.learning_rate_scale {self.learning_rate_scale} must be positive")
+        if self.learning_rate_from not in ("peak", "final"):
+            raise ConversionError(f"uptrain_recipe.learning_rate_from {self.learning_rate_from!r} must be 'peak' "
+                                  "(the source's peak learning rate) or 'final' (where its schedule ended)")
+        if self.schedule not in ("cosine", "constant"):
+            raise ConversionError(f"uptrain_recipe.schedule {self.schedule!r} must be 'cosine' or 'constant'")
+        if not 0 <= self.warmup_fraction < 1:
+            raise ConversionError(f"uptrain_recipe.warmup_fraction {self.warmup_fraction} must be in [0, 1)")
+
+    def learning_rate(self, source: OptimizerConfig) -> float:
+        """The uptraining peak learning rate for a source trained with `source`."""
+        base = source.learning_rate * (source.min_lr_ratio if self.learning_rate_from == "final" else 1.0)
+        return base * self.learning_rate_scale
+
+    def optimizer_bindings(self, source: OptimizerConfig) -> list[str]:
+        bindings = [f"OptimizerConfig.learning_rate = {self.learning_rate(source)!r}",
+                    f"OptimizerConfig.warmup_fraction = {self.warmup_fraction!r}",
+                    "OptimizerConfig.warmup_steps = None"]
+        return bindings + (["OptimizerConfig.min_lr_ratio = 1.0"] if self.schedule == "constant" else [])
 
 
 experiment_lib.register("uptrain_recipe", UptrainRecipe)
 
 
-def read_recipe(recipe_file: str | Path = DEFAULT_RECIPE, alpha: float | None = None) -> UptrainRecipe:
-    bindings = [] if alpha is None else [f"uptrain_recipe.alpha = {alpha!r}"]
+def read_recipe(recipe_file: str | Path = DEFAULT_RECIPE, alpha: float | None = None,
+                bindings: list[str] = ()) -> UptrainRecipe:
+    """The recipe of a gin file, with alpha and any 'uptrain_recipe.NAME = VALUE' bindings on top."""
+    bindings = [*bindings, *([] if alpha is None else [f"uptrain_recipe.alpha = {alpha!r}"])]
     (recipe,) = experiment_lib.read([recipe_file], bindings, "uptrain_recipe")
     return recipe
 
 
 def convert_run(source: str | Path, num_kv_heads: int, method: str, out: str | Path, *, seed: int = 0,
-                alpha: float | None = None, recipe_file: str | Path = DEFAULT_RECIPE) -> dict:
+                alpha: float | None = None, recipe_file: str | Path = DEFAULT_RECIPE,
+                recipe_bindings: list[str] = ()) -> dict:
     """Writes the converted, ready-to-uptrain run directory `out`; returns its provenance record.
 
     The new run holds a step-0 checkpoint of the converted parameters without optimizer
@@ -144,21 +178,17 @@ def convert_run(source: str | Path, num_kv_heads: int, method: str, out: str | P
     source_params, step = source_run.restore_params(source.model, step)
     params, _ = convert_params(source_params, source.model, num_kv_heads, method, seed)
 
-    recipe = read_recipe(recipe_file, alpha)
+    recipe = read_recipe(recipe_file, alpha, recipe_bindings)
     steps = max(1, math.ceil(recipe.alpha * source.train.steps))
-    learning_rate = source.optimizer.learning_rate * recipe.learning_rate_scale
     provenance = {"source_run": str(source_run.path), "source_step": int(step), "method": method,
                   "num_kv_heads": num_kv_heads, "source_num_kv_heads": source.model.num_kv_heads,
-                  "alpha": recipe.alpha, "uptrain_steps": steps, "learning_rate": learning_rate,
-                  "warmup_fraction": recipe.warmup_fraction, "seed": seed,
+                  "alpha": recipe.alpha, "uptrain_steps": steps, "learning_rate": recipe.learning_rate(source.optimizer),
+                  "recipe": dataclasses.asdict(recipe), "seed": seed,
                   "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     overrides = [f"# glm_jax convert uptrain: {method} pooling to {num_kv_heads} KV heads "
                  f"(provenance.json), then the recipe of {Path(recipe_file).name}",
                  f"RUN_DIR = '{target_run.path}'", f"STEPS = {steps}",
-                 f"ModelConfig.num_kv_heads = {num_kv_heads}",
-                 f"OptimizerConfig.learning_rate = {learning_rate!r}",
-                 f"OptimizerConfig.warmup_fraction = {recipe.warmup_fraction!r}",
-                 "OptimizerConfig.warmup_steps = None"]
+                 f"ModelConfig.num_kv_heads = {num_kv_heads}", *recipe.optimizer_bindings(source.optimizer)]
     target_run.write_tokenizer(source_run.tokenizer())
     if source.data.tokenizer_path:  # an imported run's own tokenizer: use the copy in the new run
         overrides.append(f"DataConfig.tokenizer_path = '{target_run.tokenizer_path}'")
