@@ -120,8 +120,8 @@ class UptrainRecipe:
 
     alpha: float = 0.05
     learning_rate_scale: float = 1.0
-    learning_rate_from: str = "peak"
-    schedule: str = "cosine"
+    learning_rate_from: str = "final"  # the shipped recipe's choice (experiments/results/uptrain_recipe.md)
+    schedule: str = "constant"
     warmup_fraction: float = 0.1
 
     def __post_init__(self):
