@@ -31,11 +31,12 @@ import jax
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "experiments" / "benchmarks"))
+sys.path.insert(0, str(REPO / "experiments"))
 
 from decode import glm_jax_decode  # noqa: E402
+from study_args import parse_study_args  # noqa: E402
 
 from glm_jax import experiment as experiment_lib  # noqa: E402
-from glm_jax.cli import flags  # noqa: E402
 from glm_jax.convert.uptrain import convert_run  # noqa: E402
 from glm_jax.evaluation import evaluate_run  # noqa: E402
 from glm_jax.run_dir import RunDir, load_run  # noqa: E402
@@ -59,16 +60,7 @@ experiment_lib.register("Study", Study)  # bound as Study.* in the study's gin f
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=None, help="study gin file (default ablate_attention.gin)")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes (ablate_attention_quick.gin): a smoke run")
-    parser.add_argument("--out_dir", default=None, help="run directories (default runs/ablate_attention[_quick])")
-    parser.add_argument("--results", default=None, help="report directory (default experiments/results)")
-    args, overrides = flags.parse_with_gin(parser, argv)
-    default_config = "ablate_attention_quick.gin" if args.quick else "ablate_attention.gin"
-    args.config = args.config or str(REPO / "experiments" / "configs" / default_config)
-    args.out_dir = Path(args.out_dir or REPO / "runs" / ("ablate_attention_quick" if args.quick else "ablate_attention"))
-    args.results = Path(args.results or REPO / "experiments" / "results")
-    return args, overrides
+    return parse_study_args(parser, argv, config="ablate_attention", runs="ablate_attention")
 
 
 # ------------------------------------------------------------------------- runs

@@ -34,9 +34,11 @@ import jax.numpy as jnp
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "experiments"))
+
+from study_args import parse_study_args  # noqa: E402
 
 from glm_jax import experiment as experiment_lib  # noqa: E402
-from glm_jax.cli import flags  # noqa: E402
 from glm_jax.data import batch as batch_schema  # noqa: E402
 from glm_jax.data.corpus import stdlib_root  # noqa: E402
 from glm_jax.data.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
@@ -73,16 +75,7 @@ QUESTION = "What is the pass key? The pass key is"
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=None, help="study gin file (default long_context.gin)")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes (long_context_quick.gin): a smoke run")
-    parser.add_argument("--out_dir", default=None, help="data and run directories (default runs/long_context[_quick])")
-    parser.add_argument("--results", default=None, help="report directory (default experiments/results)")
-    args, overrides = flags.parse_with_gin(parser, argv)
-    default_config = "long_context_quick.gin" if args.quick else "long_context.gin"
-    args.config = args.config or str(REPO / "experiments" / "configs" / default_config)
-    args.out_dir = Path(args.out_dir or REPO / "runs" / ("long_context_quick" if args.quick else "long_context"))
-    args.results = Path(args.results or REPO / "experiments" / "results")
-    return args, overrides
+    return parse_study_args(parser, argv, config="long_context", runs="long_context")
 
 
 # ----------------------------------------------------------------------- corpus
@@ -277,18 +270,23 @@ def passkey_batch(maker: PasskeyMaker, study: LongContext, length: int) -> dict:
     return causal_rows(sequences, length, maker.tokenizer.specials.pad, spans)
 
 
-def text_batch(tokenizer: Tokenizer, study: LongContext, length: int) -> dict:
-    """The first L + 1 tokens of each held-out file long enough for the longest L; every target scored."""
+def held_out_text(tokenizer: Tokenizer, study: LongContext) -> list[np.ndarray]:
+    """The first 8T + 1 tokens of each of the first eval_text_rows held-out files that long (read once)."""
     longest = max(study.factors) * study.train_length
     sequences = []
     for path in text_files(study)[1]:
         tokens = np.concatenate([tokenizer.prefix, tokenizer.encode(path.read_text(encoding="utf-8",
                                                                                     errors="replace"))])
         if len(tokens) > longest:
-            sequences.append(tokens[:length + 1].astype(np.int32))
+            sequences.append(tokens[:longest + 1].astype(np.int32))
         if len(sequences) == study.eval_text_rows:
             break
-    return causal_rows(sequences, length, tokenizer.specials.pad, [slice(0, length)] * len(sequences))
+    return sequences
+
+
+def text_batch(sequences: list[np.ndarray], length: int, pad_id: int) -> dict:
+    """Rows of the first L + 1 tokens of each held-out sequence; every target scored."""
+    return causal_rows([s[:length + 1] for s in sequences], length, pad_id, [slice(0, length)] * len(sequences))
 
 
 def score(scorer: Scorer, config: ModelConfig, params, passkeys: dict, text: dict, train_length: int) -> dict:
@@ -377,8 +375,7 @@ def _plot(rows: list[dict], study: LongContext, path: Path) -> None:
 def main(argv=None) -> int:
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     start = time.time()
-    (study,) = experiment_lib.read([args.config], overrides, "LongContext")
-    data = experiment_lib.read([args.config], overrides, "DataConfig")[0]
+    study, data = experiment_lib.read([args.config], overrides, "LongContext", "DataConfig")
     data_dir = args.out_dir / "data"
     tokenizer = prepare_data(study, data_dir, data.vocab_size)
     print("== base", flush=True)
@@ -391,7 +388,8 @@ def main(argv=None) -> int:
 
     T, maker, scorer = study.train_length, PasskeyMaker(tokenizer), Scorer(batch_size=16)
     base = load_run(base_dir)
-    batches = {f: (passkey_batch(maker, study, f * T), text_batch(tokenizer, study, f * T))
+    text = held_out_text(tokenizer, study)
+    batches = {f: (passkey_batch(maker, study, f * T), text_batch(text, f * T, tokenizer.specials.pad))
                for f in (1, *study.factors)}
     rows = [{"method": "none", "finetuned": False, "factor": 1, "length": T,
              **score(scorer, base.model, base.params, *batches[1], T)}]

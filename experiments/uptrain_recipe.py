@@ -30,9 +30,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "experiments"))
 
 from ablate_attention import Study  # noqa: E402  (registers Study.* for the study's gin files)
+from study_args import parse_study_args  # noqa: E402
 
 from glm_jax import experiment as experiment_lib  # noqa: E402
-from glm_jax.cli import flags  # noqa: E402
 from glm_jax.convert.uptrain import convert_run  # noqa: E402
 from glm_jax.evaluation import evaluate_model  # noqa: E402
 from glm_jax.run_dir import load_run  # noqa: E402
@@ -59,19 +59,10 @@ OLD_DEFAULT = "peak, cosine (restart)"
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=None, help="study gin file (default ablate_attention.gin)")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes (ablate_attention_quick.gin): a smoke run")
     parser.add_argument("--seeds", type=int, default=3, help="data seeds per recipe (the spread is the noise)")
     parser.add_argument("--best_only", action="store_true",
                         help="uptrain GQA / MQA with the best recipe only (not also the old default)")
-    parser.add_argument("--out_dir", default=None, help="run directories (default runs/uptrain_recipe[_quick])")
-    parser.add_argument("--results", default=None, help="report directory (default experiments/results)")
-    args, overrides = flags.parse_with_gin(parser, argv)
-    default_config = "ablate_attention_quick.gin" if args.quick else "ablate_attention.gin"
-    args.config = args.config or str(REPO / "experiments" / "configs" / default_config)
-    args.out_dir = Path(args.out_dir or REPO / "runs" / ("uptrain_recipe_quick" if args.quick else "uptrain_recipe"))
-    args.results = Path(args.results or REPO / "experiments" / "results")
-    return args, overrides
+    return parse_study_args(parser, argv, config="ablate_attention", runs="uptrain_recipe")
 
 
 def recipe_bindings(knobs: dict) -> list[str]:
