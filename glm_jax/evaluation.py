@@ -10,6 +10,7 @@ to the mean over all their masked tokens.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Callable
 
@@ -93,8 +94,14 @@ def evaluate_model(config: ModelConfig, params, data: DataConfig, objective: Obj
                    num_batches: int = 8, split: str = "eval") -> dict:
     """evaluate() of one model in this process (no mesh) on a run's eval stream."""
     batches = eval_stream(data, objective, tokenizer, split, process_index=0, process_count=1)
-    return evaluate(jax.jit(make_eval_step(config)), params, batches, num_batches,
+    return evaluate(_jitted_eval_step(config), params, batches, num_batches,
                     to_device=lambda batch: {k: np.asarray(v) for k, v in batch.items()})
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted_eval_step(config: ModelConfig) -> Callable:
+    """One compiled eval step per architecture: a study scoring many runs of one layout compiles it once."""
+    return jax.jit(make_eval_step(config))
 
 
 def evaluate_run(run, num_batches: int = 8, split: str = "eval") -> dict:

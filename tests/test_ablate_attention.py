@@ -1,8 +1,11 @@
-"""`experiments/ablate_attention.py --quick` runs the whole study end to end and writes its report."""
+"""`experiments/ablate_attention.py --quick --seeds 2` runs the whole multi-seed study end to end and writes
+its report."""
 
 import json
 import subprocess
 import sys
+
+import numpy as np
 
 from data_fixtures import write_text_corpus
 from train_fixtures import REPO, subprocess_env
@@ -13,7 +16,7 @@ def test_quick_study_writes_tables_and_plots(tmp_path):
     corpus.mkdir()
     write_text_corpus(corpus, count=150)
     results = tmp_path / "results"
-    command = [sys.executable, "experiments/ablate_attention.py", "--quick", f"--out_dir={tmp_path / 'runs'}",
+    command = [sys.executable, "experiments/ablate_attention.py", "--quick", "--seeds=2", f"--out_dir={tmp_path / 'runs'}",
                f"--results={results}", f"--gin.DataConfig.source='text:{corpus}/*.txt'",
                f"--gin.DataConfig.cache_dir='{tmp_path / 'cache'}'"]
     done = subprocess.run(command, capture_output=True, text=True, env=subprocess_env(1), cwd=REPO, timeout=600)
@@ -23,7 +26,22 @@ def test_quick_study_writes_tables_and_plots(tmp_path):
     for row in ("| MHA |", "| GQA-2 (scratch) |", "| MQA (scratch) |", "| GQA-2 (mean, uptrained a=0.1) |",
                 "| MQA (mean, uptrained a=0.1) |", "| GQA2 | mean |", "| MQA | random |", "| MHA (control) | identity |"):
         assert row in report, f"missing {row!r} in\n{report}"
-    rows = {r["name"]: r for r in json.loads((results / "attention_ablation.json").read_text())["rows"]}
+    assert "| mqa_mean_a0.1 |" in report and "- alpha = 0.1, MQA: mean < random in" in report  # paired differences, method order
+    saved = json.loads((results / "attention_ablation.json").read_text())
+    rows = {r["name"]: r for r in saved["rows"] if r["seed"] == 0}
+    other = {r["name"]: r for r in saved["rows"] if r["seed"] == 1}
+    assert rows.keys() == other.keys()
+    assert rows["mha"]["eval_loss"] != other["mha"]["eval_loss"]  # the seed changes initialisation and data
+    # The summary is the mean and sample standard deviation of the two seeds' scores.
+    for name, record in saved["summary"].items():
+        losses = [rows[name]["eval_loss"], other[name]["eval_loss"]]
+        np.testing.assert_allclose(record["eval_loss"], np.mean(losses), rtol=1e-12)
+        np.testing.assert_allclose(record["eval_loss_std"], np.std(losses, ddof=1), rtol=1e-9)
+        assert f"{record['eval_loss']:.4f} ± {record['eval_loss_std']:.4f}" in report
+    difference = np.mean([rows["gqa2_mean_a0.1"]["eval_loss"] - rows["mha_continued_a0.1"]["eval_loss"],
+                          other["gqa2_mean_a0.1"]["eval_loss"] - other["mha_continued_a0.1"]["eval_loss"]])
+    row = next(line for line in report.splitlines() if line.startswith("| gqa2_mean_a0.1 |"))
+    assert row.split("|")[3].strip().startswith(f"{difference:+.4f} ± "), row  # minus the control, same seed
     # The layouts' measured cache bytes per token are in the ratio of their KV heads (4 : 2 : 1).
     assert rows["mha"]["kv_bytes_per_token"] == 2 * rows["gqa2_scratch"]["kv_bytes_per_token"] \
         == 4 * rows["mqa_scratch"]["kv_bytes_per_token"]
