@@ -78,8 +78,9 @@ def test_batch_schema_matches_what_the_pipeline_yields():
     mesh = make_mesh(MeshConfig(2, 4, 1))
     abstract = abstract_batch(mesh, 8, 128)
     assert abstract["positions"].shape == (8, 2, 128)
-    assert abstract["positions"].sharding.spec == PartitionSpec(("data", "fsdp"), None, None)
-    assert batch_shardings(mesh)["tokens"].spec == PartitionSpec(("data", "fsdp"), None)
+    # Rows over data x fsdp; the length axis over 'sequence' (one device here: nothing split).
+    assert abstract["positions"].sharding.spec == PartitionSpec(("data", "fsdp"), None, "sequence")
+    assert batch_shardings(mesh)["tokens"].spec == PartitionSpec(("data", "fsdp"), "sequence")
 
 
 def test_micro_batches_give_every_device_an_equal_local_share():

@@ -38,7 +38,7 @@ def test_eight_device_mesh_equals_one_device_and_params_are_sharded(tmp_path):
     params, step = restore_params(tmp_path / "mesh8", jax.tree_util.tree_map(
         lambda x: x, _unboxed_abstract(config)), shardings=shardings)
     query = params["layers"]["attention"]["query"]["kernel"]
-    assert step == 5 and query.sharding.spec == PartitionSpec(None, "fsdp", "tensor", None)
+    assert step == 5 and query.sharding.spec == PartitionSpec(None, ("fsdp", "sequence"), "tensor", None)
     assert len({str(s.index) for s in query.addressable_shards}) == 4  # 2 fsdp x 2 tensor pieces
 
 
@@ -58,6 +58,22 @@ def test_multiprocess_run_equals_single_process(tmp_path):
                     *overrides], check=True, env=env, capture_output=True, timeout=300)
     np.testing.assert_allclose(summary(tmp_path / "multi")["losses"], summary(tmp_path / "single")["losses"],
                                rtol=1e-5)
+
+
+@pytest.mark.slow  # 2 processes x 3 steps, about 95 s; the in-process 8-device test covers the split itself
+def test_sequence_split_across_two_processes_equals_one_process(tmp_path):
+    """MeshConfig.sequence = 4 over 2 processes x 2 devices: both processes load the same rows and each
+    places its half of every sequence (parallel.batch.row_shard / global_batch); losses equal 1 device."""
+    single = train_in_process(experiment(tmp_path, "single", 3, mesh_bindings(1, 1, 1, 1, "fsdp")))
+    bindings = experiment(tmp_path, "multi", 3, ["MeshConfig.data = 1", "MeshConfig.fsdp = 1",
+                                                 "MeshConfig.sequence = 4", "train.sharding = 'fsdp'"])
+    overrides = [f"--gin_param={b}" for b in bindings if not b.startswith("include")]
+    env = subprocess_env(4)
+    env["DEVICES_PER_PROCESS"] = "2"
+    done = subprocess.run([str(REPO / "launch.sh"), "multiprocess", "2", str(REPO / "glm_jax/configs/base.gin"),
+                           *overrides], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    np.testing.assert_allclose(summary(tmp_path / "multi")["losses"], single["losses"], rtol=1e-5)
 
 
 def test_sigkill_after_checkpoint_resumes_bitwise_and_partial_saves_are_ignored(tmp_path):
@@ -92,6 +108,27 @@ def test_restore_onto_a_smaller_mesh(tmp_path):
     a, _ = restore_params(tmp_path / "big", _unboxed_abstract(config), step=3)
     b, _ = restore_params(tmp_path / "small", _unboxed_abstract(config), step=3)
     jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
+
+
+def test_context_parallel_training_equals_one_device_and_resumes_on_one(tmp_path):
+    """4-way sequence x 2 data (every sequence split over 4 devices, glm_jax/kernels/context_parallel.py) trains
+    like one device, and its checkpoint continues on a mesh without the split to the same next loss."""
+    one = train_in_process(experiment(tmp_path, "one", 4, mesh_bindings(1, 1, 1, 1, "fsdp")))
+    split = experiment(tmp_path, "split", 3, mesh_bindings(2, 1, 1, 8, "fsdp") + ["MeshConfig.sequence = 4"])
+    np.testing.assert_allclose(train_in_process(split)["losses"], one["losses"][:3], rtol=1e-5)
+    resumed = train_in_process(experiment(tmp_path, "split", 4, mesh_bindings(1, 1, 1, 1, "fsdp")))
+    np.testing.assert_allclose(resumed["losses"], one["losses"][3:], rtol=1e-5)
+    # The run decodes like any other (decoding never splits sequences): greedy tokens as one device's.
+    from glm_jax.infer import prompts
+    from glm_jax.infer.generate import Generator
+    from glm_jax.run_dir import load_run
+
+    outputs = []
+    for name in ("split", "one"):
+        run = load_run(tmp_path / name)
+        batch = prompts.make_prompt_batch([np.arange(5, 25, dtype=np.int32)] * 2, run.tokenizer.specials, "causal")
+        outputs.append(Generator(run.model, run.params, run.tokenizer.specials).generate(batch, "causal", 6)["tokens"])
+    np.testing.assert_array_equal(*outputs)
 
 
 def test_shape_mismatch_names_the_parameter(tmp_path):

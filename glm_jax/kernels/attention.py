@@ -60,7 +60,9 @@ def attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray,
       q_offset: query t is key position q_offset + t; default S - T (the last T
         positions, e.g. one chunk of a long prefill against all keys up to it).
         With T == S the rule is docs/design.md's; otherwise each query gets its row of
-        the full S x S mask.
+        the full S x S mask. May be traced, or a [T] int32 array of the queries'
+        increasing key positions (a device's chunks under context parallelism,
+        glm_jax/kernels/context_parallel.py).
       return_lse: also return each query's float32 log-sum-exp of its allowed scores,
         [B, T, Hq], differentiable (every implementation): what merges these keys with
         other keys, e.g. P-tuning v2's learned prefix (kernels/learned_prefix.py).

@@ -62,21 +62,25 @@ def padded_lengths(q_len: int, kv_len: int, block_q: int, block_k: int) -> tuple
     return padded_q, keys + (-keys % block_k)
 
 
-def padded_ranges(segment_ids, prefix_mask, q_len: int, q_offset: int, block_q: int, block_k: int):
+def padded_ranges(segment_ids, prefix_mask, q_len: int, q_offset, block_q: int, block_k: int):
     """Key ranges per query and query ranges per key (kernels/masks.py) for a padded query window.
 
-    segment_ids, prefix_mask: [B, S] of the keys; query t is key position q_offset + t.
-    Padded query T + u sees only the padded key S + u (every row sees something, so no
-    row's softmax is empty) and the remaining padded keys are seen by no query. A key
-    that no query of the window sees gets the empty range (padded T, 0).
+    segment_ids, prefix_mask: [B, S] of the keys; query t is key position q_offset + t
+    (q_offset static or traced), or q_offset[t] when it is an array of increasing positions
+    (masks.query_positions). Padded query T + u sees only the padded key S + u (every row
+    sees something, so no row's softmax is empty) and the remaining padded keys are seen by
+    no query. A key that no query of the window sees gets the empty range (padded T, 0).
     Returns (k_start, k_end) [B, T padded] in key indices and (q_start, q_end)
     [B, S padded] in query indices.
     """
     S = segment_ids.shape[1]
     T = q_len
     padded_q, padded_k = padded_lengths(T, S, block_q, block_k)
-    ks, ke = (x[:, q_offset:q_offset + T] for x in masks.key_ranges(segment_ids, prefix_mask))
-    qs, qe = (jnp.clip(x - q_offset, 0, T) for x in masks.query_ranges(segment_ids, prefix_mask))
+    positions = masks.query_positions(T, S, q_offset)
+    ks, ke = (jnp.take(x, positions, axis=1) for x in masks.key_ranges(segment_ids, prefix_mask))
+    # The queries that see a key are one range of positions; with increasing positions, one range of
+    # query indices too: those whose position lies in it (for a window, clip(range - q_offset, 0, T)).
+    qs, qe = (jnp.searchsorted(positions, x).astype(jnp.int32) for x in masks.query_ranges(segment_ids, prefix_mask))
     empty = qe <= qs
     qs, qe = jnp.where(empty, padded_q, qs), jnp.where(empty, 0, qe)
     query = jnp.arange(padded_q, dtype=jnp.int32)[None]

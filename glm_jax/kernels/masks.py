@@ -14,39 +14,59 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # Large but finite: exp(mask - max) underflows to 0 without inf - inf = NaN.
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
 def dense_mask(segment_ids: jnp.ndarray, prefix_mask: jnp.ndarray, q_len: int | None = None,
-               q_offset: int = 0) -> jnp.ndarray:
+               q_offset=0) -> jnp.ndarray:
     """[B, S] ids and prefix flags -> [B, q_len, S] bool mask of the rule.
 
     Query t is key position q_offset + t (all S positions by default), so a shorter
     query window (a chunk of a prefill, the last tokens of a sequence) gets the rows
-    of the full mask it would get inside the whole sequence.
+    of the full mask it would get inside the whole sequence. q_offset may also be
+    traced, or the [q_len] positions themselves (query_positions).
     """
     S = segment_ids.shape[-1]
     q_len = S if q_len is None else q_len
-    q_index = q_offset + jnp.arange(q_len)
-    q_segment = segment_ids[:, q_offset:q_offset + q_len]
+    q_index = query_positions(q_len, S, q_offset)
+    q_segment = jnp.take(segment_ids, q_index, axis=1)
     same_segment = q_segment[:, :, None] == segment_ids[:, None, :]
     causal = jnp.arange(S)[None, :] <= q_index[:, None]  # [q, k]: k <= q
     visible = causal[None] | prefix_mask[:, None, :].astype(bool)
     return same_segment & visible
 
 
-def check_query_window(q_len: int, kv_len: int, q_offset: int | None) -> int:
-    """The query window's first key position (default: the last q_len keys), validated."""
+def check_query_window(q_len: int, kv_len: int, q_offset):
+    """Where the queries are, validated: q_offset as given, or the last q_len keys when it is None.
+
+    q_offset is a static int (query t is key position q_offset + t), a traced scalar, or a
+    [q_len] int32 array of increasing key positions, e.g. a device's chunks under context
+    parallelism (glm_jax/kernels/context_parallel.py); traced values are the caller's to keep in range.
+    """
     if q_len > kv_len:
         raise ValueError(f"{q_len} queries but only {kv_len} keys; queries are positions of the key sequence, "
                          "so pass at least as many keys (the whole sequence up to the last query)")
     q_offset = kv_len - q_len if q_offset is None else q_offset
+    if not isinstance(q_offset, (int, np.integer)):
+        if jnp.ndim(q_offset) not in (0, 1) or (jnp.ndim(q_offset) == 1 and jnp.shape(q_offset)[0] != q_len):
+            raise ValueError(f"q_offset of shape {jnp.shape(q_offset)}: pass a scalar offset or the {q_len} "
+                             "queries' key positions")
+        return q_offset
     if not 0 <= q_offset <= kv_len - q_len:
         raise ValueError(f"q_offset {q_offset} puts queries [{q_offset}, {q_offset + q_len}) outside the "
                          f"{kv_len} keys; use 0 <= q_offset <= {kv_len - q_len}")
     return q_offset
+
+
+def query_positions(q_len: int, kv_len: int, q_offset) -> jnp.ndarray:
+    """[q_len] int32 key position of every query (check_query_window's q_offset forms)."""
+    q_offset = check_query_window(q_len, kv_len, q_offset)
+    if jnp.ndim(q_offset) == 1:
+        return jnp.asarray(q_offset, jnp.int32)
+    return q_offset + jnp.arange(q_len, dtype=jnp.int32)
 
 
 def segment_bounds(segment_ids: jnp.ndarray):

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 
 from glm_jax import kernels
 from glm_jax.kernels import masks
+from glm_jax.kernels.context_parallel import context_parallel_attention, sequence_shards
 from glm_jax.kernels.learned_prefix import attention_with_learned_prefix
 from glm_jax.model import rope
 from glm_jax.model.config import ModelConfig
@@ -106,6 +107,11 @@ class Attention(nn.Module):
 
     def _attend(self, q, k, v, segment_ids, prefix_mask, learned):
         impl = self.config.attention_impl
+        if sequence_shards(jax.sharding.get_abstract_mesh()) > 1:  # tokens in context order (parallel/batch.py)
+            if learned is not None:
+                raise ValueError("P-tuning v2 (ModelConfig.pre_seq_len) does not run with context parallelism; "
+                                 "use MeshConfig.sequence = 1")
+            return context_parallel_attention(q, k, v, segment_ids, prefix_mask, impl=impl)
         if learned is None:
             return kernels.attention(q, k, v, segment_ids, prefix_mask, impl=impl)
         return attention_with_learned_prefix(q, k, v, segment_ids, prefix_mask, *learned, impl=impl)

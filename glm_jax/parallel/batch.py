@@ -1,8 +1,10 @@
-"""How a batch lies on the mesh: rows over ('data', 'fsdp'), everything else whole.
+"""How a batch lies on the mesh: rows over ('data', 'fsdp'), the length axis over 'sequence'.
 
 Derived from the batch schema (glm_jax.data.batch), so the training loop's input
 shardings, the preflight's abstract batch and gradient accumulation's micro-batches
-agree on one definition.
+agree on one definition. When the mesh splits sequences (MeshConfig.sequence > 1) the
+tokens of every row are put in context order first (glm_jax/kernels/context_parallel.py), so
+each device's slice of the length axis is its load-balanced share of the sequence.
 """
 
 from __future__ import annotations
@@ -10,17 +12,30 @@ from __future__ import annotations
 import math
 
 import jax
+import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from glm_jax.data import batch as batch_schema
+from glm_jax.kernels.context_parallel import SEQUENCE_AXIS, layout_chunk, sequence_shards, to_context_order
 
 ROW_AXES = ("data", "fsdp")
 
 
 def batch_shardings(mesh: Mesh) -> dict[str, NamedSharding]:
-    """{field: NamedSharding}: the batch axis over ('data', 'fsdp'), the rest replicated."""
-    return {f.name: NamedSharding(mesh, PartitionSpec(ROW_AXES, *([None] * (len(f.leading) + 1))))
+    """{field: NamedSharding}: the batch axis over ('data', 'fsdp'), the length axis over 'sequence'."""
+    return {f.name: NamedSharding(mesh, PartitionSpec(ROW_AXES, *([None] * len(f.leading)), SEQUENCE_AXIS))
             for f in batch_schema.FIELDS}
+
+
+def check_sequence_fits_mesh(seq_len: int, mesh: Mesh, pre_seq_len: int = 0) -> None:
+    """Raises a ValueError naming the knobs when sequences cannot be split over the mesh's 'sequence' axis."""
+    shards = sequence_shards(mesh)
+    if shards == 1:
+        return
+    layout_chunk(seq_len, shards)
+    if pre_seq_len:
+        raise ValueError(f"P-tuning v2 (ModelConfig.pre_seq_len = {pre_seq_len}) does not run with context "
+                         f"parallelism (MeshConfig.sequence = {shards}); use MeshConfig.sequence = 1")
 
 
 def check_batch_fits_mesh(batch_size: int, grad_accum_steps: int, mesh: Mesh) -> None:
@@ -50,9 +65,37 @@ def abstract_batch(mesh: Mesh, batch_size: int, seq_len: int) -> dict[str, jax.S
             for name, (shape, dtype) in batch_schema.batch_shapes(batch_size, seq_len).items()}
 
 
-def global_batch(local: dict, shardings: dict[str, NamedSharding]) -> dict[str, jax.Array]:
-    """This process's rows -> global jax.Arrays sharded over ('data', 'fsdp')."""
-    return {k: jax.make_array_from_process_local_data(shardings[k], v) for k, v in local.items()}
+def row_shard(mesh: Mesh) -> tuple[int, int]:
+    """(index, count): which slice of every global batch's rows this process loads, of how many.
+
+    Normally each process holds rows of its own: (process index, process count). When one
+    sequence is split over devices of several processes ('sequence' spanning hosts), those
+    processes hold the same rows (each its part of the tokens), so they load the same slice:
+    processes are grouped by the row coordinates (data, fsdp) of their devices.
+    """
+    rows_of = {}
+    row_axes = [mesh.axis_names.index(axis) for axis in ROW_AXES if axis in mesh.axis_names]
+    for coords in np.ndindex(mesh.devices.shape):
+        owner = mesh.devices[coords].process_index
+        rows_of.setdefault(owner, set()).add(tuple(coords[i] for i in row_axes))
+    groups = sorted({frozenset(rows) for rows in rows_of.values()}, key=min)
+    if len(groups) == jax.process_count():
+        return jax.process_index(), jax.process_count()
+    return groups.index(frozenset(rows_of[jax.process_index()])), len(groups)
+
+
+def global_batch(local: dict, shardings: dict[str, NamedSharding], row_shards: int | None = None
+                 ) -> dict[str, jax.Array]:
+    """This process's rows -> global jax.Arrays sharded over ('data', 'fsdp') (and their tokens in
+    context order over 'sequence' when the mesh splits sequences). row_shards: how many slices of
+    rows make the global batch (row_shard; default one per process). Every row is passed whole:
+    a process whose devices hold part of a sequence takes its part from it."""
+    shards = sequence_shards(next(iter(shardings.values())).mesh)
+    if shards > 1:
+        local = {k: to_context_order(v, shards, axis=v.ndim - 1) for k, v in local.items()}
+    row_shards = jax.process_count() if row_shards is None else row_shards
+    return {k: jax.make_array_from_process_local_data(shardings[k], v, (v.shape[0] * row_shards, *v.shape[1:]))
+            for k, v in local.items()}
 
 
 def split_micro_batches(batch: dict, num_micro: int) -> dict:
@@ -74,7 +117,8 @@ def split_micro_batches(batch: dict, num_micro: int) -> dict:
         micro = x.reshape(rows // num_micro, num_micro, *x.shape[1:]).swapaxes(0, 1)
         if mesh.empty or (rows // num_micro) % row_devices:
             return micro  # fewer rows per micro-batch than devices: no even split exists
-        spec = PartitionSpec(None, ROW_AXES, *([None] * (x.ndim - 1)))
+        length = SEQUENCE_AXIS if SEQUENCE_AXIS in mesh.axis_names else None  # every field ends with T
+        spec = PartitionSpec(None, ROW_AXES, *([None] * (x.ndim - 2)), length)
         return jax.lax.with_sharding_constraint(micro, spec)
 
     return jax.tree_util.tree_map(split, batch)

@@ -1,4 +1,4 @@
-"""Device meshes ('data', 'fsdp', 'tensor') and multi-host initialisation.
+"""Device meshes ('data', 'fsdp', 'sequence', 'tensor') and multi-host initialisation.
 
 Mesh sizes come from the experiment's MeshConfig; one size may be -1 and takes the remaining devices.
 Multi-slice TPU runs give the DCN (between-slice) factor of each axis and get a
@@ -23,6 +23,8 @@ from glm_jax.parallel.rules import MESH_AXES
 class MeshConfig:
     """Sizes of the mesh axes; -1 fills the rest. dcn_* are between-slice factors.
 
+    sequence: devices one sequence is split over (context parallelism,
+    glm_jax/kernels/context_parallel.py); 1 keeps every sequence on one device.
     num_devices: use only the first N devices (None = all), e.g. to compare a run
     on fewer devices.
     """
@@ -30,13 +32,22 @@ class MeshConfig:
     data: int = 1
     fsdp: int = -1
     tensor: int = 1
+    sequence: int = 1
     dcn_data: int = 1
     dcn_fsdp: int = 1
     dcn_tensor: int = 1
+    dcn_sequence: int = 1
     num_devices: int | None = None
 
-    def shape(self, num_devices: int) -> tuple[int, int, int]:
-        return resolve_shape((self.data, self.fsdp, self.tensor), num_devices)
+    def sizes(self) -> tuple[int, ...]:
+        """The axis sizes in MESH_AXES order."""
+        return tuple(getattr(self, axis) for axis in MESH_AXES)
+
+    def dcn_sizes(self) -> tuple[int, ...]:
+        return tuple(getattr(self, f"dcn_{axis}") for axis in MESH_AXES)
+
+    def shape(self, num_devices: int) -> tuple[int, ...]:
+        return resolve_shape(self.sizes(), num_devices)
 
 
 def resolve_shape(sizes: tuple[int, ...], num_devices: int) -> tuple[int, ...]:
@@ -55,16 +66,16 @@ def resolve_shape(sizes: tuple[int, ...], num_devices: int) -> tuple[int, ...]:
 
 
 def make_mesh(config: MeshConfig = MeshConfig(), devices=None) -> Mesh:
-    """The ('data', 'fsdp', 'tensor') mesh over `devices` (default: all devices)."""
+    """The ('data', 'fsdp', 'sequence', 'tensor') mesh over `devices` (default: all devices)."""
     devices = list(jax.devices() if devices is None else devices)
     if config.num_devices is not None:
         if config.num_devices > len(devices):
             raise ValueError(f"MeshConfig.num_devices {config.num_devices} exceeds the {len(devices)} devices")
         devices = devices[:config.num_devices]
-    dcn = (config.dcn_data, config.dcn_fsdp, config.dcn_tensor)
+    dcn = config.dcn_sizes()
     if math.prod(dcn) > 1:
         num_slices = math.prod(dcn)
-        ici = resolve_shape((config.data, config.fsdp, config.tensor), len(devices) // num_slices)
+        ici = resolve_shape(config.sizes(), len(devices) // num_slices)
         grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
     else:
         shape = config.shape(len(devices))

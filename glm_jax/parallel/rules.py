@@ -4,26 +4,33 @@ Parameters are named with `vocab, embed, heads, kv_heads, head_dim, mlp, layers`
 activations with `activation_batch, activation_length, activation_embed,
 activation_heads, activation_kv_heads, activation_mlp, activation_vocab` (kept
 apart from the parameter names so FSDP can shard a weight's 'embed' axis without
-sharding the activations' model dimension). Mesh axes: ('data', 'fsdp', 'tensor').
-A logical name absent from a table is replicated.
+sharding the activations' model dimension). Mesh axes: ('data', 'fsdp', 'sequence',
+'tensor'). A logical name absent from a table is replicated. Every table splits the
+activations' length over 'sequence' (context parallelism, glm_jax/kernels/context_parallel.py);
+with MeshConfig.sequence = 1 (the default) that axis has one device and changes nothing.
 """
 
 from __future__ import annotations
 
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "sequence", "tensor")
 
 _BATCH = ("activation_batch", ("data", "fsdp"))
+_LENGTH = ("activation_length", "sequence")
+# Weights are split over 'sequence' too (as MaxText does): the devices that share one sequence
+# would otherwise each hold a whole FSDP shard, n times the memory for the same model.
+_EMBED = ("embed", ("fsdp", "sequence"))
 
 RULES: dict[str, tuple[tuple[str, object], ...]] = {
     # Every device holds every parameter; the batch is split over all devices.
-    "data_parallel": (_BATCH,),
+    "data_parallel": (_BATCH, _LENGTH),
     # ZeRO-3 style: parameters and optimizer state split over 'fsdp' along 'embed'.
-    "fsdp": (_BATCH, ("embed", "fsdp")),
+    "fsdp": (_BATCH, _LENGTH, _EMBED),
     # FSDP plus Megatron tensor parallelism over heads / mlp / vocab.
     "fsdp_tp": (
         _BATCH,
-        ("embed", "fsdp"),
+        _LENGTH,
+        _EMBED,
         ("heads", "tensor"),
         ("kv_heads", "tensor"),
         ("mlp", "tensor"),

@@ -25,7 +25,8 @@ from glm_jax.evaluation import eval_stream, evaluate, make_eval_step
 from glm_jax.experiment import Experiment
 from glm_jax.model import ModelConfig
 from glm_jax.optim import make_optimizer
-from glm_jax.parallel.batch import batch_shardings, check_batch_fits_mesh, global_batch
+from glm_jax.parallel.batch import (batch_shardings, check_batch_fits_mesh, check_sequence_fits_mesh,
+                                    global_batch, row_shard)
 from glm_jax.parallel.mesh import make_mesh
 from glm_jax.parallel.rules import logical_axis_rules
 from glm_jax.run_dir import RunDir
@@ -59,6 +60,8 @@ def _train(experiment: Experiment, stop: _StopSignals) -> dict:
     run = RunDir(settings.run_dir)
     mesh, rules = make_mesh(experiment.mesh), logical_axis_rules(settings.sharding)
     check_batch_fits_mesh(experiment.data.batch_size, experiment.optimizer.grad_accum_steps, mesh)
+    check_sequence_fits_mesh(experiment.data.seq_len, mesh, model.pre_seq_len)
+    shard_index, shard_count = row_shard(mesh)  # processes that share a split sequence load the same rows
 
     base = RunDir.resolve(settings.init_from) if settings.init_from else None
     data = experiment.data
@@ -91,8 +94,9 @@ def _train(experiment: Experiment, stop: _StopSignals) -> dict:
         return {"final_train_loss": None, "losses": [],
                 "checkpoint": str(checkpoints.directory / str(checkpoints.latest_step())),
                 "preempted": False, "stopped_by": None}
-    batches = make_batches(data, experiment.objective, "train", tokenizer=tokenizer, state=data_state)
-    eval_data = eval_stream(data, experiment.objective, tokenizer)
+    batches = make_batches(data, experiment.objective, "train", shard_index, shard_count, tokenizer, data_state)
+    eval_data = eval_stream(data, experiment.objective, tokenizer, process_index=shard_index,
+                            process_count=shard_count)
 
     with jax.set_mesh(mesh):
         train_step = jax.jit(make_train_step(model, tx, schedule, rules, experiment.optimizer.grad_accum_steps,
@@ -111,7 +115,7 @@ def _train(experiment: Experiment, stop: _StopSignals) -> dict:
             # The step only dispatches: its metrics stay on the device until the window is fetched
             # (the guard makes a stray per-step host sync an error on GPU / TPU).
             with jax.set_mesh(mesh), jax.transfer_guard_device_to_host("disallow"):
-                state, step_metrics = train_step(state, global_batch(local, batch_sharding), *frozen)
+                state, step_metrics = train_step(state, global_batch(local, batch_sharding, shard_count), *frozen)
             window.add(step + 1, step_metrics, local, started)
 
             checkpoint_due = (step + 1) % settings.checkpoint_every == 0
@@ -121,7 +125,7 @@ def _train(experiment: Experiment, stop: _StopSignals) -> dict:
             stop_seen = jax.process_count() == 1 and stop.requested
             done = step + 1 == settings.steps or stop_seen
             if done or checkpoint_due or eval_due or (step + 1) % settings.log_every == 0:
-                last = _log_window(window, model, peak, logger, checkpoints, settings.log_every) or last
+                last = _log_window(window, model, peak, logger, checkpoints, settings.log_every, shard_count) or last
                 done = done or stop.agreed()
             if checkpoint_due or done:
                 checkpoints.save(step + 1, state.params, state.opt_state, _all_data_states(batches),
@@ -130,7 +134,7 @@ def _train(experiment: Experiment, stop: _StopSignals) -> dict:
                 with jax.set_mesh(mesh):
                     scores = evaluate(lambda params, batch: eval_step(params, batch, *frozen), state.params,
                                       eval_data, settings.eval_batches,
-                                      to_device=lambda batch: global_batch(batch, batch_sharding))
+                                      to_device=lambda batch: global_batch(batch, batch_sharding, shard_count))
                 logger.log_eval(step + 1, scores)
             if done:
                 break
@@ -239,7 +243,7 @@ class _MetricsWindow:
 
 
 def _log_window(window: _MetricsWindow, model: ModelConfig, peak: float | None, logger: RunLogger,
-                checkpoints, log_every: int) -> dict:
+                checkpoints, log_every: int, row_shards: int) -> dict:
     """Fetches the window, stops on a non-finite loss (before anything is saved), logs every step.
 
     Returns the last step's metrics ({} for an empty window).
@@ -256,16 +260,17 @@ def _log_window(window: _MetricsWindow, model: ModelConfig, peak: float | None, 
                 "rate or raise grad clipping / z_loss and resume from it")
     last = {}
     for step, metrics, batch_rows in rows:
-        last = {**metrics, **_throughput(model, batch_rows, seconds, peak)}
+        last = {**metrics, **_throughput(model, batch_rows, seconds, peak, row_shards)}
         logger.log_step(step, last, steady)
     return last
 
 
-def _throughput(model: ModelConfig, rows: dict, seconds: float, peak: float | None) -> dict:
-    """Rates of one step of this process's rows (tokens, segment_ids, prefix_mask) taking `seconds`."""
-    tokens = rows["tokens"] * jax.process_count()
+def _throughput(model: ModelConfig, rows: dict, seconds: float, peak: float | None, row_shards: int) -> dict:
+    """Rates of one step of this process's rows (tokens, segment_ids, prefix_mask) taking `seconds`;
+    the global batch is row_shards such slices (parallel.batch.row_shard)."""
+    tokens = rows["tokens"] * row_shards
     pairs = flops.training_flops_both(model, rows["segment_ids"], rows["prefix_mask"])
-    per_device = {key: pairs[key] * jax.process_count() / seconds / jax.device_count()
+    per_device = {key: pairs[key] * row_shards / seconds / jax.device_count()
                   for key in ("attended", "full_matrix")}
     rates = {"step_seconds": seconds, "tokens_per_second": tokens / seconds,
              "model_flops_per_device": per_device["attended"]}
