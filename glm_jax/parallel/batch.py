@@ -54,8 +54,10 @@ def check_batch_fits_mesh(batch_size: int, grad_accum_steps: int, mesh: Mesh) ->
         raise ValueError(f"DataConfig.batch_size = {batch_size} rows cannot be spread over the {row_devices} devices "
                          f"of the mesh's data x fsdp axes ({layout}); use a batch size that is a multiple of "
                          f"{row_devices}, or change MeshConfig (num_devices or the axis sizes)")
-    if batch_size % jax.process_count():
-        raise ValueError(f"DataConfig.batch_size {batch_size} does not divide among {jax.process_count()} processes")
+    loaders = row_shard(mesh)[1]  # processes that share a split sequence load the same rows
+    if batch_size % loaders:
+        raise ValueError(f"DataConfig.batch_size {batch_size} does not divide among the {loaders} processes that load "
+                         "rows; use a multiple of it")
 
 
 def abstract_batch(mesh: Mesh, batch_size: int, seq_len: int) -> dict[str, jax.ShapeDtypeStruct]:
