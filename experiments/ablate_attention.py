@@ -165,9 +165,13 @@ def summarize(rows: list[dict]) -> dict[str, dict]:
     return summary
 
 
-def paired(rows: list[dict], name: str, baseline: str) -> list[float]:
+def losses_by_seed(rows: list[dict]) -> dict[tuple[str, int], float]:
+    """{(model name, seed): eval loss}: what the paired comparisons read."""
+    return {(r["name"], r["seed"]): r["eval_loss"] for r in rows}
+
+
+def paired(loss: dict, name: str, baseline: str) -> list[float]:
     """Per seed, eval loss of `name` minus that of `baseline` (both made with that seed)."""
-    loss = {(r["name"], r["seed"]): r["eval_loss"] for r in rows}
     return [loss[name, s] - loss[baseline, s] for (n, s) in loss if n == name and (baseline, s) in loss]
 
 
@@ -177,17 +181,17 @@ def spread(values: list[float], digits: int = 4, sign: str = "") -> str:
     return mean if len(values) == 1 else f"{mean} ± {statistics.stdev(values):.{digits}f}"
 
 
+def loss_cell(record: dict, seeds: int) -> str:
+    """A model's eval loss, '± std' over seeds when there are several."""
+    return f"{record['eval_loss']:.4f}" + (f" ± {record['eval_loss_std']:.4f}" if seeds > 1 else "")
+
+
 def score_cell(record: dict | None, seeds: int) -> str:
-    if record is None:
-        return "-"
-    loss = f"{record['eval_loss']:.4f}" + (f" ± {record['eval_loss_std']:.4f}" if seeds > 1 else "")
-    return f"{loss} ({record['accuracy']:.3f})"
+    return "-" if record is None else f"{loss_cell(record, seeds)} ({record['accuracy']:.3f})"
 
 
-def ordering_counts(rows: list[dict], target: str, methods: tuple, alpha: float, seeds: int) -> str:
+def ordering_counts(loss: dict, target: str, methods: tuple, alpha: float, seeds: int) -> str:
     """In how many seeds each consecutive pair of methods is ordered as listed at `alpha` (lower loss first)."""
-    loss = {(r["name"], r["seed"]): r["eval_loss"] for r in rows}
-
     def ordered(a: str, b: str, seed: int) -> bool:
         return loss[f"{target}_{a}_a{alpha:g}", seed] < loss[f"{target}_{b}_a{alpha:g}", seed]
 
@@ -202,7 +206,7 @@ def ordering_counts(rows: list[dict], target: str, methods: tuple, alpha: float,
 def write_report(rows: list[dict], study: Study, num_heads: int, seeds: int, results: Path, seconds: float,
                  quick: bool):
     results.mkdir(parents=True, exist_ok=True)
-    by_name = summarize(rows)
+    by_name, loss = summarize(rows), losses_by_seed(rows)
     G = study.gqa_kv_heads
     first_alpha = study.alphas[0]
     headline = [("MHA", "mha"), (f"GQA-{G} (scratch)", f"gqa{G}_scratch"), ("MQA (scratch)", "mqa_scratch"),
@@ -227,9 +231,8 @@ def write_report(rows: list[dict], study: Study, num_heads: int, seeds: int, res
     for label, name in headline:
         r = by_name.get(name)
         if r:
-            loss = f"{r['eval_loss']:.4f}" + (f" ± {r['eval_loss_std']:.4f}" if seeds > 1 else "")
             lines.append(f"| {label} | {r['params'] / 1e6:.2f}M | {r['kv_bytes_per_token']:,} | "
-                         f"{r['decode_tokens_per_second']:.1f} | {r['seconds_per_sample']:.4g} | {loss} | "
+                         f"{r['decode_tokens_per_second']:.1f} | {r['seconds_per_sample']:.4g} | {loss_cell(r, seeds)} | "
                          f"{r['accuracy']:.4f} |")
     lines += ["", f"## Conversion method x uptraining proportion (eval loss{pm}; accuracy in brackets)", "",
               "| target | method | " + " | ".join(f"alpha={a:g}" for a in (0.0, *study.alphas)) + " |",
@@ -246,21 +249,21 @@ def write_report(rows: list[dict], study: Study, num_heads: int, seeds: int, res
               "(negative: better).", "",
               "| model | minus MHA source | minus the control (MHA continued, same alpha) |", "|---|---|---|"]
     for name in (f"gqa{G}_scratch", "mqa_scratch"):
-        lines.append(f"| {name} | {spread(paired(rows, name, 'mha'), sign='+')} | - |")
+        lines.append(f"| {name} | {spread(paired(loss, name, 'mha'), sign='+')} | - |")
     for label in (f"gqa{G}", "mqa"):
         for method in study.methods:
             for alpha in study.alphas:
                 name = f"{label}_{method}_a{alpha:g}"
-                lines.append(f"| {name} | {spread(paired(rows, name, 'mha'), sign='+')} | "
-                             f"{spread(paired(rows, name, f'mha_continued_a{alpha:g}'), sign='+')} |")
+                lines.append(f"| {name} | {spread(paired(loss, name, 'mha'), sign='+')} | "
+                             f"{spread(paired(loss, name, f'mha_continued_a{alpha:g}'), sign='+')} |")
     for alpha in study.alphas:
-        lines.append(f"| mha_continued_a{alpha:g} | {spread(paired(rows, f'mha_continued_a{alpha:g}', 'mha'), sign='+')}"
+        lines.append(f"| mha_continued_a{alpha:g} | {spread(paired(loss, f'mha_continued_a{alpha:g}', 'mha'), sign='+')}"
                      " | - |")
     lines += ["", "Method order (lower eval loss first), counted per seed:", ""]
     for alpha in (0.0, *study.alphas):
         for label in (f"gqa{G}", "mqa"):
             lines.append(f"- alpha = {alpha:g}, {label.upper()}: "
-                         f"{ordering_counts(rows, label, study.methods, alpha, seeds)}")
+                         f"{ordering_counts(loss, label, study.methods, alpha, seeds)}")
     lines += ["", "Plots (error bars: one standard deviation over seeds): `attention_quality_vs_time.png` (quality vs "
               "decode time per sample, the paper's Figure 6 shape), `attention_alpha.png` (eval loss vs alpha per "
               "method), `attention_training_curves.png` (seed 0).", ""]

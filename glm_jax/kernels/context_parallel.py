@@ -100,6 +100,14 @@ def context_order(seq_len: int, shards: int, chunk: int = DEFAULT_CHUNK) -> np.n
     return order
 
 
+@functools.lru_cache(maxsize=32)
+def _inverse_order(seq_len: int, shards: int, chunk: int) -> np.ndarray:
+    """Slot of each sequence position in the layout (from_context_order runs at every layer's trace)."""
+    inverse = np.argsort(context_order(seq_len, shards, chunk).ravel()).astype(np.int32)
+    inverse.setflags(write=False)
+    return inverse
+
+
 def to_context_order(x, shards: int, axis: int = 1, chunk: int = DEFAULT_CHUNK):
     """Reorders the sequence axis of a numpy or jax array (or a dict of them): device 0's tokens, then
     device 1's, ..., so an even split of that axis over the 'sequence' mesh axis is the layout."""
@@ -113,7 +121,7 @@ def from_context_order(x, shards: int, axis: int = 1, chunk: int = DEFAULT_CHUNK
     """Inverse of to_context_order: back in sequence order."""
     if isinstance(x, dict):
         return {k: from_context_order(v, shards, axis, chunk) for k, v in x.items()}
-    inverse = np.argsort(context_order(x.shape[axis], shards, chunk).ravel()).astype(np.int32)
+    inverse = _inverse_order(x.shape[axis], shards, chunk)
     return np.take(x, inverse, axis=axis) if isinstance(x, np.ndarray) else jnp.take(x, inverse, axis=axis)
 
 
