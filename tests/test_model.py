@@ -248,16 +248,17 @@ def test_every_parameter_has_logical_names():
 
 def test_sharded_forward_equals_single_device():
     config = tiny("chatglm2", scan_layers=True, vocab_size=64)
-    devices = np.array(jax.devices()[:8]).reshape(2, 2, 1, 2)
-    mesh = Mesh(devices, ("data", "fsdp", "sequence", "tensor"))
+    devices = np.array(jax.devices()[:8]).reshape(2, 1, 2, 1, 2)
+    mesh = Mesh(devices, ("data", "stage", "fsdp", "sequence", "tensor"))
     rules = logical_axis_rules("fsdp_tp")
     boxed = init_params(config, jax.random.key(0))
     shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
     params = jax.device_put(nn.meta.unbox(boxed), shardings)
     inputs = packed_batch(config, seed=13, batch=4)
-    # Weights split over fsdp (and 'sequence', one device here) along 'embed', heads over tensor.
+    # Weights split over fsdp (and 'sequence', one device here) along 'embed', heads over tensor, layers over
+    # 'stage' (one device here).
     assert params["layers"]["attention"]["query"]["kernel"].sharding.spec == jax.sharding.PartitionSpec(
-        None, ("fsdp", "sequence"), "tensor", None)
+        "stage", ("fsdp", "sequence"), "tensor", None)
 
     def forward(p, *x):
         with nn.logical_axis_rules(rules):

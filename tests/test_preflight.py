@@ -27,6 +27,16 @@ def test_context_parallel_step_compiles_for_a_tpu_slice(capsys):
     assert code == 0 and "fits" in out, out
 
 
+def test_pipeline_step_compiles_for_a_tpu_slice_and_reports_the_bubble(capsys):
+    """4 stages over 4 chips (one layer each): the vmapped stages, the collective permutes between them and
+    the scanned GPipe schedule, through the real TPU compiler."""
+    code = preflight.main(["--topology=v5e:2x2", f"--gin_file={MAIN_CONFIG}", "--gin_file=meshes/pipeline.gin",
+                           "--gin.ModelConfig.pipeline_microbatches=4"])
+    out = capsys.readouterr().out
+    assert code == 0 and "fits" in out, out
+    assert "pipeline: 4 stages x 4 micro-batches (GPipe), bubble 42.9%" in out
+
+
 def test_too_large_config_is_rejected(capsys):
     code = preflight.main(["--topology=v5e:2x2", f"--gin_file={MAIN_CONFIG}", "--gin_file=models/glm_10b.gin"])
     assert code == 1

@@ -260,10 +260,10 @@ def test_a_batch_that_does_not_fit_the_mesh_is_named_before_anything_is_created(
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err, err
     assert ("DataConfig.batch_size = 2 rows cannot be spread over the 8 devices of the mesh's data x fsdp axes "
-            "(data=1, fsdp=8, sequence=1, tensor=1); use a batch size that is a multiple of 8") in err
+            "(data=1, stage=1, fsdp=8, sequence=1, tensor=1); use a batch size that is a multiple of 8") in err
     assert not run.exists()
     mesh = make_mesh(MeshConfig(data=2, fsdp=4))
-    with pytest.raises(ValueError, match=r"batch_size = 12 rows cannot be spread over the 8 devices .*\(data=2, fsdp=4"):
+    with pytest.raises(ValueError, match=r"batch_size = 12 rows cannot be spread over the 8 devices .*\(data=2, stage=1, fsdp=4"):
         check_batch_fits_mesh(12, 1, mesh)
     with pytest.raises(ValueError, match="does not split into OptimizerConfig.grad_accum_steps 3"):
         check_batch_fits_mesh(8, 3, mesh)

@@ -38,7 +38,7 @@ def test_eight_device_mesh_equals_one_device_and_params_are_sharded(tmp_path):
     params, step = restore_params(tmp_path / "mesh8", jax.tree_util.tree_map(
         lambda x: x, _unboxed_abstract(config)), shardings=shardings)
     query = params["layers"]["attention"]["query"]["kernel"]
-    assert step == 5 and query.sharding.spec == PartitionSpec(None, ("fsdp", "sequence"), "tensor", None)
+    assert step == 5 and query.sharding.spec == PartitionSpec("stage", ("fsdp", "sequence"), "tensor", None)
     assert len({str(s.index) for s in query.addressable_shards}) == 4  # 2 fsdp x 2 tensor pieces
 
 
@@ -67,6 +67,22 @@ def test_sequence_split_across_two_processes_equals_one_process(tmp_path):
     single = train_in_process(experiment(tmp_path, "single", 3, mesh_bindings(1, 1, 1, 1, "fsdp")))
     bindings = experiment(tmp_path, "multi", 3, ["MeshConfig.data = 1", "MeshConfig.fsdp = 1",
                                                  "MeshConfig.sequence = 4", "train.sharding = 'fsdp'"])
+    overrides = [f"--gin_param={b}" for b in bindings if not b.startswith("include")]
+    env = subprocess_env(4)
+    env["DEVICES_PER_PROCESS"] = "2"
+    done = subprocess.run([str(REPO / "launch.sh"), "multiprocess", "2", str(REPO / "glm_jax/configs/base.gin"),
+                           *overrides], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    np.testing.assert_allclose(summary(tmp_path / "multi")["losses"], single["losses"], rtol=1e-5)
+
+
+@pytest.mark.slow  # 2 processes x 3 steps, about 90 s; the in-process 8-device test covers the stages themselves
+def test_pipeline_stages_across_two_processes_equal_one_process(tmp_path):
+    """MeshConfig.stage = 2 over 2 processes x 2 devices: each process holds one stage (the activations cross
+    processes at every pipeline shift) and both load the same rows; losses equal 1 device."""
+    single = train_in_process(experiment(tmp_path, "single", 3, mesh_bindings(1, 1, 1, 1, "fsdp")))
+    bindings = experiment(tmp_path, "multi", 3, ["MeshConfig.data = 1", "MeshConfig.fsdp = -1",
+                                                 "MeshConfig.stage = 2", "train.sharding = 'fsdp'"])
     overrides = [f"--gin_param={b}" for b in bindings if not b.startswith("include")]
     env = subprocess_env(4)
     env["DEVICES_PER_PROCESS"] = "2"
@@ -129,6 +145,31 @@ def test_context_parallel_training_equals_one_device_and_resumes_on_one(tmp_path
         batch = prompts.make_prompt_batch([np.arange(5, 25, dtype=np.int32)] * 2, run.tokenizer.specials, "causal")
         outputs.append(Generator(run.model, run.params, run.tokenizer.specials).generate(batch, "causal", 6)["tokens"])
     np.testing.assert_array_equal(*outputs)
+
+
+def test_pipeline_stages_train_like_one_device_and_resume_on_fewer_stages(tmp_path):
+    """4 stages x 2 data, then 2 stages x 2 fsdp x 2 tensor (glm_jax/model/pipeline_parallel.py) train like one
+    device; the 4-stage checkpoint continues on 2 stages with the same parameters and the same next loss."""
+    layers = ["ModelConfig.num_layers = 4", "ModelConfig.pipeline_microbatches = 2"]
+    one = train_in_process(experiment(tmp_path, "one", 4, mesh_bindings(1, 1, 1, 1) + layers))
+    four = train_in_process(experiment(tmp_path, "staged", 3, mesh_bindings(2, 1, 1, 8) + layers + [
+        "MeshConfig.stage = 4"]))
+    np.testing.assert_allclose(four["losses"], one["losses"][:3], rtol=1e-5)
+    two = train_in_process(experiment(tmp_path, "staged", 4, mesh_bindings(1, 2, 2, 8) + layers + [
+        "MeshConfig.stage = 2"]))
+    np.testing.assert_allclose(two["losses"], one["losses"][3:], rtol=1e-5)
+    # The step-3 parameters read onto the 2-stage layout are the saved ones, bit for bit.
+    from glm_jax.parallel.mesh import MeshConfig, make_mesh
+    from glm_jax.parallel.rules import logical_axis_rules
+    from glm_jax.train.state import param_shardings
+
+    config = ModelConfig(vocab_size=512, hidden_size=32, num_layers=4, num_heads=4, num_kv_heads=2, mlp_dim=64,
+                         max_position=128)
+    shardings = param_shardings(config, make_mesh(MeshConfig(1, 2, 2, stage=2)), logical_axis_rules("fsdp_tp"))
+    staged, _ = restore_params(tmp_path / "staged", _unboxed_abstract(config), step=3, shardings=shardings)
+    whole, _ = restore_params(tmp_path / "staged", _unboxed_abstract(config), step=3)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, staged, whole)
+    assert staged["layers"]["mlp"]["wi"]["kernel"].sharding.spec[0] == "stage"
 
 
 def test_shape_mismatch_names_the_parameter(tmp_path):

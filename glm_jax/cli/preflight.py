@@ -28,6 +28,7 @@ def main(argv: list[str]) -> int:
 
     from glm_jax import experiment as experiment_lib
     from glm_jax.infer.preflight import compile_generator
+    from glm_jax.model.pipeline_parallel import bubble_fraction
     from glm_jax.parallel.rules import logical_axis_rules
     from glm_jax.parallel.tpu_topology import memory_report, topology_devices
     from glm_jax.train import preflight
@@ -58,4 +59,8 @@ def main(argv: list[str]) -> int:
           f"temporaries {result['temporaries'] / gib:.2f} GiB, aliased {result['aliased'] / gib:.2f} GiB")
     print(f"  total {result['per_device_bytes'] / gib:.2f} GiB of {result['hbm_bytes'] / gib:.0f} GiB HBM: "
           f"{'fits' if result['fits'] else 'DOES NOT FIT'}")
+    if experiment.mesh.stage > 1 and not args.inference:
+        microbatches = model.pipeline_microbatches or experiment.mesh.stage
+        print(f"  pipeline: {experiment.mesh.stage} stages x {microbatches} micro-batches (GPipe), bubble "
+              f"{bubble_fraction(experiment.mesh.stage, microbatches):.1%} of the layer stack's time")
     return 0 if result["fits"] else 1

@@ -86,6 +86,9 @@ class ModelConfig:
         nothing), 'dots' (save matmul outputs), 'dots_no_batch'.
       attention_impl: 'auto' | 'xla' | 'blockwise' | 'pallas' | 'pallas_interpret'
         (see glm_jax.kernels.attention.resolve_impl).
+      pipeline_microbatches: micro-batches of the GPipe schedule when the mesh splits
+        the layer stack into stages (MeshConfig.stage > 1, glm_jax.model.pipeline_parallel);
+        0 = one per stage. More shrink the bubble, (S - 1) / (M + S - 1).
       max_position: rows of the learned position tables (learned_2d only).
       pre_seq_len: P-tuning v2 (ChatGLM2/3's name): P learned key/value slots per
         layer (attention/prefix_key, prefix_value [P, G, D]) that every query sees,
@@ -128,6 +131,7 @@ class ModelConfig:
     scan_layers: bool = True
     remat_policy: RematPolicy = "none"
     attention_impl: AttentionImpl = "auto"
+    pipeline_microbatches: int = 0
     max_position: int = 1024
     pre_seq_len: int = 0
     quant_bits: int | None = None
@@ -179,6 +183,9 @@ class ModelConfig:
                   "in (0, 1] (1.0 turns the GLM-130B shrink off)")
         if self.init_std <= 0:
             _fail("init_std", f"is {self.init_std}; it must be positive")
+        if not isinstance(self.pipeline_microbatches, int) or self.pipeline_microbatches < 0:
+            _fail("pipeline_microbatches", f"is {self.pipeline_microbatches!r}; it must be a whole number >= 0 "
+                  "(0 = one per pipeline stage)")
         if not isinstance(self.pre_seq_len, int) or self.pre_seq_len < 0:
             _fail("pre_seq_len", f"is {self.pre_seq_len!r}; it must be a whole number >= 0 (0 = no learned prefix)")
         self._validate_quantization()

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from glm_jax.model.attention import Attention, CacheUpdate, missing_cache
 from glm_jax.model.config import ModelConfig
 from glm_jax.model.layers import Mlp, make_norm
+from glm_jax.model.pipeline_parallel import pipeline_stages, run_stages
 from glm_jax.model.quantization import quantize_tree
 
 EMBED_ACTIVATION = ("activation_batch", "activation_length", "activation_embed")
@@ -123,7 +124,10 @@ class GLM(nn.Module):
 
         cache = None if cache_index is None else self._update_cache(segment_ids, prefix_mask, cache_index, prefill)
         stack = block_stack(cfg)
-        if cfg.scan_layers:
+        stages = pipeline_stages(jax.sharding.get_abstract_mesh())
+        if stages > 1 and cache is None and not self.is_initializing():
+            x = self._pipelined_layers(x, positions, segment_ids, prefix_mask, stages)
+        elif cfg.scan_layers:
             x, _ = stack(cfg, name="layers")(x, positions, segment_ids, prefix_mask, cache)
         else:
             for i in range(cfg.num_layers):
@@ -140,6 +144,28 @@ class GLM(nn.Module):
         logits = jnp.einsum("bte,ev->btv", x, kernel.astype(dtype))
         logits = nn.with_logical_constraint(logits, ("activation_batch", "activation_length", "activation_vocab"))
         return logits.astype(jnp.float32)
+
+    def _pipelined_layers(self, x, positions, segment_ids, prefix_mask, stages: int):
+        """The layer stack as pipeline stages over the mesh's 'stage' axis (glm_jax.model.pipeline_parallel):
+        the same scanned parameters, each layer applied as Block with its slice of them."""
+        cfg = self.config
+        if not cfg.scan_layers:
+            raise ValueError("pipeline stages (MeshConfig.stage > 1) split the scanned layer stack; set "
+                             "ModelConfig.scan_layers = True")
+        block = Block(cfg, parent=None)
+
+        def layer(params, h, per_row):
+            return block.apply({"params": params}, h, *per_row)[0]
+
+        if cfg.remat_policy != "none":
+            layer = jax.checkpoint(layer, policy=REMAT_POLICIES[cfg.remat_policy])
+        layer_params = nn.unbox(self.variables["params"]["layers"])
+        if any(str(path[-1].key).endswith("_lora_a") for path, _ in jax.tree_util.tree_leaves_with_path(layer_params)):
+            # qwix's LoRA wraps the projections of the unstaged modules; Block.apply here would drop it.
+            raise ValueError("LoRA adapters do not run with pipeline stages (MeshConfig.stage > 1); use "
+                             "MeshConfig.stage = 1, or merge the adapters first (glm_jax convert merge-lora)")
+        return run_stages(layer, layer_params, x, (positions, segment_ids, prefix_mask), stages,
+                          cfg.pipeline_microbatches or stages)
 
     def _update_cache(self, segment_ids, prefix_mask, index, prefill) -> CacheUpdate:
         """Records the new tokens' segment ids and prefix flags at their cache slots."""

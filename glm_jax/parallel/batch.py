@@ -1,4 +1,5 @@
-"""How a batch lies on the mesh: rows over ('data', 'fsdp'), the length axis over 'sequence'.
+"""How a batch lies on the mesh: rows over ('data', 'fsdp'), the length axis over 'sequence'
+(every pipeline stage holds the whole batch: glm_jax/model/pipeline_parallel.py).
 
 Derived from the batch schema (glm_jax.data.batch), so the training loop's input
 shardings, the preflight's abstract batch and gradient accumulation's micro-batches

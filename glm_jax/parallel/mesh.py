@@ -1,4 +1,4 @@
-"""Device meshes ('data', 'fsdp', 'sequence', 'tensor') and multi-host initialisation.
+"""Device meshes ('data', 'stage', 'fsdp', 'sequence', 'tensor') and multi-host initialisation.
 
 Mesh sizes come from the experiment's MeshConfig; one size may be -1 and takes the remaining devices.
 Multi-slice TPU runs give the DCN (between-slice) factor of each axis and get a
@@ -25,6 +25,8 @@ class MeshConfig:
 
     sequence: devices one sequence is split over (context parallelism,
     glm_jax/kernels/context_parallel.py); 1 keeps every sequence on one device.
+    stage: pipeline stages the layer stack is split into (glm_jax/model/pipeline_parallel.py;
+    ModelConfig.pipeline_microbatches sets the schedule's micro-batches); 1 = no pipeline.
     num_devices: use only the first N devices (None = all), e.g. to compare a run
     on fewer devices.
     """
@@ -33,10 +35,12 @@ class MeshConfig:
     fsdp: int = -1
     tensor: int = 1
     sequence: int = 1
+    stage: int = 1
     dcn_data: int = 1
     dcn_fsdp: int = 1
     dcn_tensor: int = 1
     dcn_sequence: int = 1
+    dcn_stage: int = 1
     num_devices: int | None = None
 
     def sizes(self) -> tuple[int, ...]:
@@ -66,7 +70,7 @@ def resolve_shape(sizes: tuple[int, ...], num_devices: int) -> tuple[int, ...]:
 
 
 def make_mesh(config: MeshConfig = MeshConfig(), devices=None) -> Mesh:
-    """The ('data', 'fsdp', 'sequence', 'tensor') mesh over `devices` (default: all devices)."""
+    """The ('data', 'stage', 'fsdp', 'sequence', 'tensor') mesh over `devices` (default: all devices)."""
     devices = list(jax.devices() if devices is None else devices)
     if config.num_devices is not None:
         if config.num_devices > len(devices):

@@ -27,6 +27,7 @@ from glm_jax.model import ModelConfig
 from glm_jax.optim import make_optimizer
 from glm_jax.parallel.batch import (batch_shardings, check_batch_fits_mesh, check_sequence_fits_mesh,
                                     global_batch, row_shard)
+from glm_jax.model.pipeline_parallel import check_stages_fit_mesh
 from glm_jax.parallel.mesh import make_mesh
 from glm_jax.parallel.rules import logical_axis_rules
 from glm_jax.run_dir import RunDir
@@ -61,6 +62,8 @@ def _train(experiment: Experiment, stop: _StopSignals) -> dict:
     mesh, rules = make_mesh(experiment.mesh), logical_axis_rules(settings.sharding)
     check_batch_fits_mesh(experiment.data.batch_size, experiment.optimizer.grad_accum_steps, mesh)
     check_sequence_fits_mesh(experiment.data.seq_len, mesh, model.pre_seq_len)
+    check_stages_fit_mesh(model, experiment.data.batch_size, experiment.optimizer.grad_accum_steps, mesh,
+                          settings.adapter if settings.adapter != "none" else None)
     shard_index, shard_count = row_shard(mesh)  # processes that share a split sequence load the same rows
 
     base = RunDir.resolve(settings.init_from) if settings.init_from else None

@@ -16,6 +16,7 @@ import jax
 from glm_jax.experiment import Experiment
 from glm_jax.optim import make_optimizer
 from glm_jax.parallel.batch import abstract_batch, check_sequence_fits_mesh
+from glm_jax.model.pipeline_parallel import check_stages_fit_mesh
 from glm_jax.parallel.mesh import make_mesh
 from glm_jax.parallel.rules import logical_axis_rules
 from glm_jax.train.state import (abstract_boxed_params, abstract_state, check_trainable, frozen_shardings, placed,
@@ -39,6 +40,8 @@ def compile_train_step(devices, experiment: Experiment):
     check_trainable(experiment.model)
     mesh = make_mesh(experiment.mesh, devices)
     check_sequence_fits_mesh(experiment.data.seq_len, mesh, experiment.model.pre_seq_len)
+    check_stages_fit_mesh(experiment.model, experiment.data.batch_size, experiment.optimizer.grad_accum_steps, mesh,
+                          experiment.adapters.kind if experiment.adapters else None)
     rules = logical_axis_rules(experiment.train.sharding)
     tx, schedule = make_optimizer(experiment.optimizer, experiment.train.steps)
     adapter = experiment.adapters
