@@ -5,8 +5,9 @@
 
 Steps (every run shares the --config experiment; Study.* bindings size it):
  1. train an MHA baseline (H KV heads), and GQA-G and MQA from scratch with the same token budget;
- 2. convert the MHA checkpoint to GQA-G and MQA with each method (mean, first, random)
-    (glm_jax.convert.uptrain), evaluate at alpha = 0, and uptrain for each alpha;
+ 2. convert the MHA checkpoint to GQA-G and MQA with each method (glm_jax.convert.uptrain: the
+    merges mean, first, random, weighted, aligned, svd; 'similarity-MERGE' groups similar heads
+    first, calibrated on the source's own data), evaluate at alpha = 0, and uptrain for each alpha;
     the identity conversion (G = H) uptrained the same way is the control: the MHA
     model given the same extra steps;
  3. evaluate every model on the same eval batches (teacher-forced Part-B loss and
@@ -115,11 +116,18 @@ def make_model(entry: dict, study: Study, config: str, runs: Path, overrides: li
         return run_dir
     if not (run_dir / "provenance.json").exists():
         shutil.rmtree(run_dir, ignore_errors=True)  # a conversion interrupted before it finished
-        convert_run(runs / "mha", entry["kv_heads"], entry["method"], run_dir, seed=seed + 1,
-                    alpha=entry["alpha"] or None)
+        grouping, merge = method_parts(entry["method"])
+        convert_run(runs / "mha", entry["kv_heads"], merge, run_dir, seed=seed + 1, alpha=entry["alpha"] or None,
+                    grouping=grouping)
     if entry["alpha"] > 0 and not (run_dir / "summary.json").exists():
         train(RunDir(run_dir).read_experiment())
     return run_dir
+
+
+def method_parts(method: str) -> tuple[str, str]:
+    """'mean' -> ('contiguous', 'mean'); 'similarity-aligned' -> ('similarity', 'aligned')."""
+    grouping, _, merge = method.rpartition("-")
+    return grouping or "contiguous", merge
 
 
 def measure(run_dir: Path, entry: dict, study: Study, reference, decode_cache: dict, seed: int) -> dict:
@@ -144,6 +152,7 @@ def measure(run_dir: Path, entry: dict, study: Study, reference, decode_cache: d
 
 # ----------------------------------------------------------------------- report
 PER_SEED = ("seed", "eval_loss", "accuracy", "perplexity", "train_losses")
+PAPER_METHODS = ("mean", "first", "random")  # the GQA paper's; the others are compared with mean pooling
 
 
 def summarize(rows: list[dict]) -> dict[str, dict]:
@@ -259,11 +268,25 @@ def write_report(rows: list[dict], study: Study, num_heads: int, seeds: int, res
     for alpha in study.alphas:
         lines.append(f"| mha_continued_a{alpha:g} | {spread(paired(loss, f'mha_continued_a{alpha:g}', 'mha'), sign='+')}"
                      " | - |")
-    lines += ["", "Method order (lower eval loss first), counted per seed:", ""]
+    beyond = [m for m in study.methods if m not in PAPER_METHODS]
+    if beyond and "mean" in study.methods:
+        lines += ["", f"## Beyond mean pooling: each method minus mean pooling (paired per seed, then mean{pm})", "",
+                  "Negative: the method beats mean pooling. 'similarity-MERGE' groups similar heads (calibrated on "
+                  "the source's own training data) before merging.", "",
+                  "| target | method | " + " | ".join(f"alpha={a:g}" for a in (0.0, *study.alphas)) + " | beats mean |",
+                  "|---|---|" + "---|" * (2 + len(study.alphas))]
+        for label in (f"gqa{G}", "mqa"):
+            for method in beyond:
+                diffs = [paired(loss, f"{label}_{method}_a{a:g}", f"{label}_mean_a{a:g}") for a in (0.0, *study.alphas)]
+                wins = [sum(d < 0 for d in ds) for ds in diffs]
+                lines.append(f"| {label.upper()} | {method} | " + " | ".join(spread(d, sign="+") for d in diffs)
+                             + " | " + ", ".join(f"{w}/{seeds}" for w in wins) + " |")
+    paper = tuple(m for m in PAPER_METHODS if m in study.methods)
+    lines += ["", "Method order of the GQA paper's methods (lower eval loss first), counted per seed:", ""]
     for alpha in (0.0, *study.alphas):
         for label in (f"gqa{G}", "mqa"):
             lines.append(f"- alpha = {alpha:g}, {label.upper()}: "
-                         f"{ordering_counts(loss, label, study.methods, alpha, seeds)}")
+                         f"{ordering_counts(loss, label, paper, alpha, seeds)}")
     lines += ["", "Plots (error bars: one standard deviation over seeds): `attention_quality_vs_time.png` (quality vs "
               "decode time per sample, the paper's Figure 6 shape), `attention_alpha.png` (eval loss vs alpha per "
               "method), `attention_training_curves.png` (seed 0).", ""]
@@ -305,17 +328,21 @@ def _plots(by_name: dict[str, dict], study: Study, results: Path) -> None:
     _save(fig, ax, f"decode time per sample (s): {study.decode_tokens} tokens at context {study.decode_context}",
           "eval loss (lower is better)", results / "attention_quality_vs_time.png")
 
-    fig, ax = plt.subplots(figsize=(6, 4))
     alphas = (0.0, *study.alphas)
-    for target, style in ((f"gqa{G}", "-"), ("mqa", "--")):
+    control = [by_name["mha"], *(by_name[f"mha_continued_a{x:g}"] for x in study.alphas)]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for ax, target in zip(axes, (f"gqa{G}", "mqa")):  # one panel per target: eval loss vs alpha per method
         for i, method in enumerate(study.methods):
             records = [by_name[f"{target}_{method}_a{x:g}"] for x in alphas]
             ax.errorbar(alphas, [r["eval_loss"] for r in records], yerr=[r["eval_loss_std"] for r in records],
-                        fmt=style, marker="o", color=f"C{i}", capsize=3, label=f"{target.upper()} {method}")
-    control = [by_name["mha"], *(by_name[f"mha_continued_a{x:g}"] for x in study.alphas)]
-    ax.errorbar(alphas, [r["eval_loss"] for r in control], yerr=[r["eval_loss_std"] for r in control], fmt=":",
-                marker="x", color="k", capsize=3, label="MHA control (identity)")
-    _save(fig, ax, "uptraining proportion alpha", "eval loss", results / "attention_alpha.png")
+                        fmt="-" if method in PAPER_METHODS else "--", marker="o", color=f"C{i}", capsize=3,
+                        label=method)
+        ax.errorbar(alphas, [r["eval_loss"] for r in control], yerr=[r["eval_loss_std"] for r in control], fmt=":",
+                    marker="x", color="k", capsize=3, label="MHA control (identity)")
+        ax.set_title(target.upper())
+        ax.set_yscale("log")
+    axes[1].set_xlabel("uptraining proportion alpha")
+    _save(fig, axes[0], "uptraining proportion alpha", "eval loss (log scale)", results / "attention_alpha.png")
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for name in ("mha", f"gqa{G}_scratch", "mqa_scratch"):

@@ -46,5 +46,10 @@ def test_quick_study_writes_tables_and_plots(tmp_path):
     assert rows["mha"]["kv_bytes_per_token"] == 2 * rows["gqa2_scratch"]["kv_bytes_per_token"] \
         == 4 * rows["mqa_scratch"]["kv_bytes_per_token"]
     assert rows["gqa2_mean_a0"]["step"] == 0 and rows["gqa2_mean_a0.1"]["step"] == 2
+    # Beyond mean pooling: the similarity-grouped, aligned conversion minus mean pooling, paired per seed.
+    beyond = np.mean([r["mqa_similarity-aligned_a0"]["eval_loss"] - r["mqa_mean_a0"]["eval_loss"] for r in (rows, other)])
+    row = next(line for line in report.splitlines() if line.startswith("| MQA | similarity-aligned |")
+               and "/2" in line)
+    assert row.split("|")[3].strip().startswith(f"{beyond:+.4f} ± "), row
     for png in ("attention_quality_vs_time.png", "attention_alpha.png", "attention_training_curves.png"):
         assert (results / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -146,6 +146,28 @@ def test_disk_round_trip_then_uptraining(source_run, tmp_path, rng):
     assert summary(out)["losses"] == result["losses"]
 
 
+def test_calibrated_conversion_of_a_run_uses_its_own_data(source_run, tmp_path, rng):
+    """--grouping similarity --method aligned: calibrated on the source's training data (seed + 2), recorded in
+    provenance.json, and the written run is the in-memory conversion with the same calibration."""
+    from glm_jax.convert.calibration import calibration_batches, kv_activations
+
+    out = tmp_path / "aligned"
+    provenance = convert_run(source_run, 2, "aligned", out, grouping="similarity", calibration_batches=2)
+    assert provenance["grouping"] == "similarity" and provenance["method"] == "aligned"
+    source, converted = load_run(source_run), load_run(out)
+    batches = calibration_batches(source.experiment.data, source.experiment.objective, source.tokenizer, 2)
+    real_tokens = sum(int((b["segment_ids"] > 0).sum()) for b in batches)
+    assert provenance["calibration_tokens"] == min(real_tokens, 4096) > 0
+    calibration = kv_activations(source.params, source.experiment.model, batches)
+    in_memory, target = convert_params(source.params, source.experiment.model, 2, "aligned", grouping="similarity",
+                                       calibration=calibration)
+    inputs = random_inputs(rng)
+    inputs = (inputs[0] % 400,) + inputs[1:]
+    np.testing.assert_allclose(logits(converted.experiment.model, converted.params, inputs),
+                               logits(target, in_memory, inputs), rtol=1e-6, atol=1e-6)
+    assert "contiguous groups" not in (out / "config.gin").read_text()
+
+
 def test_convert_cli(source_run, tmp_path):
     command = [sys.executable, "-m", "glm_jax", "convert", "uptrain", f"--from={source_run}", "--num_kv_heads=1",
                "--method=random", f"--out={tmp_path / 'mqa'}"]

@@ -1,6 +1,7 @@
 """glm_jax convert uptrain | import-hf | export-hf
 
-  uptrain --from RUN_OR_CKPT --num_kv_heads G --method mean|first|random --out NEW_RUN
+  uptrain --from RUN_OR_CKPT --num_kv_heads G --method mean|first|random|weighted|aligned|svd
+          [--grouping contiguous|similarity] --out NEW_RUN
           [--alpha A] [--recipe FILE] [--gin.uptrain_recipe.NAME=VALUE ...]
       converts an MHA (or GQA) checkpoint to G key/value heads and writes a run directory
       that `./launch.sh train NEW_RUN/config.gin` uptrains (glm_jax/convert/uptrain.py).
@@ -32,7 +33,13 @@ def parse_args(argv):
     uptrain.add_argument("--from", dest="source", required=True,
                          help="run directory, its checkpoints/ folder, or RUN/checkpoints/STEP")
     uptrain.add_argument("--num_kv_heads", type=int, required=True, help="G: key/value heads after conversion")
-    uptrain.add_argument("--method", choices=("mean", "first", "random"), default="mean")
+    uptrain.add_argument("--method", choices=("mean", "first", "random", "weighted", "aligned", "svd"), default="mean",
+                         help="how a group of KV heads becomes one (glm_jax/convert/uptrain.py)")
+    uptrain.add_argument("--grouping", choices=("contiguous", "similarity"), default="contiguous",
+                         help="which heads share a group: by index, or balanced groups of similar heads")
+    uptrain.add_argument("--calibration_batches", type=int, default=4,
+                         help="batches of the source's own training data whose activations similarity grouping "
+                              "and the weighted / aligned merges compare (up to 4096 tokens are kept)")
     uptrain.add_argument("--out", required=True, help="new run directory")
     uptrain.add_argument("--alpha", type=float, default=None,
                          help="uptraining steps as a fraction of the source's (default: the recipe's 0.05)")
@@ -110,7 +117,8 @@ def main(argv: list[str]) -> int:
 
     provenance = convert_run(args.source, args.num_kv_heads, args.method, args.out, seed=args.seed,
                              alpha=args.alpha, recipe_file=args.recipe or DEFAULT_RECIPE,
-                             recipe_bindings=args.recipe_bindings)
+                             recipe_bindings=args.recipe_bindings, grouping=args.grouping,
+                             calibration_batches=args.calibration_batches)
     print(json.dumps(provenance, indent=2))
     print(f"uptrain it with: ./launch.sh train {args.out}/config.gin", file=sys.stderr)
     return 0

@@ -1,13 +1,21 @@
 """MHA -> GQA / MQA conversion of a checkpoint, ready to uptrain (Ainslie et al. 2023).
 
-The H key (and value) heads of every layer are split into G contiguous groups
-(query head h uses KV head h // (H / G), the convention of the whole framework)
-and each group becomes one head:
-  mean   - the mean of the group's kernels and biases (the paper's choice),
-  first  - the group's first head,
-  random - a fresh draw from the model's own initialiser (biases zero).
-Query and output projections are untouched. A source that is already grouped
-(G0 KV heads) can be pooled further to any G dividing G0.
+The H key (and value) heads of every layer are split into G groups (query head h uses
+KV head h // (H / G), the convention of the whole framework) and each group becomes one head.
+grouping (glm_jax/convert/head_grouping.py):
+  contiguous - heads [g n, (g + 1) n) (the paper's choice),
+  similarity - balanced groups of heads with similar activations on a calibration batch of the
+               run's own data (glm_jax/convert/calibration.py), the query and output heads
+               permuted with them;
+method (the merge; glm_jax/convert/head_merging.py for the last three):
+  mean     - the mean of the group's kernels and biases (the paper's choice),
+  first    - the group's first head,
+  random   - a fresh draw from the model's own initialiser (biases zero),
+  weighted - a mean weighted by each head's activation norm,
+  aligned  - Procrustes-aligned heads averaged, the rotations folded into queries / outputs,
+  svd      - the best rank-D shared head of the group, its per-head maps folded likewise.
+mean, first and random leave the query and output projections untouched. A source that is
+already grouped (G0 KV heads) can be pooled further to any G dividing G0.
 
 `convert_run` writes a new run directory that training resumes from step 0:
   checkpoints/0   params converted, no optimizer state (training starts a fresh
@@ -32,11 +40,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from glm_jax import experiment as experiment_lib
+from glm_jax.convert.calibration import calibration_batches as calibration_batches_of
+from glm_jax.convert.calibration import kv_activations
+from glm_jax.convert.head_grouping import GROUPINGS, kv_order
+from glm_jax.convert.head_merging import merge_layer
+from glm_jax.convert.head_tensors import LayerHeads, read_layers, rope_structure, write_layers
 from glm_jax.model import ModelConfig, init_params
 from glm_jax.optim import OptimizerConfig
 from glm_jax.run_dir import RunDir
 
-METHODS = ("mean", "first", "random")
+METHODS = ("mean", "first", "random", "weighted", "aligned", "svd")
+CALIBRATED = ("weighted", "aligned")  # merges that read activations (similarity grouping does too)
 KV_PROJECTIONS = ("key", "value")
 DEFAULT_RECIPE = "uptrain_gqa.gin"  # shipped in glm_jax/configs
 
@@ -76,16 +90,25 @@ def pool_heads(array: np.ndarray, num_kv_heads: int, method: str) -> np.ndarray:
 
 
 def convert_params(params: dict, config: ModelConfig, num_kv_heads: int, method: str = "mean",
-                   seed: int = 0) -> tuple[dict, ModelConfig]:
+                   seed: int = 0, grouping: str = "contiguous", calibration=None) -> tuple[dict, ModelConfig]:
     """(converted params, converted config). Works on scanned and unscanned layer layouts.
 
     Every KV projection stores heads on axis -2 (kernel [.., embed, G, D], bias
-    [.., G, D]), so pooling is the same for both layouts.
+    [.., G, D]), so pooling is the same for both layouts. calibration: (keys, values) per-layer
+    activations (glm_jax.convert.calibration.kv_activations) for similarity grouping and the
+    weighted and aligned merges; without it those compare the heads' kernels.
     """
     if method not in METHODS:
         raise ConversionError(f"method {method!r} is unknown; use one of {METHODS}")
+    if grouping not in GROUPINGS:
+        raise ConversionError(f"grouping {grouping!r} is unknown; use one of {GROUPINGS}")
+    if method == "random" and grouping != "contiguous":
+        raise ConversionError("method 'random' draws new KV heads, so how heads are grouped changes nothing; "
+                              "use grouping 'contiguous'")
     check_target(config, num_kv_heads)
     target = config.replace(num_kv_heads=num_kv_heads)
+    if method in ("weighted", "aligned", "svd") or grouping != "contiguous":
+        return _convert_heads(params, config, num_kv_heads, method, grouping, calibration), target
     fresh = nn.unbox(init_params(target, jax.random.key(seed))) if method == "random" else None
 
     def convert(path, leaf):
@@ -97,6 +120,50 @@ def convert_params(params: dict, config: ModelConfig, num_kv_heads: int, method:
         return jnp.asarray(pool_heads(np.asarray(leaf), num_kv_heads, method))
 
     return jax.tree_util.tree_map_with_path(convert, params), target
+
+
+def _convert_heads(params: dict, config: ModelConfig, num_kv_heads: int, merge: str, grouping: str,
+                   calibration) -> dict:
+    """Grouping then merging, layer by layer, on float64 copies of the attention projections."""
+    attention = _stacked_attention(params, config.num_layers)
+    rope = rope_structure(config)
+    layers = []
+    for i, layer in enumerate(read_layers(attention, config)):
+        keys, values = (calibration[0][i], calibration[1][i]) if calibration is not None else (None, None)
+        features = _head_features(layer, keys, values)
+        order = kv_order(layer.k.shape[1], num_kv_heads, grouping, features)
+        layer = layer.permuted(order)
+        if keys is not None:
+            keys, values = keys[:, order], values[:, order]
+        layers.append(merge_layer(layer, num_kv_heads, merge, rope, keys, values))
+    converted = jax.tree_util.tree_map(jnp.asarray, write_layers(attention, layers))
+    return _put_attention(params, converted, config.num_layers)
+
+
+def _head_features(layer: LayerHeads, keys, values) -> np.ndarray:
+    """[G0, F] per KV head: its key and value activations (calibration) or kernels, side by side."""
+    if keys is None:
+        keys, values = layer.k, layer.v  # [E+1, G0, D]
+    return np.concatenate([np.moveaxis(keys, 1, 0).reshape(keys.shape[1], -1),
+                           np.moveaxis(values, 1, 0).reshape(values.shape[1], -1)], axis=1)
+
+
+def _stacked_attention(params: dict, num_layers: int) -> dict:
+    """The attention tree with a leading [L] axis, from either layer layout."""
+    if "layers" in params:
+        return params["layers"]["attention"]
+    per_layer = [params[f"layers_{i}"]["attention"] for i in range(num_layers)]
+    return jax.tree_util.tree_map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *per_layer)
+
+
+def _put_attention(params: dict, attention: dict, num_layers: int) -> dict:
+    if "layers" in params:
+        return {**params, "layers": {**params["layers"], "attention": attention}}
+    out = dict(params)
+    for i in range(num_layers):
+        out[f"layers_{i}"] = {**params[f"layers_{i}"],
+                              "attention": jax.tree_util.tree_map(lambda x, i=i: x[i], attention)}
+    return out
 
 
 def _lookup(tree: dict, keys: list):
@@ -162,7 +229,7 @@ def read_recipe(recipe_file: str | Path = DEFAULT_RECIPE, alpha: float | None = 
 
 def convert_run(source: str | Path, num_kv_heads: int, method: str, out: str | Path, *, seed: int = 0,
                 alpha: float | None = None, recipe_file: str | Path = DEFAULT_RECIPE,
-                recipe_bindings: list[str] = ()) -> dict:
+                recipe_bindings: list[str] = (), grouping: str = "contiguous", calibration_batches: int = 4) -> dict:
     """Writes the converted, ready-to-uptrain run directory `out`; returns its provenance record.
 
     The new run holds a step-0 checkpoint of the converted parameters without optimizer
@@ -176,16 +243,21 @@ def convert_run(source: str | Path, num_kv_heads: int, method: str, out: str | P
     source = source_run.read_experiment()
     check_target(source.model, num_kv_heads)
     source_params, step = source_run.restore_params(source.model, step)
-    params, _ = convert_params(source_params, source.model, num_kv_heads, method, seed)
+    calibration = None
+    if grouping != "contiguous" or method in CALIBRATED:
+        batches = calibration_batches_of(source.data, source.objective, source_run.tokenizer(), calibration_batches)
+        calibration = kv_activations(source_params, source.model, batches)
+    params, _ = convert_params(source_params, source.model, num_kv_heads, method, seed, grouping, calibration)
 
     recipe = read_recipe(recipe_file, alpha, recipe_bindings)
     steps = max(1, math.ceil(recipe.alpha * source.train.steps))
     provenance = {"source_run": str(source_run.path), "source_step": int(step), "method": method,
+                  "grouping": grouping, "calibration_tokens": 0 if calibration is None else len(calibration[0][0]),
                   "num_kv_heads": num_kv_heads, "source_num_kv_heads": source.model.num_kv_heads,
                   "alpha": recipe.alpha, "uptrain_steps": steps, "learning_rate": recipe.learning_rate(source.optimizer),
                   "recipe": dataclasses.asdict(recipe), "seed": seed,
                   "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    overrides = [f"# glm_jax convert uptrain: {method} pooling to {num_kv_heads} KV heads "
+    overrides = [f"# glm_jax convert uptrain: {grouping} groups, {method} merge to {num_kv_heads} KV heads "
                  f"(provenance.json), then the recipe of {Path(recipe_file).name}",
                  f"RUN_DIR = '{target_run.path}'", f"STEPS = {steps}",
                  f"ModelConfig.num_kv_heads = {num_kv_heads}", *recipe.optimizer_bindings(source.optimizer)]
