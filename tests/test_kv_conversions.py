@@ -148,6 +148,16 @@ def test_every_merge_of_heads_identical_within_groups_is_lossless(grouping):
                                        err_msg=f"{merge}, calibration {calibrated is not None}")
 
 
+def test_a_model_without_attention_biases_gets_none():
+    config = config_of("rope_interleaved_partial", 4).replace(qkv_bias=False)
+    params = random_params(config)
+    assert "bias" not in params["layers"]["attention"]["key"]
+    for merge in MERGES:
+        converted, target = convert_params(params, config, 2, merge, grouping="similarity")
+        assert jax.tree_util.tree_structure(converted) == jax.tree_util.tree_structure(params)
+        assert np.isfinite(forward(target)(converted, *inputs(config))).all()
+
+
 def test_with_one_head_per_group_every_method_is_the_identity():
     config = config_of("rope_half", 4)
     params = random_params(config)

@@ -381,6 +381,10 @@ def test_readme_commands_as_written_from_a_fresh_directory(trained, tmp_path):
     quantized = run("generate", "--run_dir", "runs/mha_int4", "--prompt", "alpha [MASK] gamma", "--max_new_tokens", "4")
     assert quantized.stdout.startswith("alpha ")
     run("convert", "uptrain", "--from", "runs/mha", "--num_kv_heads", "1", "--method", "mean", "--out", "runs/mqa")
+    # Beyond mean pooling: calibrated on the source's own data, whose paths are relative to this directory.
+    aligned = run("convert", "uptrain", "--from", "runs/mha", "--num_kv_heads", "2", "--grouping", "similarity",
+                  "--method", "aligned", "--out", "runs/gqa2_aligned")
+    assert json.loads(aligned.stdout)["calibration_tokens"] > 0
     run("train", "--gin_file=runs/mqa/config.gin")
     assert RunDir(work / "runs" / "mqa").summary()["losses"] and (work / "runs/mqa/checkpoints/1").is_dir()
     # One way to extend any run (the README's), and a copied run trains where it is, not where it was made.
