@@ -57,7 +57,7 @@ def random_params(config: ModelConfig, seed: int = 0):
 def with_layers(params, config, edit):
     """params with every layer's LayerHeads replaced by edit(i, layer)."""
     attention = params["layers"]["attention"]
-    layers = [edit(i, layer) for i, layer in enumerate(read_layers(attention, config))]
+    layers = [edit(i, layer) for i, layer in enumerate(read_layers(attention))]
     new = jax.tree_util.tree_map(jnp.asarray, write_layers(attention, layers))
     return {**params, "layers": {**params["layers"], "attention": new}}
 
@@ -97,7 +97,7 @@ def mha_twin(position: str, rotate: bool, seed: int = 0):
     rng = np.random.default_rng(seed)
     params = random_params(gqa, seed)
     attention = params["layers"]["attention"]
-    layers = [expand_to_mha(layer, gqa, rng, rotate) for layer in read_layers(attention, gqa)]
+    layers = [expand_to_mha(layer, gqa, rng, rotate) for layer in read_layers(attention)]
     new = jax.tree_util.tree_map(jnp.asarray, write_layers(attention, layers))
     np.testing.assert_allclose(forward(mha)({**params, "layers": {**params["layers"], "attention": new}},
                                             *inputs(mha)), forward(gqa)(params, *inputs(gqa)), rtol=1e-5, atol=1e-5)

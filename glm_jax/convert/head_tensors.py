@@ -48,7 +48,7 @@ class LayerHeads:
         return LayerHeads(self.q[:, query_order], self.k[:, kv_order], self.v[:, kv_order], self.o[query_order])
 
 
-def read_layers(attention: dict, config: ModelConfig) -> list[LayerHeads]:
+def read_layers(attention: dict) -> list[LayerHeads]:
     """The LayerHeads of every layer from a scanned ('layers': leading [L] axis) or per-layer attention tree."""
     stacked = {name: _with_bias_row(attention[name]) for name in ("query", "key", "value")}
     out = np.asarray(attention["out"]["kernel"], np.float64)

@@ -128,7 +128,7 @@ def _convert_heads(params: dict, config: ModelConfig, num_kv_heads: int, merge: 
     attention = _stacked_attention(params, config.num_layers)
     rope = rope_structure(config)
     layers = []
-    for i, layer in enumerate(read_layers(attention, config)):
+    for i, layer in enumerate(read_layers(attention)):
         keys, values = (calibration[0][i], calibration[1][i]) if calibration is not None else (None, None)
         features = _head_features(layer, keys, values)
         order = kv_order(layer.k.shape[1], num_kv_heads, grouping, features)
