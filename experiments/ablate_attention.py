@@ -340,9 +340,8 @@ def _plots(by_name: dict[str, dict], study: Study, results: Path) -> None:
         ax.errorbar(alphas, [r["eval_loss"] for r in control], yerr=[r["eval_loss_std"] for r in control], fmt=":",
                     marker="x", color="k", capsize=3, label="MHA control (identity)")
         ax.set_title(target.upper())
-        ax.set_yscale("log")
     axes[1].set_xlabel("uptraining proportion alpha")
-    _save(fig, axes[0], "uptraining proportion alpha", "eval loss (log scale)", results / "attention_alpha.png")
+    _save(fig, axes[0], "uptraining proportion alpha", "eval loss", results / "attention_alpha.png")
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for name in ("mha", f"gqa{G}_scratch", "mqa_scratch"):
