@@ -282,11 +282,12 @@ def write_report(rows: list[dict], study: Study, num_heads: int, seeds: int, res
                 lines.append(f"| {label.upper()} | {method} | " + " | ".join(spread(d, sign="+") for d in diffs)
                              + " | " + ", ".join(f"{w}/{seeds}" for w in wins) + " |")
     paper = tuple(m for m in PAPER_METHODS if m in study.methods)
-    lines += ["", "Method order of the GQA paper's methods (lower eval loss first), counted per seed:", ""]
-    for alpha in (0.0, *study.alphas):
-        for label in (f"gqa{G}", "mqa"):
-            lines.append(f"- alpha = {alpha:g}, {label.upper()}: "
-                         f"{ordering_counts(loss, label, paper, alpha, seeds)}")
+    if len(paper) > 1:
+        lines += ["", "Method order of the GQA paper's methods (lower eval loss first), counted per seed:", ""]
+        for alpha in (0.0, *study.alphas):
+            for label in (f"gqa{G}", "mqa"):
+                lines.append(f"- alpha = {alpha:g}, {label.upper()}: "
+                             f"{ordering_counts(loss, label, paper, alpha, seeds)}")
     lines += ["", "Plots (error bars: one standard deviation over seeds): `attention_quality_vs_time.png` (quality vs "
               "decode time per sample, the paper's Figure 6 shape), `attention_alpha.png` (eval loss vs alpha per "
               "method), `attention_training_curves.png` (seed 0).", ""]

@@ -112,6 +112,7 @@ def test_sigkill_after_checkpoint_resumes_bitwise_and_partial_saves_are_ignored(
     assert not partial.exists()
 
 
+@pytest.mark.slow  # 40 s; the default run's pipeline test restores onto another mesh (4 x 2 -> 2 x 2 x 2) the same way
 def test_restore_onto_a_smaller_mesh(tmp_path):
     big = experiment(tmp_path, "big", 3, mesh_bindings(2, 2, 2, 8) + ["train.checkpoint_every = 3"])
     train_in_process(big)
