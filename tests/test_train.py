@@ -60,13 +60,10 @@ def test_multiprocess_run_equals_single_process(tmp_path):
                                rtol=1e-5)
 
 
-@pytest.mark.slow  # 2 processes x 3 steps, about 95 s; the in-process 8-device test covers the split itself
-def test_sequence_split_across_two_processes_equals_one_process(tmp_path):
-    """MeshConfig.sequence = 4 over 2 processes x 2 devices: both processes load the same rows and each
-    places its half of every sequence (parallel.batch.row_shard / global_batch); losses equal 1 device."""
+def two_processes_equal_one(tmp_path, mesh: list[str]) -> None:
+    """3 steps on `mesh` over 2 processes x 2 devices (launch.sh multiprocess) give the losses of 1 device."""
     single = train_in_process(experiment(tmp_path, "single", 3, mesh_bindings(1, 1, 1, 1, "fsdp")))
-    bindings = experiment(tmp_path, "multi", 3, ["MeshConfig.data = 1", "MeshConfig.fsdp = 1",
-                                                 "MeshConfig.sequence = 4", "train.sharding = 'fsdp'"])
+    bindings = experiment(tmp_path, "multi", 3, ["MeshConfig.data = 1", *mesh, "train.sharding = 'fsdp'"])
     overrides = [f"--gin_param={b}" for b in bindings if not b.startswith("include")]
     env = subprocess_env(4)
     env["DEVICES_PER_PROCESS"] = "2"
@@ -74,22 +71,20 @@ def test_sequence_split_across_two_processes_equals_one_process(tmp_path):
                            *overrides], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     np.testing.assert_allclose(summary(tmp_path / "multi")["losses"], single["losses"], rtol=1e-5)
+
+
+@pytest.mark.slow  # 2 processes x 3 steps, about 95 s; the in-process 8-device test covers the split itself
+def test_sequence_split_across_two_processes_equals_one_process(tmp_path):
+    """MeshConfig.sequence = 4 over 2 processes x 2 devices: both processes load the same rows and each
+    places its half of every sequence (parallel.batch.row_shard / global_batch); losses equal 1 device."""
+    two_processes_equal_one(tmp_path, ["MeshConfig.fsdp = 1", "MeshConfig.sequence = 4"])
 
 
 @pytest.mark.slow  # 2 processes x 3 steps, about 90 s; the in-process 8-device test covers the stages themselves
 def test_pipeline_stages_across_two_processes_equal_one_process(tmp_path):
     """MeshConfig.stage = 2 over 2 processes x 2 devices: each process holds one stage (the activations cross
     processes at every pipeline shift) and both load the same rows; losses equal 1 device."""
-    single = train_in_process(experiment(tmp_path, "single", 3, mesh_bindings(1, 1, 1, 1, "fsdp")))
-    bindings = experiment(tmp_path, "multi", 3, ["MeshConfig.data = 1", "MeshConfig.fsdp = -1",
-                                                 "MeshConfig.stage = 2", "train.sharding = 'fsdp'"])
-    overrides = [f"--gin_param={b}" for b in bindings if not b.startswith("include")]
-    env = subprocess_env(4)
-    env["DEVICES_PER_PROCESS"] = "2"
-    done = subprocess.run([str(REPO / "launch.sh"), "multiprocess", "2", str(REPO / "glm_jax/configs/base.gin"),
-                           *overrides], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    np.testing.assert_allclose(summary(tmp_path / "multi")["losses"], single["losses"], rtol=1e-5)
+    two_processes_equal_one(tmp_path, ["MeshConfig.fsdp = -1", "MeshConfig.stage = 2"])
 
 
 def test_sigkill_after_checkpoint_resumes_bitwise_and_partial_saves_are_ignored(tmp_path):
