@@ -32,7 +32,9 @@ from glm_jax.model.chunked_loss import DEFAULT_LOSS_CHUNK
 from glm_jax.model.config import ModelConfig
 from glm_jax.model.adapters import Adapter
 from glm_jax.model.lora import LoraConfig
+from glm_jax.model.bottleneck_adapters import BottleneckAdapters
 from glm_jax.model.prefix_tuning import PrefixTuning
+from glm_jax.model.prompt_tuning import PromptTuning
 from glm_jax.optim import OptimizerConfig
 from glm_jax.parallel.mesh import MeshConfig
 from glm_jax.parallel.rules import RULES
@@ -88,7 +90,7 @@ class TrainSettings:
                              "train.init_from = 'RUN' to the run (trained or imported) they adapt")
 
 
-ADAPTERS = ("none", "lora", "prefix")  # prefix: P-tuning v2
+ADAPTERS = ("none", "lora", "prefix", "prompt", "bottleneck")  # prefix: P-tuning v2; prompt: prompt tuning
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,22 +106,30 @@ class Experiment:
     train: TrainSettings
     lora: LoraConfig = LoraConfig()
     prefix: PrefixTuning = PrefixTuning()
+    prompt: PromptTuning = PromptTuning()
+    bottleneck: BottleneckAdapters = BottleneckAdapters()
     gin_text: str = ""
 
     def __post_init__(self):
         check_consistent(self.model, self.data)
-        if self.model.pre_seq_len:  # the frozen base never has one; PrefixTuning adds it (adapted_model)
-            raise ValueError(f"ModelConfig.pre_seq_len = {self.model.pre_seq_len} gives the model a learned prefix, "
-                             "which only P-tuning trains: set train.adapter = 'prefix' and PrefixTuning.length "
-                             "instead (and leave ModelConfig.pre_seq_len at 0)")
+        # The frozen base never has these; the adapter adds them (adapted_model).
+        for field, what, adapter, knob in (("pre_seq_len", "a learned prefix", "prefix", "PrefixTuning.length"),
+                                          ("prompt_len", "a soft prompt", "prompt", "PromptTuning.length"),
+                                          ("adapter_dim", "bottleneck adapters", "bottleneck", "BottleneckAdapters.dim")):
+            if getattr(self.model, field):
+                raise ValueError(f"ModelConfig.{field} = {getattr(self.model, field)} gives the model {what}, which "
+                                 f"only its adapter run trains: set train.adapter = '{adapter}' and {knob} instead "
+                                 f"(and leave ModelConfig.{field} at 0)")
 
     def replace(self, **changes) -> "Experiment":
         return dataclasses.replace(self, **changes)
 
     @property
     def adapters(self) -> Adapter | None:
-        """The method whose adapters alone train (train.adapter = 'lora' | 'prefix'), else None."""
-        return {"lora": self.lora, "prefix": self.prefix}.get(self.train.adapter)
+        """The method whose adapters alone train (train.adapter = 'lora' | 'prefix' | 'prompt' | 'bottleneck'),
+        else None."""
+        return {"lora": self.lora, "prefix": self.prefix, "prompt": self.prompt,
+                "bottleneck": self.bottleneck}.get(self.train.adapter)
 
     @property
     def adapted_model(self) -> ModelConfig:
@@ -144,7 +154,8 @@ def check_consistent(model: ModelConfig, data: DataConfig) -> None:
 _EXPERIMENT_PARTS = {"model": ("ModelConfig", ModelConfig), "data": ("DataConfig", DataConfig),
                      "objective": ("Objective", Objective), "optimizer": ("OptimizerConfig", OptimizerConfig),
                      "mesh": ("MeshConfig", MeshConfig), "train": ("train", TrainSettings),
-                     "lora": ("LoraConfig", LoraConfig), "prefix": ("PrefixTuning", PrefixTuning)}
+                     "lora": ("LoraConfig", LoraConfig), "prefix": ("PrefixTuning", PrefixTuning),
+                     "prompt": ("PromptTuning", PromptTuning), "bottleneck": ("BottleneckAdapters", BottleneckAdapters)}
 _REGISTRY: dict[str, tuple[type, object]] = {}
 
 

@@ -7,7 +7,7 @@ generation and evaluation alike.
     RUN/tokenizer.model   + tokenizer_config.json naming ChatGLMTokenizer: an imported ChatGLM2/3 tokenizer
     RUN/summary.json      the last training session's summary
     RUN/provenance.json   where a converted or imported run came from
-    RUN/adapter_base.json an adapter run's frozen base (LoRA, P-tuning): its run directory, step and
+    RUN/adapter_base.json an adapter run's frozen base (train.adapter): its run directory, step and
                           the checksum of its parameters (the checkpoints hold only the adapters)
     RUN/tensorboard/      training events
     RUN/checkpoints/STEP/ params, opt_state, meta, config (glm_jax.checkpoint)
@@ -154,8 +154,9 @@ class RunDir:
     def load(self, step: int | None = None, shardings=None) -> Run:
         """The latest (or given) checkpoint's parameters (no optimizer state), experiment and tokenizer.
 
-        A LoRA run's parameters come back merged (base + adapters: a plain GLM's parameters), a
-        P-tuning run's as base + prefixes, for its Run.model (which has ModelConfig.pre_seq_len).
+        A LoRA run's parameters come back merged (base + adapters: a plain GLM's parameters), other
+        adapter runs' as base + adapters, for their Run.model (which has ModelConfig.pre_seq_len,
+        prompt_len or adapter_dim).
         """
         experiment = self.read_experiment()
         if experiment.adapters is not None:
@@ -187,7 +188,7 @@ class RunDir:
             checkpoints.close()
         return gin_text
 
-    # ------------------------------------------------ adapter runs (LoRA, P-tuning)
+    # ------------------------------------------------ adapter runs (train.adapter)
     def restore_adapters(self, experiment: experiment_lib.Experiment, step: int | None = None, shardings=None):
         """(adapter parameters, step) of an adapter run's latest (or given) checkpoint."""
         abstract = nn.unbox(jax.eval_shape(lambda: init_adapters(experiment.model, experiment.adapters,

@@ -88,7 +88,7 @@ def attention(cfg, p, x, pos, block, seg, prefix):
     return dense(out, p["out"], n_in=2)
 
 
-def mlp(cfg, p, x):
+def mlp_layer(cfg, p, x):
     if cfg.mlp_activation == "gelu":
         return dense(gelu_tanh(dense(x, p["wi"])), p["wo"])
     # Rebuild the reference's fused [E, 2F] up projection: index 0 = first half.
@@ -102,12 +102,23 @@ def mlp(cfg, p, x):
     return dense(inner, p["wo"])
 
 
+def bottleneck_adapter(p, h):
+    """Houlsby et al. 2019: h + up(gelu(down(h))), with biases."""
+    return h + gelu_tanh(h @ p["adapter_down"] + p["adapter_down_bias"]) @ p["adapter_up"] + p["adapter_up_bias"]
+
+
 def block(cfg, p, x, pos, blk, seg, prefix):
     def n(name, h):
         return norm(h, p[name], cfg.norm, cfg.norm_eps)
 
+    def adapted(name, h):  # a bottleneck adapter on a sublayer's output, where the parameters have one
+        return bottleneck_adapter(p[name], h) if name in p else h
+
     def att(h):
-        return attention(cfg, p["attention"], h, pos, blk, seg, prefix)
+        return adapted("attention_adapter", attention(cfg, p["attention"], h, pos, blk, seg, prefix))
+
+    def mlp(cfg, p_mlp, h):
+        return adapted("mlp_adapter", mlp_layer(cfg, p_mlp, h))
 
     if cfg.residual == "pre":
         x = x + att(n("input_norm", x))

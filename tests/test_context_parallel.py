@@ -168,8 +168,9 @@ def test_training_settings_that_cannot_split_a_sequence_name_the_knob():
     mesh = make_mesh(MeshConfig(data=2, fsdp=1, sequence=3, tensor=1, num_devices=6))
     with pytest.raises(ValueError, match=r"DataConfig.seq_len = 64 does not split into 2 x 3 .* multiple of 6"):
         check_sequence_fits_mesh(64, mesh)
-    with pytest.raises(ValueError, match=r"P-tuning v2 .* MeshConfig.sequence = 1"):
-        check_sequence_fits_mesh(60, mesh, pre_seq_len=4)
+    for kind, name in (("prefix", "P-tuning v2"), ("prompt", "prompt tuning")):
+        with pytest.raises(ValueError, match=rf"{name} \(train.adapter = '{kind}'\) .* MeshConfig.sequence = 1"):
+            check_sequence_fits_mesh(60, mesh, kind)
     check_sequence_fits_mesh(60, mesh)  # 6 chunks of 10 tokens
     with pytest.raises(ValueError, match=r"mesh sizes .* do not divide the 8 devices"):
         make_mesh(MeshConfig(data=1, fsdp=1, sequence=3, tensor=1))

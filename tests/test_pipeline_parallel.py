@@ -61,14 +61,18 @@ def loss_and_grads(config: ModelConfig, mesh_sizes: tuple = (), strategy: str = 
 
 
 @pytest.mark.parametrize("kv_heads, microbatches, mesh_sizes", [
-    (4, 0, (("stage", 2), ("fsdp", 2), ("tensor", 2))),  # MHA, one micro-batch per stage
+    (4, 0, (("stage", 2), ("fsdp", 2), ("tensor", 2))),  # MHA, one micro-batch per stage, bottleneck adapters
     # GQA, one layer per stage, more micro-batches than stages, P-tuning v2's learned prefixes
     (2, 4, (("stage", 4), ("data", 2))),
 ])
 def test_staged_stack_equals_one_device_loss_and_grads(kv_heads, microbatches, mesh_sizes):
-    prefix = 3 if dict(mesh_sizes)["stage"] == 4 else 0
-    config = ModelConfig(**CONFIG, num_kv_heads=kv_heads, pipeline_microbatches=microbatches, pre_seq_len=prefix)
+    four_stages = dict(mesh_sizes)["stage"] == 4
+    config = ModelConfig(**CONFIG, num_kv_heads=kv_heads, pipeline_microbatches=microbatches,
+                         pre_seq_len=3 if four_stages else 0, adapter_dim=0 if four_stages else 4)
     params = nn.meta.unbox(init_params(config, jax.random.key(1)))
+    if config.adapter_dim:  # up-projections away from their zero init, so the adapters change the function
+        up = params["layers"]["mlp_adapter"]["adapter_up"]
+        params["layers"]["mlp_adapter"]["adapter_up"] = 0.1 * jax.random.normal(jax.random.key(2), up.shape)
     batch = glm_batch(config, rows=8)
     assert len(np.unique(batch["segment_ids"][batch["segment_ids"] > 0])) >= 2 and batch["prefix_mask"].any()
     loss, grads = loss_and_grads(config)(params, batch)
@@ -131,6 +135,9 @@ def test_meshes_and_batches_that_stages_cannot_run_name_the_knob():
         check_stages_fit_mesh(config, 8, 1, mesh_of(stage=2, sequence=2))
     with pytest.raises(ValueError, match="train.adapter = 'lora'"):
         check_stages_fit_mesh(config, 8, 1, mesh_of(stage=2), adapter_kind="lora")
+    with pytest.raises(ValueError, match="prompt tuning .train.adapter = 'prompt'. does not run with pipeline stages"):
+        check_stages_fit_mesh(config, 8, 1, mesh_of(stage=2), adapter_kind="prompt")
+    check_stages_fit_mesh(config, 8, 1, mesh_of(stage=2), adapter_kind="bottleneck")  # adapters are Block parameters
     from glm_jax.parallel.mesh import MeshConfig, make_mesh
 
     with pytest.raises(ValueError, match=r"mesh sizes .*'stage': 3.* do not divide the 8 devices"):

@@ -246,7 +246,7 @@ def test_a_p_tuning_run_generates_evaluates_and_refuses_merge_and_export(prefix_
 
 def test_p_tuning_settings_that_cannot_train_are_refused(prefix_runs):
     _, _, bindings = prefix_runs
-    with pytest.raises(ValueError, match="only P-tuning trains"):
+    with pytest.raises(ValueError, match="only its adapter run trains: set train.adapter = .prefix."):
         experiment_lib.from_gin([], bindings + ["train.adapter = 'none'", "train.init_from = None",
                                                 "ModelConfig.pre_seq_len = 4"])
     with pytest.raises(ValueError, match="PrefixTuning.length 0 must be a whole number >= 1"):

@@ -2,14 +2,15 @@
 operations they share.
 
 A method is a frozen gin dataclass (glm_jax.model.lora.LoraConfig,
-glm_jax.model.prefix_tuning.PrefixTuning) with the `Adapter` methods below. Training,
+glm_jax.model.prefix_tuning.PrefixTuning, glm_jax.model.prompt_tuning.PromptTuning,
+glm_jax.model.bottleneck_adapters.BottleneckAdapters) with the `Adapter` methods below. Training,
 evaluation, checkpoints and the preflight only use those methods: the train state holds
 the adapter parameters and their optimizer moments, the frozen base parameters come in
 beside it, and a checkpoint holds the adapters alone.
 
 Adapter parameters are told apart by name wherever they sit in the tree: LoRA's
-`<kernel>_lora_a` / `_lora_b` (qwix's names) and P-tuning v2's `prefix_key` /
-`prefix_value`.
+`<kernel>_lora_a` / `_lora_b` (qwix's names), P-tuning v2's `prefix_key` /
+`prefix_value`, prompt tuning's `soft_prompt` and the bottleneck adapters' `adapter_*`.
 """
 
 from __future__ import annotations
@@ -23,18 +24,19 @@ from glm_jax.model.config import ModelConfig
 from glm_jax.model.glm import example_inputs
 
 ADAPTER_SUFFIXES = ("_lora_a", "_lora_b")
-ADAPTER_NAMES = ("prefix_key", "prefix_value")
+ADAPTER_NAMES = ("prefix_key", "prefix_value", "soft_prompt", "adapter_down", "adapter_down_bias", "adapter_up",
+                 "adapter_up_bias")
 
 
 class Adapter(Protocol):
     """What a parameter-efficient method provides (train.adapter names it)."""
 
-    kind: str  # the train.adapter value: 'lora', 'prefix'
+    kind: str  # the train.adapter value: 'lora', 'prefix', 'prompt', 'bottleneck'
     dropout: float  # > 0: the train step passes a 'dropout' rng
     mergeable: bool  # merge() gives plain GLM parameters (RunDir.load returns such runs merged)
 
     def model_config(self, config: ModelConfig) -> ModelConfig:
-        """The architecture the adapted model has (e.g. with P learned prefix slots)."""
+        """The architecture the adapted model has (e.g. with P learned prefix slots, a soft prompt, adapters)."""
 
     def model(self, config: ModelConfig) -> nn.Module:
         """A linen module with GLM's call signature: the base model with the adapters."""

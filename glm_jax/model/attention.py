@@ -13,6 +13,8 @@ With config.pre_seq_len = P (P-tuning v2) each layer also holds P learned key/va
 slots, `prefix_key` / `prefix_value` [P, G, D], that every query sees without
 positions (glm_jax/kernels/learned_prefix.py): merged with the sequence's attention
 by log-sum-exp in training and prefill, and read as one more cache part when decoding.
+Prompt tuning (config.prompt_len) adds the soft prompt's keys and values of the layer to
+those slots (`_attend_prompt`), computed from the prompt's states at every call.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import jax.numpy as jnp
 from glm_jax import kernels
 from glm_jax.kernels import masks
 from glm_jax.kernels.context_parallel import context_parallel_attention, sequence_shards
-from glm_jax.kernels.learned_prefix import attention_with_learned_prefix
+from glm_jax.kernels.learned_prefix import attention_with_learned_prefix, prefix_attention
 from glm_jax.model import rope
 from glm_jax.model.config import ModelConfig
 from glm_jax.model.layers import Dense, projection_inits
@@ -71,30 +73,36 @@ class Attention(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions, segment_ids, prefix_mask, cache: CacheUpdate | None = None):
+    def __call__(self, x, positions, segment_ids, prefix_mask, cache: CacheUpdate | None = None, prompt=None):
+        """The layer's attention output [B, T, E]; with a soft prompt's states [1, P, E] (prompt tuning),
+        the pair (that, the prompt's own output [1, P, E])."""
         cfg = self.config
         H, G, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         inits = projection_inits(cfg)
         common = cfg.dense_options
+        projections = {name: Dense((heads, D), ("embed", head_axis, "head_dim"), use_bias=cfg.qkv_bias,
+                                   init=inits[name], name=name, **common)
+                       for name, heads, head_axis in (("query", H, "heads"), ("key", G, "kv_heads"),
+                                                      ("value", G, "kv_heads"))}
+        output = Dense((cfg.hidden_size,), ("heads", "head_dim", "embed"), num_in_axes=2,
+                       use_bias=cfg.out_bias, init=inits["out"], name="out", **common)
 
-        def project(name, heads, head_axis):
-            return Dense((heads, D), ("embed", head_axis, "head_dim"), use_bias=cfg.qkv_bias,
-                         init=inits[name], name=name, **common)(x)
-
-        q = rotate(cfg, project("query", H, "heads"), positions)
-        k = rotate(cfg, project("key", G, "kv_heads"), positions)
-        v = project("value", G, "kv_heads")
+        q = rotate(cfg, projections["query"](x), positions)
+        k = rotate(cfg, projections["key"](x), positions)
+        v = projections["value"](x)
         q = nn.with_logical_constraint(q, ("activation_batch", "activation_length", "activation_heads", None))
         k = nn.with_logical_constraint(k, ("activation_batch", "activation_length", "activation_kv_heads", None))
         v = nn.with_logical_constraint(v, ("activation_batch", "activation_length", "activation_kv_heads", None))
         learned = self._learned_prefix() if cfg.pre_seq_len else None
+        prompt_out = None
+        if prompt is not None:
+            learned, prompt_out = _attend_prompt(projections, prompt, learned)
         if cache is None:
             out = self._attend(q, k, v, segment_ids, prefix_mask, learned)
         else:
             out = self._attend_with_cache(q, k, v, segment_ids, prefix_mask, cache, learned)
         out = nn.with_logical_constraint(out, ("activation_batch", "activation_length", "activation_heads", None))
-        return Dense((cfg.hidden_size,), ("heads", "head_dim", "embed"), num_in_axes=2,
-                     use_bias=cfg.out_bias, init=inits["out"], name="out", **common)(out)
+        return output(out) if prompt is None else (output(out), output(prompt_out))
 
     def _learned_prefix(self):
         """P-tuning v2's [P, G, D] key and value slots of this layer (a normal init: equal slots
@@ -109,8 +117,8 @@ class Attention(nn.Module):
         impl = self.config.attention_impl
         if sequence_shards(jax.sharding.get_abstract_mesh()) > 1:  # tokens in context order (parallel/batch.py)
             if learned is not None:
-                raise ValueError("P-tuning v2 (ModelConfig.pre_seq_len) does not run with context parallelism; "
-                                 "use MeshConfig.sequence = 1")
+                raise ValueError("P-tuning v2 and prompt tuning (ModelConfig.pre_seq_len, prompt_len) do not run "
+                                 "with context parallelism; use MeshConfig.sequence = 1")
             return context_parallel_attention(q, k, v, segment_ids, prefix_mask, impl=impl)
         if learned is None:
             return kernels.attention(q, k, v, segment_ids, prefix_mask, impl=impl)
@@ -140,6 +148,22 @@ class Attention(nn.Module):
             values = (prefix_value.transpose(0, 2, 3, 1), *values)  # [B, G, D, P]
             allowed = jnp.concatenate([jnp.ones((*allowed.shape[:2], P), bool), allowed], axis=-1)
         return kernels.cached_attention(q, keys, values, allowed)
+
+
+def _attend_prompt(projections, prompt, learned):
+    """Prompt tuning inside one layer: the soft prompt's keys and values join the learned slots every
+    query sees, and the prompt attends to them (itself, bidirectionally, after any P-tuning prefix).
+
+    The prompt has no position, so it is never rotated: what every query sees is the same as
+    P-tuning v2's slots, except that these keys and values are computed from the prompt's states.
+    Returns (learned slots [P', G, D] x 2, the prompt's attention output [1, P, H, D]).
+    """
+    q, k, v = (projections[name](prompt) for name in ("query", "key", "value"))
+    prompt_kv = (k[0], v[0])
+    if learned is not None:
+        prompt_kv = tuple(jnp.concatenate([a.astype(b.dtype), b]) for a, b in zip(learned, prompt_kv))
+    out, _ = prefix_attention(q, *prompt_kv, scale=q.shape[-1] ** -0.5)
+    return prompt_kv, out.astype(q.dtype)
 
 
 # The context part is written by the prefill only, so a decode loop can hold it

@@ -94,6 +94,14 @@ class ModelConfig:
         layer (attention/prefix_key, prefix_value [P, G, D]) that every query sees,
         without positions (glm_jax.kernels.learned_prefix). 0 = none. Set through
         train.adapter = 'prefix' and PrefixTuning.length, which train only them.
+      prompt_len: prompt tuning (Lester et al. 2021): P trained input embeddings,
+        `soft_prompt` [P, E], a positionless bidirectional prompt that runs through every
+        layer beside the sequence and that every query sees (glm_jax.model.prompt_tuning).
+        0 = none. Set through train.adapter = 'prompt' and PromptTuning.length.
+      adapter_dim: bottleneck adapters (Houlsby et al. 2019): a residual
+        E -> adapter_dim -> E layer on the attention and on the MLP output of every layer
+        (glm_jax.model.layers.Bottleneck). 0 = none. Set through train.adapter =
+        'bottleneck' and BottleneckAdapters.dim.
       quant_bits: 8 | 4: weight-only INT8 / INT4 projections (attention and MLP) for
         inference (glm_jax.model.quantization); None = float. Written by
         `glm_jax convert quantize`, which quantizes a run's parameters; such a run
@@ -134,6 +142,8 @@ class ModelConfig:
     pipeline_microbatches: int = 0
     max_position: int = 1024
     pre_seq_len: int = 0
+    prompt_len: int = 0
+    adapter_dim: int = 0
     quant_bits: int | None = None
     quant_group_size: int | None = None
 
@@ -188,6 +198,10 @@ class ModelConfig:
                   "(0 = one per pipeline stage)")
         if not isinstance(self.pre_seq_len, int) or self.pre_seq_len < 0:
             _fail("pre_seq_len", f"is {self.pre_seq_len!r}; it must be a whole number >= 0 (0 = no learned prefix)")
+        for field, meaning in (("prompt_len", "no soft prompt"), ("adapter_dim", "no bottleneck adapters")):
+            value = getattr(self, field)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                _fail(field, f"is {value!r}; it must be a whole number >= 0 (0 = {meaning})")
         self._validate_quantization()
 
     def _validate_rope_scaling(self):
@@ -285,6 +299,9 @@ class ModelConfig:
         total += 0 if self.tie_embeddings else V * E
         total += 2 * self.max_position * E if self.position == "learned_2d" else 0
         total += L * 2 * self.pre_seq_len * G * D
+        total += self.prompt_len * E
+        if self.adapter_dim:  # down + up with their biases, on attention and MLP of every layer
+            total += L * 2 * (2 * E * self.adapter_dim + self.adapter_dim + E)
         return int(total)
 
 

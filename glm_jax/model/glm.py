@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from glm_jax.model.attention import Attention, CacheUpdate, missing_cache
 from glm_jax.model.config import ModelConfig
-from glm_jax.model.layers import Mlp, make_norm
+from glm_jax.model.layers import Bottleneck, Mlp, make_norm
 from glm_jax.model.pipeline_parallel import pipeline_stages, run_stages
 from glm_jax.model.quantization import quantize_tree
 
@@ -39,36 +39,64 @@ REMAT_POLICIES = {
 
 
 class Block(nn.Module):
-    """One transformer layer; `residual` picks how sublayers and norms combine."""
+    """One transformer layer; `residual` picks how sublayers and norms combine.
+
+    The carry is the hidden states [B, T, E], or under prompt tuning the pair (them, the
+    soft prompt's states [1, P, E]): the prompt runs through the same layer beside the
+    sequence (glm_jax.model.prompt_tuning). With config.adapter_dim each sublayer's output
+    passes a bottleneck adapter before its residual sum (Houlsby et al. 2019).
+    """
 
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions, segment_ids, prefix_mask, cache: CacheUpdate | None = None):
+    def __call__(self, carry, positions, segment_ids, prefix_mask, cache: CacheUpdate | None = None):
         cfg = self.config
+        streams = carry if isinstance(carry, tuple) else (carry,)
         attention = Attention(cfg, name="attention")
         mlp = Mlp(cfg, name="mlp")
         norm1, norm2 = make_norm(cfg, "input_norm"), make_norm(cfg, "post_attention_norm")
+        after_attention = Bottleneck(cfg, name="attention_adapter") if cfg.adapter_dim else _identity
+        after_mlp = Bottleneck(cfg, name="mlp_adapter") if cfg.adapter_dim else _identity
 
-        def attend(h):
-            return attention(h, positions, segment_ids, prefix_mask, cache)
+        def attend(hs):
+            outs = attention(hs[0], positions, segment_ids, prefix_mask, cache, prompt=hs[1] if len(hs) > 1 else None)
+            return _each(after_attention, outs if isinstance(outs, tuple) else (outs,))
+
+        def feed(hs):
+            return _each(lambda h: after_mlp(mlp(h)), hs)
 
         if cfg.residual == "pre":
-            x = x + attend(norm1(x))
-            x = x + mlp(norm2(x))
+            streams = _add(streams, attend(_each(norm1, streams)))
+            streams = _add(streams, feed(_each(norm2, streams)))
         elif cfg.residual == "post":
-            x = norm1(x + attend(x))
-            x = norm2(x + mlp(x))
+            streams = _each(norm1, _add(streams, attend(streams)))
+            streams = _each(norm2, _add(streams, feed(streams)))
         elif cfg.residual == "deepnorm":
             alpha = cfg.deepnorm_alpha
-            a = norm1(x)
-            h = alpha * a + attend(a)
-            m = norm2(h)
-            x = alpha * m + mlp(m)
+            a = _each(norm1, streams)
+            h = _add(_each(lambda t: alpha * t, a), attend(a))
+            m = _each(norm2, h)
+            streams = _add(_each(lambda t: alpha * t, m), feed(m))
         else:  # sandwich (GLM-4-0414): extra norms on each branch output
-            x = x + make_norm(cfg, "post_attention_branch_norm")(attend(norm1(x)))
-            x = x + make_norm(cfg, "post_mlp_branch_norm")(mlp(norm2(x)))
-        return nn.with_logical_constraint(x, EMBED_ACTIVATION), None
+            branch_norm1 = make_norm(cfg, "post_attention_branch_norm")
+            branch_norm2 = make_norm(cfg, "post_mlp_branch_norm")
+            streams = _add(streams, _each(branch_norm1, attend(_each(norm1, streams))))
+            streams = _add(streams, _each(branch_norm2, feed(_each(norm2, streams))))
+        x = nn.with_logical_constraint(streams[0], EMBED_ACTIVATION)
+        return ((x, *streams[1:]) if isinstance(carry, tuple) else x), None
+
+
+def _identity(h):
+    return h
+
+
+def _each(fn, streams: tuple) -> tuple:
+    return tuple(fn(h) for h in streams)
+
+
+def _add(a: tuple, b: tuple) -> tuple:
+    return tuple(x + y for x, y in zip(a, b))
 
 
 def block_stack(config: ModelConfig):
@@ -125,13 +153,16 @@ class GLM(nn.Module):
         cache = None if cache_index is None else self._update_cache(segment_ids, prefix_mask, cache_index, prefill)
         stack = block_stack(cfg)
         stages = pipeline_stages(jax.sharding.get_abstract_mesh())
+        # Prompt tuning: the soft prompt's states travel through the layers beside the sequence's.
+        carry = (x, self._soft_prompt()) if cfg.prompt_len else x
         if stages > 1 and cache is None and not self.is_initializing():
-            x = self._pipelined_layers(x, positions, segment_ids, prefix_mask, stages)
+            carry = self._pipelined_layers(carry, positions, segment_ids, prefix_mask, stages)
         elif cfg.scan_layers:
-            x, _ = stack(cfg, name="layers")(x, positions, segment_ids, prefix_mask, cache)
+            carry, _ = stack(cfg, name="layers")(carry, positions, segment_ids, prefix_mask, cache)
         else:
             for i in range(cfg.num_layers):
-                x, _ = stack(cfg, name=f"layers_{i}")(x, positions, segment_ids, prefix_mask, cache)
+                carry, _ = stack(cfg, name=f"layers_{i}")(carry, positions, segment_ids, prefix_mask, cache)
+        x = carry[0] if cfg.prompt_len else carry  # the prompt's own outputs predict nothing
         if cfg.residual != "post":  # post-LN blocks already end in a norm
             x = make_norm(cfg, "final_norm")(x)
         if logits_at is not None:  # [B] positions: logits of one position per row (decoding)
@@ -149,6 +180,9 @@ class GLM(nn.Module):
         """The layer stack as pipeline stages over the mesh's 'stage' axis (glm_jax.model.pipeline_parallel):
         the same scanned parameters, each layer applied as Block with its slice of them."""
         cfg = self.config
+        if cfg.prompt_len:
+            raise ValueError("prompt tuning (train.adapter = 'prompt') does not run with pipeline stages "
+                             "(MeshConfig.stage > 1); use MeshConfig.stage = 1")
         if not cfg.scan_layers:
             raise ValueError("pipeline stages (MeshConfig.stage > 1) split the scanned layer stack; set "
                              "ModelConfig.scan_layers = True")
@@ -166,6 +200,14 @@ class GLM(nn.Module):
                              "MeshConfig.stage = 1, or merge the adapters first (glm_jax convert merge-lora)")
         return run_stages(layer, layer_params, x, (positions, segment_ids, prefix_mask), stages,
                           cfg.pipeline_microbatches or stages)
+
+    def _soft_prompt(self):
+        """Prompt tuning's P trained input embeddings as one batch row, [1, P, E] (init like the token embeddings)."""
+        cfg = self.config
+        prompt = self.param("soft_prompt", nn.with_logical_partitioning(
+            jax.nn.initializers.normal(cfg.init_std), (None, "embed")),
+            (cfg.prompt_len, cfg.hidden_size), cfg.weight_dtype)
+        return prompt[None].astype(cfg.compute_dtype)
 
     def _update_cache(self, segment_ids, prefix_mask, index, prefill) -> CacheUpdate:
         """Records the new tokens' segment ids and prefix flags at their cache slots."""

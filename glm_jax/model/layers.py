@@ -169,3 +169,30 @@ class Mlp(nn.Module):
             h = jax.nn.gelu(h, approximate=True)
         h = nn.with_logical_constraint(h, ("activation_batch", "activation_length", "activation_mlp"))
         return Dense((cfg.hidden_size,), ("mlp", "embed"), init=inits["mlp_out"], name="wo", **common)(h)
+
+
+class Bottleneck(nn.Module):
+    """A bottleneck adapter (Houlsby et al. 2019): h + up(gelu(down(h))), E -> config.adapter_dim -> E.
+
+    Sits on a sublayer's output before the residual sum (glm_jax.model.glm.Block). The
+    up-projection starts at zero, so a fresh adapter is the identity and the adapted model
+    starts as its base. Parameters are named `adapter_*` (glm_jax.model.adapters tells
+    adapter parameters apart by name); the bottleneck width is replicated, the model width
+    sharded like the model's.
+    """
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, h: jnp.ndarray) -> jnp.ndarray:
+        cfg = self.config
+        E, A = cfg.hidden_size, cfg.adapter_dim
+
+        def param(name, init, axes, shape):
+            return self.param(name, nn.with_logical_partitioning(init, axes), shape, cfg.weight_dtype).astype(h.dtype)
+
+        down = param("adapter_down", jax.nn.initializers.lecun_normal(), ("embed", None), (E, A))
+        down_bias = param("adapter_down_bias", jax.nn.initializers.zeros, (None,), (A,))
+        up = param("adapter_up", jax.nn.initializers.zeros, (None, "embed"), (A, E))
+        up_bias = param("adapter_up_bias", jax.nn.initializers.zeros, ("embed",), (E,))
+        return h + jax.nn.gelu(h @ down + down_bias, approximate=True) @ up + up_bias

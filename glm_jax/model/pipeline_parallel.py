@@ -84,6 +84,10 @@ def check_stages_fit_mesh(model: ModelConfig, batch_size: int, grad_accum_steps:
     if sequence_shards(mesh) > 1:
         raise ValueError(f"pipeline stages (MeshConfig.stage = {stages}) and context parallelism (MeshConfig.sequence "
                          f"= {sequence_shards(mesh)}) do not run together yet; set one of them to 1")
+    if adapter_kind == "prompt":
+        raise ValueError(f"prompt tuning (train.adapter = 'prompt') does not run with pipeline stages "
+                         f"(MeshConfig.stage = {stages}): its soft prompt runs beside every stage's rows. Use "
+                         "MeshConfig.stage = 1")
     if adapter_kind == "lora":
         raise ValueError(f"LoRA (train.adapter = 'lora') does not run with pipeline stages (MeshConfig.stage = "
                          f"{stages}): its adapters wrap the projections of the unstaged model. Fine-tune with "

@@ -28,15 +28,19 @@ def batch_shardings(mesh: Mesh) -> dict[str, NamedSharding]:
             for f in batch_schema.FIELDS}
 
 
-def check_sequence_fits_mesh(seq_len: int, mesh: Mesh, pre_seq_len: int = 0) -> None:
+# Adapters whose keys and values every query sees, which the sequence split does not distribute.
+_UNSPLIT_ADAPTERS = {"prefix": "P-tuning v2", "prompt": "prompt tuning"}
+
+
+def check_sequence_fits_mesh(seq_len: int, mesh: Mesh, adapter_kind: str | None = None) -> None:
     """Raises a ValueError naming the knobs when sequences cannot be split over the mesh's 'sequence' axis."""
     shards = sequence_shards(mesh)
     if shards == 1:
         return
     layout_chunk(seq_len, shards)
-    if pre_seq_len:
-        raise ValueError(f"P-tuning v2 (ModelConfig.pre_seq_len = {pre_seq_len}) does not run with context "
-                         f"parallelism (MeshConfig.sequence = {shards}); use MeshConfig.sequence = 1")
+    if adapter_kind in _UNSPLIT_ADAPTERS:
+        raise ValueError(f"{_UNSPLIT_ADAPTERS[adapter_kind]} (train.adapter = '{adapter_kind}') does not run with "
+                         f"context parallelism (MeshConfig.sequence = {shards}); use MeshConfig.sequence = 1")
 
 
 def check_batch_fits_mesh(batch_size: int, grad_accum_steps: int, mesh: Mesh) -> None:

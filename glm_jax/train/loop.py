@@ -61,9 +61,10 @@ def _train(experiment: Experiment, stop: _StopSignals) -> dict:
     run = RunDir(settings.run_dir)
     mesh, rules = make_mesh(experiment.mesh), logical_axis_rules(settings.sharding)
     check_batch_fits_mesh(experiment.data.batch_size, experiment.optimizer.grad_accum_steps, mesh)
-    check_sequence_fits_mesh(experiment.data.seq_len, mesh, model.pre_seq_len)
+    adapter_kind = settings.adapter if settings.adapter != "none" else None
+    check_sequence_fits_mesh(experiment.data.seq_len, mesh, adapter_kind)
     check_stages_fit_mesh(model, experiment.data.batch_size, experiment.optimizer.grad_accum_steps, mesh,
-                          settings.adapter if settings.adapter != "none" else None)
+                          adapter_kind)
     shard_index, shard_count = row_shard(mesh)  # processes that share a split sequence load the same rows
 
     base = RunDir.resolve(settings.init_from) if settings.init_from else None
@@ -73,7 +74,7 @@ def _train(experiment: Experiment, stop: _StopSignals) -> dict:
     tokenizer = load_tokenizer(data)
     _check_vocabulary(model, tokenizer.vocab_size, data)
     tx, schedule = make_optimizer(experiment.optimizer, settings.steps)
-    adapter = experiment.adapters  # LoRA / P-tuning: only adapters train; the base stays frozen beside the state
+    adapter = experiment.adapters  # train.adapter: only adapters train; the base stays frozen beside the state
     shardings = state_shardings(model, tx, mesh, rules, adapter)
     batch_sharding = batch_shardings(mesh)
     frozen, frozen_sharding = (), ()

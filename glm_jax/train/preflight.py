@@ -34,14 +34,15 @@ def accelerator_experiment(experiment: Experiment) -> Experiment:
 def compile_train_step(devices, experiment: Experiment):
     """The compiled train step for `devices` (abstract inputs only; nothing is allocated).
 
-    An adapter experiment (LoRA, P-tuning) compiles its own step: adapters and their moments in
+    An adapter experiment (train.adapter) compiles its own step: adapters and their moments in
     the state, the frozen base parameters as a third (abstract, sharded) argument.
     """
     check_trainable(experiment.model)
     mesh = make_mesh(experiment.mesh, devices)
-    check_sequence_fits_mesh(experiment.data.seq_len, mesh, experiment.model.pre_seq_len)
+    adapter_kind = experiment.adapters.kind if experiment.adapters else None
+    check_sequence_fits_mesh(experiment.data.seq_len, mesh, adapter_kind)
     check_stages_fit_mesh(experiment.model, experiment.data.batch_size, experiment.optimizer.grad_accum_steps, mesh,
-                          experiment.adapters.kind if experiment.adapters else None)
+                          adapter_kind)
     rules = logical_axis_rules(experiment.train.sharding)
     tx, schedule = make_optimizer(experiment.optimizer, experiment.train.steps)
     adapter = experiment.adapters

@@ -1,8 +1,8 @@
 """Train state and its shardings, derived from jax.eval_shape and the logical axis names.
 
-What trains is the whole model, or with an Adapter (LoRA, P-tuning v2) only its adapter
-parameters (glm_jax.model.adapters): the state then holds them and their optimizer
-moments, and the frozen base parameters travel beside it (frozen_shardings).
+What trains is the whole model, or with an Adapter (LoRA, P-tuning v2, prompt tuning,
+bottleneck adapters) only its adapter parameters (glm_jax.model.adapters): the state then
+holds them and their optimizer moments, and the frozen base parameters travel beside it (frozen_shardings).
 """
 
 from __future__ import annotations

@@ -4,8 +4,9 @@ The loss is the float32 cross-entropy summed over loss_mask and divided by the
 number of masked tokens of the WHOLE batch, so gradient accumulation over
 micro-batches gives exactly the gradient of one big batch. Micro-batches are a
 strided split that keeps every device's share equal (glm_jax.parallel.batch).
-With an Adapter (LoRA, P-tuning v2) only its parameters train: the state holds them, the frozen base
-parameters come in as a third argument (never differentiated, never donated).
+With an Adapter (LoRA, P-tuning v2, prompt tuning, bottleneck adapters) only its
+parameters train: the state holds them, the frozen base parameters come in as a third
+argument (never differentiated, never donated).
 The eval step is glm_jax.evaluation.make_eval_step.
 """
 
