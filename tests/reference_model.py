@@ -66,16 +66,34 @@ def mask_by_loops(seg, prefix):
     return m
 
 
+def narrow_by_loops(allowed, seg, sink=0, window=0, windows=None):
+    """The context-extension options, key by key: Λ-shaped attention (window > 0: keys among the first
+    `sink` of their segment or less than `window` behind the query) and parallel context windows
+    (a query in window w > 0 sees only window w's keys; a task query, 0, every key)."""
+    allowed = allowed.copy()
+    start = {}
+    for t, s in enumerate(seg):
+        start.setdefault(s, t)
+    T = len(seg)
+    for q in range(T):
+        for k in range(T):
+            if window and k - start[seg[k]] >= sink and q - k >= window:
+                allowed[q, k] = False
+            if windows is not None and windows[q] != 0 and windows[q] != windows[k]:
+                allowed[q, k] = False
+    return allowed
+
+
 def dense(x, p, n_in=1):
     w = p["kernel"]
     y = np.tensordot(x, w, axes=n_in)
     return y + p["bias"] if "bias" in p else y
 
 
-def attention(cfg, p, x, pos, block, seg, prefix):
+def attention(cfg, p, x, pos, block, seg, prefix, windows=None):
     H, G, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     q, k, v = dense(x, p["query"]), dense(x, p["key"]), dense(x, p["value"])  # [T, heads, D]
-    allowed = mask_by_loops(seg, prefix)
+    allowed = narrow_by_loops(mask_by_loops(seg, prefix), seg, cfg.attention_sink, cfg.attention_window, windows)
     out = np.zeros_like(q)
     for h in range(H):
         g = h // (H // G)
@@ -107,7 +125,7 @@ def bottleneck_adapter(p, h):
     return h + gelu_tanh(h @ p["adapter_down"] + p["adapter_down_bias"]) @ p["adapter_up"] + p["adapter_up_bias"]
 
 
-def block(cfg, p, x, pos, blk, seg, prefix):
+def block(cfg, p, x, pos, blk, seg, prefix, windows=None):
     def n(name, h):
         return norm(h, p[name], cfg.norm, cfg.norm_eps)
 
@@ -115,7 +133,7 @@ def block(cfg, p, x, pos, blk, seg, prefix):
         return bottleneck_adapter(p[name], h) if name in p else h
 
     def att(h):
-        return adapted("attention_adapter", attention(cfg, p["attention"], h, pos, blk, seg, prefix))
+        return adapted("attention_adapter", attention(cfg, p["attention"], h, pos, blk, seg, prefix, windows))
 
     def mlp(cfg, p_mlp, h):
         return adapted("mlp_adapter", mlp_layer(cfg, p_mlp, h))
@@ -136,8 +154,8 @@ def block(cfg, p, x, pos, blk, seg, prefix):
     return x + n("post_mlp_branch_norm", mlp(cfg, p["mlp"], n("post_attention_norm", x)))
 
 
-def forward(cfg, params, tokens, positions, segment_ids, prefix_mask):
-    """Logits [B, T, V] in float64 for one batch."""
+def forward(cfg, params, tokens, positions, segment_ids, prefix_mask, context_windows=None):
+    """Logits [B, T, V] in float64 for one batch (context_windows: [B, T] parallel context windows)."""
     params = _to_f64(params)
     out = []
     for b in range(tokens.shape[0]):
@@ -146,7 +164,8 @@ def forward(cfg, params, tokens, positions, segment_ids, prefix_mask):
         if cfg.position == "learned_2d":
             x = x + params["position_embedding"][pos] + params["block_position_embedding"][blk]
         for i in range(cfg.num_layers):
-            x = block(cfg, params[f"layers_{i}"], x, pos, blk, segment_ids[b], prefix_mask[b])
+            x = block(cfg, params[f"layers_{i}"], x, pos, blk, segment_ids[b], prefix_mask[b],
+                      None if context_windows is None else context_windows[b])
         if cfg.residual != "post":
             x = norm(x, params["final_norm"], cfg.norm, cfg.norm_eps)
         head = params["embedding"].T if cfg.tie_embeddings else params["lm_head"]["kernel"]

@@ -10,6 +10,8 @@ the same algorithm in plain XLA (blockwise_attention.py).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -47,7 +49,8 @@ def resolve_impl(impl: str, backend: str | None = None, kv_len: int | None = Non
 def attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray,
               segment_ids: jnp.ndarray, prefix_mask: jnp.ndarray, *,
               impl: str = "auto", scale: float | None = None, q_offset: int | None = None,
-              return_lse: bool = False):
+              return_lse: bool = False, lambda_shape: masks.LambdaShape | None = None,
+              context_windows: jnp.ndarray | None = None):
     """GLM attention.
 
     Args:
@@ -66,42 +69,73 @@ def attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray,
       return_lse: also return each query's float32 log-sum-exp of its allowed scores,
         [B, T, Hq], differentiable (every implementation): what merges these keys with
         other keys, e.g. P-tuning v2's learned prefix (kernels/learned_prefix.py).
+      lambda_shape: LM-Infinite's Λ-shaped mask on top of GLM's rule (masks.LambdaShape: the
+        segment's first `sink` keys and the `window` keys behind each query).
+      context_windows: [B, S] int, parallel context windows (masks.mask_options_dense): window
+        tokens see their own window, task tokens (id 0) every window of their segment.
+        With either option the kernels run the parts of masks.range_parts (each one range per
+        query and per key, so their block skipping holds) and merge them by log-sum-exp.
     Returns:
       [B, T, Hq, D] in q's dtype (and the log-sum-exp with return_lse).
     """
     _check_shapes(q, k, v, segment_ids, prefix_mask)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     impl = resolve_impl(impl, kv_len=k.shape[1])
-    common = dict(scale=scale, q_offset=q_offset, return_lse=return_lse)
+    options = dict(lambda_shape=lambda_shape, context_windows=context_windows)
     if impl == "xla":
-        return xla_attention(q, k, v, segment_ids, prefix_mask, **common)
+        return xla_attention(q, k, v, segment_ids, prefix_mask, scale=scale, q_offset=q_offset,
+                             return_lse=return_lse, **options)
+    kernel = functools.partial(_kernel(impl), q, k, v, segment_ids, prefix_mask, scale=scale, q_offset=q_offset)
+    if lambda_shape is None and context_windows is None:
+        return kernel(return_lse=return_lse)
+    parts = [kernel(return_lse=True, ranges=part) for part in masks.range_parts(segment_ids, prefix_mask, **options)]
+    out, lse = merge_parts(parts)
+    return (out.astype(q.dtype), lse) if return_lse else out.astype(q.dtype)
+
+
+def _kernel(impl: str):
+    """The blockwise implementation `impl` names, for this backend (its keyword arguments: scale,
+    q_offset, return_lse, ranges)."""
     if impl == "blockwise":
-        return blockwise_attention(q, k, v, segment_ids, prefix_mask, **common)
+        return blockwise_attention
     backend = jax.default_backend()
     if backend == "tpu" and impl == "pallas":
         from glm_jax.kernels.flash_attention_tpu import flash_attention_tpu  # Mosaic only when asked for
 
-        return flash_attention_tpu(q, k, v, segment_ids, prefix_mask, **common)
+        return flash_attention_tpu
     from glm_jax.kernels.flash_attention import flash_attention  # Pallas only when asked for
 
     if impl == "pallas_interpret" or backend != "gpu":
-        return flash_attention(q, k, v, segment_ids, prefix_mask, interpret=True, **common)
+        return functools.partial(flash_attention, interpret=True)
     from jax.experimental.pallas import triton as pallas_triton
 
-    return flash_attention(q, k, v, segment_ids, prefix_mask, **common,
-                           compiler_params=pallas_triton.CompilerParams(num_warps=4, num_stages=2))
+    return functools.partial(flash_attention, compiler_params=pallas_triton.CompilerParams(num_warps=4, num_stages=2))
+
+
+def merge_parts(parts):
+    """Attention over the union of disjoint key sets from each set's (out, lse): exact, float32.
+
+    A query that sees nothing in a part has that part's output 0 and log-sum-exp ~MASK_VALUE,
+    which weighs it out. Returns (out, lse)."""
+    total = jax.nn.logsumexp(jnp.stack([lse for _, lse in parts]), axis=0)
+    out = sum(jnp.exp(lse - total)[..., None] * out.astype(jnp.float32) for out, lse in parts)
+    return out, total
 
 
 def xla_attention(q, k, v, segment_ids, prefix_mask, *, scale, q_offset: int | None = None,
-                  return_lse: bool = False):
+                  return_lse: bool = False, lambda_shape: masks.LambdaShape | None = None, context_windows=None):
     """Dense reference: O(T S) scores, float32 softmax, grouped (never repeated) K/V.
 
     segment_ids, prefix_mask: [B, S] of the keys; query t is key position q_offset + t
-    (default S - T).
+    (default S - T). lambda_shape, context_windows: the options of `attention`, applied to the
+    dense mask (masks.mask_options_dense).
     """
     T = q.shape[1]
     q_offset = masks.check_query_window(T, k.shape[1], q_offset)
     allowed = masks.dense_mask(segment_ids, prefix_mask, q_len=T, q_offset=q_offset)
+    if lambda_shape is not None or context_windows is not None:
+        q_index = masks.query_positions(T, k.shape[1], q_offset)
+        allowed = masks.mask_options_dense(allowed, segment_ids, q_index, lambda_shape, context_windows)
     return masked_attention(q, k, v, allowed, scale=scale, return_lse=return_lse)
 
 

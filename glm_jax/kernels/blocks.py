@@ -62,25 +62,31 @@ def padded_lengths(q_len: int, kv_len: int, block_q: int, block_k: int) -> tuple
     return padded_q, keys + (-keys % block_k)
 
 
-def padded_ranges(segment_ids, prefix_mask, q_len: int, q_offset, block_q: int, block_k: int):
+def padded_ranges(segment_ids, prefix_mask, q_len: int, q_offset, block_q: int, block_k: int, ranges=None):
     """Key ranges per query and query ranges per key (kernels/masks.py) for a padded query window.
 
     segment_ids, prefix_mask: [B, S] of the keys; query t is key position q_offset + t
     (q_offset static or traced), or q_offset[t] when it is an array of increasing positions
-    (masks.query_positions). Padded query T + u sees only the padded key S + u (every row
-    sees something, so no row's softmax is empty) and the remaining padded keys are seen by
-    no query. A key that no query of the window sees gets the empty range (padded T, 0).
-    Returns (k_start, k_end) [B, T padded] in key indices and (q_start, q_end)
+    (masks.query_positions). ranges: (k_start, k_end, q_start, q_end) [B, S] in key positions
+    (one of masks.range_parts) instead of GLM's rule. Padded query T + u sees only the padded
+    key S + u and the remaining padded keys are seen by no query. A query that sees nothing
+    (possible in a part of masks.range_parts) gets the empty range (padded S, 0) and a key that
+    no query of the window sees (padded T, 0): they widen no block range and keep their blocks
+    masked. Returns (k_start, k_end) [B, T padded] in key indices and (q_start, q_end)
     [B, S padded] in query indices.
     """
     S = segment_ids.shape[1]
     T = q_len
     padded_q, padded_k = padded_lengths(T, S, block_q, block_k)
     positions = masks.query_positions(T, S, q_offset)
-    ks, ke = (jnp.take(x, positions, axis=1) for x in masks.key_ranges(segment_ids, prefix_mask))
+    if ranges is None:
+        ranges = (*masks.key_ranges(segment_ids, prefix_mask), *masks.query_ranges(segment_ids, prefix_mask))
+    ks, ke = (jnp.take(x, positions, axis=1) for x in ranges[:2])
+    empty = ke <= ks
+    ks, ke = jnp.where(empty, padded_k, ks), jnp.where(empty, 0, ke)
     # The queries that see a key are one range of positions; with increasing positions, one range of
     # query indices too: those whose position lies in it (for a window, clip(range - q_offset, 0, T)).
-    qs, qe = (jnp.searchsorted(positions, x).astype(jnp.int32) for x in masks.query_ranges(segment_ids, prefix_mask))
+    qs, qe = (jnp.searchsorted(positions, x).astype(jnp.int32) for x in ranges[2:])
     empty = qe <= qs
     qs, qe = jnp.where(empty, padded_q, qs), jnp.where(empty, 0, qe)
     query = jnp.arange(padded_q, dtype=jnp.int32)[None]
@@ -95,12 +101,13 @@ def padded_ranges(segment_ids, prefix_mask, q_len: int, q_offset, block_q: int, 
     return ks, ke, qs, qe
 
 
-def padded_inputs(q, k, v, segment_ids, prefix_mask, q_offset, block_q: int, block_k: int, head_dim: int):
+def padded_inputs(q, k, v, segment_ids, prefix_mask, q_offset, block_q: int, block_k: int, head_dim: int,
+                  ranges=None):
     """q, k, v with the query window and the keys padded to the blocks and D to head_dim (zeros
-    change no score), and padded_ranges' (k_start, k_end, q_start, q_end)."""
+    change no score), and padded_ranges' (k_start, k_end, q_start, q_end) (of `ranges` if given)."""
     T, S = q.shape[1], k.shape[1]
     q_offset = masks.check_query_window(T, S, q_offset)
-    ranges = padded_ranges(segment_ids, prefix_mask, T, q_offset, block_q, block_k)
+    ranges = padded_ranges(segment_ids, prefix_mask, T, q_offset, block_q, block_k, ranges)
     padded_q, padded_k = padded_lengths(T, S, block_q, block_k)
     q = pad_axis(pad_axis(q, 1, padded_q), 3, head_dim)
     k, v = (pad_axis(pad_axis(x, 1, padded_k), 3, head_dim) for x in (k, v))
@@ -108,15 +115,16 @@ def padded_inputs(q, k, v, segment_ids, prefix_mask, q_offset, block_q: int, blo
 
 
 def visited_blocks(segment_ids, prefix_mask, block_q: int, block_k: int, fully_visible: bool = False,
-                   q_len: int | None = None, q_offset: int | None = None) -> jax.Array:
+                   q_len: int | None = None, q_offset: int | None = None, ranges=None) -> jax.Array:
     """Key blocks the forward visits (or, with fully_visible, runs unmasked), summed over query blocks, per row.
 
-    For the query window [q_offset, q_offset + q_len) of the keys (default: all of them).
+    For the query window [q_offset, q_offset + q_len) of the keys (default: all of them), under
+    GLM's rule or the given part `ranges` (masks.range_parts).
     """
     S = segment_ids.shape[1]
     q_len = S if q_len is None else q_len
     q_offset = masks.check_query_window(q_len, S, q_offset)
-    ks, ke, _, _ = padded_ranges(segment_ids, prefix_mask, q_len, q_offset, block_q, block_k)
+    ks, ke, _, _ = padded_ranges(segment_ids, prefix_mask, q_len, q_offset, block_q, block_k, ranges)
     starts, ends = (x.reshape(x.shape[0], -1, block_q) for x in (ks, ke))
     first, full_first, full_last, last = visit_ranges(starts, ends, block_k)
     return jnp.sum(full_last - full_first if fully_visible else last - first, axis=1)

@@ -39,12 +39,16 @@ DEFAULT_BLOCK = 64
 
 
 def blockwise_attention(q, k, v, segment_ids, prefix_mask, *, scale: float, q_offset: int | None = None,
-                        block_q: int = DEFAULT_BLOCK, block_k: int = DEFAULT_BLOCK, return_lse: bool = False):
+                        block_q: int = DEFAULT_BLOCK, block_k: int = DEFAULT_BLOCK, return_lse: bool = False,
+                        ranges=None):
     """GLM attention, q [B, T, Hq, D] over k, v [B, S, Hkv, D]; the contract of kernels.attention
-    (return_lse: also the float32 log-sum-exp of each query's scores, [B, T, Hq], differentiable)."""
+    (return_lse: also the float32 log-sum-exp of each query's scores, [B, T, Hq], differentiable;
+    ranges: one part of masks.range_parts instead of GLM's rule, where a query may see nothing:
+    its output is 0 and its log-sum-exp about MASK_VALUE)."""
     T, D = q.shape[1], q.shape[3]
     block_q, block_k = min(block_q, _round_up(T, 8)), min(block_k, _round_up(k.shape[1], 8))
-    q, k, v, (ks, ke, qs, qe) = padded_inputs(q, k, v, segment_ids, prefix_mask, q_offset, block_q, block_k, D)
+    q, k, v, (ks, ke, qs, qe) = padded_inputs(q, k, v, segment_ids, prefix_mask, q_offset, block_q, block_k, D,
+                                              ranges)
     B, padded_q, Hq, _ = q.shape
     Hkv = k.shape[2]
     # Heads before length, the query heads of one KV head together: [B, Hkv, r, T, D] and [B, Hkv, S, D].
@@ -115,7 +119,8 @@ def _forward(scale, block_q, block_k, q, k, v, ks, ke):
         carry = (jnp.zeros_like(q_block, jnp.float32), jnp.full_like(rows, MASK_VALUE, jnp.float32),
                  jnp.zeros_like(rows, jnp.float32))
         out, row_max, total = three_loops(visit, visit_ranges(row_start.ravel(), row_end.ravel(), block_k), carry)
-        # Every row sees at least its own key (padded rows their padded key), so total > 0.
+        # A row that sees nothing (a part of masks.range_parts) has total 0: output 0, log-sum-exp ~MASK_VALUE.
+        total = jnp.maximum(total, 1e-30)
         return (out / total[..., None]).astype(q_block.dtype), row_max + jnp.log(total)
 
     out, lse = lax.map(query_block, (_blocks(q, 3, block_q), _blocks(ks, 1, block_q), _blocks(ke, 1, block_q)))

@@ -78,7 +78,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, ks_ref, ke_ref, o_ref, lse_ref, *visits
     init = (jnp.zeros((block_q, head_dim), jnp.float32), jnp.full((block_q,), MASK_VALUE, jnp.float32),
             jnp.zeros((block_q,), jnp.float32), *counters)
     o, m, l, *visits = three_loops(visit, visit_ranges(ks, ke, block_k), init)
-    l = jnp.maximum(l, 1e-30)  # every real row sees itself; padding rows too
+    l = jnp.maximum(l, 1e-30)  # a row that sees nothing (a part of masks.range_parts): output 0
     o_ref[...] = (o / l[:, None]).astype(o_ref.dtype)
     lse_ref[...] = m + jnp.log(l)
     for ref, count in zip(visits_refs, visits):
@@ -231,7 +231,7 @@ def _power_of_two(D: int) -> int:
 
 def flash_attention(q, k, v, segment_ids, prefix_mask, *, scale: float, q_offset: int | None = None,
                     block_q: int = 64, block_k: int = 64, interpret: bool = False, compiler_params=None,
-                    return_lse: bool = False):
+                    return_lse: bool = False, ranges=None):
     """GLM attention with the Pallas kernels; same contract as xla_attention.
 
     q [B, T, Hq, D]; k, v [B, S, Hkv, D]; segment_ids, prefix_mask [B, S] describe
@@ -239,11 +239,12 @@ def flash_attention(q, k, v, segment_ids, prefix_mask, *, scale: float, q_offset
     positions, e.g. a chunk of a prefill against everything up to it). Any T and S:
     both are padded to the blocks and padded rows attend only to their own padded
     key. Head dims are padded to a power of two (zeros change no score). return_lse: also
-    the float32 log-sum-exp of each query's scores, [B, T, Hq] (differentiable).
+    the float32 log-sum-exp of each query's scores, [B, T, Hq] (differentiable). ranges: one
+    part of masks.range_parts instead of GLM's rule (a query that sees nothing gets output 0).
     """
     T, D = q.shape[1], q.shape[3]
     q, k, v, (ks, ke, qs, qe) = padded_inputs(q, k, v, segment_ids, prefix_mask, q_offset, block_q, block_k,
-                                              _power_of_two(D))
+                                              _power_of_two(D), ranges)
     out, lse = _flash(q, k, v, ks, ke, qs, qe, scale, block_q, block_k, interpret, compiler_params)
     if not return_lse:
         return out[:, :T, :, :D]
@@ -251,11 +252,12 @@ def flash_attention(q, k, v, segment_ids, prefix_mask, *, scale: float, q_offset
 
 
 def count_forward_visits(q, k, v, segment_ids, prefix_mask, *, q_offset: int | None = None, block_q: int = 64,
-                         block_k: int = 64):
+                         block_k: int = 64, ranges=None):
     """Runs the forward kernel (interpret mode) and returns the key blocks its loops really visited,
-    (masked, unmasked), each [B, Hq, num query blocks]: the measured side of the block-skipping claim."""
+    (masked, unmasked), each [B, Hq, num query blocks]: the measured side of the block-skipping claim
+    (under GLM's rule, or one part `ranges` of masks.range_parts)."""
     q, k, v, (ks, ke, _, _) = padded_inputs(q, k, v, segment_ids, prefix_mask, q_offset, block_q, block_k,
-                                            _power_of_two(q.shape[3]))
+                                            _power_of_two(q.shape[3]), ranges)
     _, _, masked, unmasked = _forward(q, k, v, ks, ke, scale=1.0, block_q=block_q, block_k=block_k, interpret=True,
                                       compiler_params=None, count_visits=True)
     return masked[:, :, ::block_q], unmasked[:, :, ::block_q]

@@ -112,7 +112,7 @@ def _forward_kernel(first, full_first, full_last, last, q_ref, k_ref, v_ref, ks_
 
     @pl.when(j == pl.num_programs(3) - 1)
     def _finish():
-        l = jnp.maximum(l_scratch[...], 1e-30)  # every row sees at least itself
+        l = jnp.maximum(l_scratch[...], 1e-30)  # a row that sees nothing (a part of masks.range_parts): output 0
         o_ref[...] = (acc_scratch[...] / _lanes(l, head_dim)).astype(o_ref.dtype)
         lse_ref[...] = m_scratch[...] + jnp.log(l)
 
@@ -281,19 +281,20 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 def flash_attention_tpu(q, k, v, segment_ids, prefix_mask, *, scale: float, q_offset: int | None = None,
                         block_q: int = 128, block_k: int = 128, interpret: bool = False,
-                        return_lse: bool = False):
+                        return_lse: bool = False, ranges=None):
     """GLM attention with the Mosaic kernels; same contract as flash_attention.flash_attention.
 
     q [B, T, Hq, D], k/v [B, S, Hkv, D], segment_ids/prefix_mask [B, S], query t at key
     position q_offset + t (default S - T). T and S are padded to the blocks (a padded
     query sees only its own padded key), D to a multiple of 128 lanes; blocks must be
-    multiples of 128. return_lse: also the float32 log-sum-exp per query, [B, T, Hq].
+    multiples of 128. return_lse: also the float32 log-sum-exp per query, [B, T, Hq]. ranges: one
+    part of masks.range_parts instead of GLM's rule (a query that sees nothing gets output 0).
     """
     if block_q % LANES or block_k % LANES:
         raise ValueError(f"TPU blocks must be multiples of {LANES}; got block_q={block_q}, block_k={block_k}")
     T, D = q.shape[1], q.shape[3]
     q, k, v, (ks, ke, qs, qe) = padded_inputs(q, k, v, segment_ids, prefix_mask, q_offset, block_q, block_k,
-                                              D + (-D % LANES))
+                                              D + (-D % LANES), ranges)
     kv_ranges = _block_ranges(ks, ke, block_q, block_k)  # per query block, over key blocks
     q_ranges = _block_ranges(qs, qe, block_k, block_q)  # per key block, over query blocks
     q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))

@@ -23,19 +23,20 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from glm_jax.kernels.attention import attention
+from glm_jax.kernels.attention import attention, merge_parts
 
 
 def attention_with_learned_prefix(q, k, v, segment_ids, prefix_mask, prefix_key, prefix_value, *,
-                                  impl: str = "auto", scale: float | None = None):
+                                  impl: str = "auto", scale: float | None = None, **mask_options):
     """GLM attention of q [B, T, Hq, D] over P learned slots and the sequence's k, v [B, T, Hkv, D].
 
     prefix_key, prefix_value: [P, Hkv, D], seen by every query (batch-independent).
     segment_ids, prefix_mask: [B, T] as in kernels.attention (GLM's bidirectional prefix,
-    unrelated to the learned one). Returns [B, T, Hq, D] in q's dtype.
+    unrelated to the learned one); mask_options: kernels.attention's lambda_shape / context_windows
+    (the slots stay visible to every query). Returns [B, T, Hq, D] in q's dtype.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    out, lse = attention(q, k, v, segment_ids, prefix_mask, impl=impl, scale=scale, return_lse=True)
+    out, lse = attention(q, k, v, segment_ids, prefix_mask, impl=impl, scale=scale, return_lse=True, **mask_options)
     prefix_out, prefix_lse = prefix_attention(q, prefix_key, prefix_value, scale=scale)
     return merge_attention((out, lse), (prefix_out, prefix_lse)).astype(q.dtype)
 
@@ -55,5 +56,4 @@ def prefix_attention(q, prefix_key, prefix_value, *, scale: float):
 
 def merge_attention(*parts):
     """Attention over the union of disjoint key sets from each set's (out, lse): exact, float32."""
-    total = jax.nn.logsumexp(jnp.stack([lse for _, lse in parts]), axis=0)
-    return sum(jnp.exp(lse - total)[..., None] * out.astype(jnp.float32) for out, lse in parts)
+    return merge_parts(parts)[0]

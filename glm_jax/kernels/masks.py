@@ -12,6 +12,8 @@ XLA reference uses the dense rule. All functions are jit-compatible.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -130,3 +132,127 @@ def cache_mask(q_segment_ids: jnp.ndarray, q_start: jnp.ndarray, kv_segment_ids:
     same_segment = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
     causal = k_index[None, :] <= q_index[:, None]
     return same_segment & (causal[None] | kv_prefix_mask[:, None, :].astype(bool))
+
+
+# ------------------------------------------------------------ training-free context extension
+@dataclasses.dataclass(frozen=True)
+class LambdaShape:
+    """LM-Infinite's Λ-shaped mask (Han et al. 2023): on top of GLM's rule, a query sees the first `sink`
+    keys of its segment (its global tokens) and the keys less than `window` positions before it;
+    nothing further back. GLM's bidirectional prefix keys after a query stay visible (the window
+    only bounds how far back a query looks)."""
+
+    sink: int
+    window: int
+
+    def __post_init__(self):
+        if not isinstance(self.sink, int) or self.sink < 0:
+            raise ValueError(f"Λ-shaped attention: sink {self.sink!r} must be a whole number >= 0 (global tokens)")
+        if not isinstance(self.window, int) or self.window < 1:
+            raise ValueError(f"Λ-shaped attention: window {self.window!r} must be a whole number >= 1 (keys a query "
+                             "sees behind it, itself included)")
+
+
+def mask_options_dense(allowed, segment_ids, q_index, lambda_shape: LambdaShape | None = None,
+                       context_windows=None):
+    """GLM's rule `allowed` [B, q, S] narrowed by the context-extension options (the dense definition).
+
+    lambda_shape: keep keys among the first `sink` of the segment or within `window` behind the query.
+    context_windows: [B, S] int, parallel context windows (Ratner et al. 2023): tokens with id w > 0
+      belong to context window w and see only their own window; tokens with id 0 (the task) see
+      every window of their segment. Windows are contiguous and come before their segment's task
+      tokens (context_window_layout builds such rows).
+    q_index: [q] key position of each query.
+    """
+    k_index = jnp.arange(segment_ids.shape[-1], dtype=jnp.int32)
+    if lambda_shape is not None:
+        start, _ = segment_bounds(segment_ids)  # [B, S] of the keys; a visible key shares the query's segment
+        sink = (k_index[None] - start < lambda_shape.sink)[:, None, :]
+        near = (q_index[:, None] - k_index[None, :] < lambda_shape.window)[None]
+        allowed = allowed & (sink | near)
+    if context_windows is not None:
+        q_window = jnp.take(context_windows, q_index, axis=1)
+        allowed = allowed & ((q_window[:, :, None] == context_windows[:, None, :]) | (q_window[:, :, None] == 0))
+    return allowed
+
+
+def cache_lambda_mask(allowed, q_segment_ids, q_start, kv_segment_ids, shape: LambdaShape):
+    """cache_mask's [B, T, S] narrowed by a Λ shape for T queries at cache slots [q_start, q_start + T).
+
+    Distances count written tokens, not slots: a cache's context and generated parts may have
+    unwritten slots between them (segment id 0), which a full forward over the tokens never had.
+    """
+    T = q_segment_ids.shape[-1]
+    token = jnp.cumsum(kv_segment_ids > 0, axis=1, dtype=jnp.int32) - 1  # each written slot's place in the row
+    q_token = jax.lax.dynamic_slice_in_dim(token, q_start, T, axis=1)
+    first_slot = jnp.argmax(kv_segment_ids[:, None, :] == q_segment_ids[:, :, None], axis=-1)  # the segment's start
+    first_token = jnp.take_along_axis(token, first_slot, axis=1)
+    sink = token[:, None, :] - first_token[:, :, None] < shape.sink
+    near = q_token[:, :, None] - token[:, None, :] < shape.window
+    return allowed & (sink | near)
+
+
+def range_parts(segment_ids, prefix_mask, lambda_shape: LambdaShape | None = None, context_windows=None):
+    """GLM's mask with the context-extension options as disjoint parts that are each one key range per
+    query and one query range per key: [(k_start, k_end, q_start, q_end)], each [B, S] in key
+    positions (an empty range has start >= end).
+
+    The flash kernels skip blocks by single ranges, which Λ-shaped attention (sinks + window: two
+    key ranges) and parallel context windows (a window's key is seen by its window and by the
+    task: two query ranges) do not have; split into parts that do, each part runs as its own
+    kernel call and the calls merge exactly by log-sum-exp (kernels.attention).
+    Λ: the sinks [start, start + n) and the window [max(start + n, q - w + 1), k_end).
+    Windows: each window (and the task) on its own, and the task's queries over the windows.
+    """
+    ks, ke = key_ranges(segment_ids, prefix_mask)
+    qs, qe = query_ranges(segment_ids, prefix_mask)
+    if lambda_shape is not None and context_windows is not None:
+        raise ValueError("Λ-shaped attention and parallel context windows are separate options; use one")
+    if lambda_shape is not None:
+        return _lambda_parts(segment_ids, ks, ke, qs, qe, lambda_shape)
+    if context_windows is not None:
+        return _window_parts(segment_ids, context_windows, ks, ke, qs, qe)
+    return [(ks, ke, qs, qe)]
+
+
+def _lambda_parts(segment_ids, ks, ke, qs, qe, shape: LambdaShape):
+    index = jnp.arange(segment_ids.shape[-1], dtype=jnp.int32)[None]
+    sink_end = ks + shape.sink  # ks is the segment's start
+    is_sink = index < sink_end
+    empty = jnp.zeros_like(ks)
+    window = (jnp.maximum(sink_end, index - shape.window + 1), ke,
+              jnp.where(is_sink, empty, qs), jnp.where(is_sink, empty, jnp.minimum(qe, index + shape.window)))
+    if shape.sink == 0:
+        return [window]
+    sinks = (ks, jnp.minimum(ke, sink_end), jnp.where(is_sink, qs, empty), jnp.where(is_sink, qe, empty))
+    return [sinks, window]
+
+
+def _window_parts(segment_ids, context_windows, ks, ke, qs, qe):
+    T = segment_ids.shape[-1]
+    windows = jnp.asarray(context_windows, jnp.int32)
+    # Runs of one (segment, window): each window, and each segment's task tokens.
+    run_start, run_end = segment_bounds(segment_ids.astype(jnp.int32) * 65536 + windows)
+    _, segment_end = segment_bounds(segment_ids)
+    is_task = windows == 0
+    index = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), segment_ids.shape)
+    # Where the task of a window token's segment starts: the next task run (the segment's end if none).
+    task_start = jax.lax.cummin(jnp.where(is_task & (run_start == index), index, T), axis=1, reverse=True)
+    task_start = jnp.minimum(task_start, segment_end)
+    empty = jnp.zeros_like(ks)
+    own = (jnp.maximum(ks, run_start), jnp.minimum(ke, run_end), jnp.maximum(qs, run_start), jnp.minimum(qe, run_end))
+    task_over_windows = (jnp.where(is_task, ks, empty), jnp.where(is_task, jnp.minimum(ke, run_start), empty),
+                         jnp.where(is_task, empty, jnp.maximum(qs, task_start)), jnp.where(is_task, empty, qe))
+    return [own, task_over_windows]
+
+
+def context_window_layout(window_lengths, task_length: int):
+    """Positions and window ids of one segment under parallel context windows (Ratner et al. 2023):
+    every window's positions start at 0, the task's continue after the longest window.
+
+    Returns (positions [sum + task], window ids: 1, 2, ... per window, 0 on the task), numpy.
+    """
+    longest = max(window_lengths)
+    positions = [np.arange(n) for n in window_lengths] + [longest + np.arange(task_length)]
+    ids = [np.full(n, i + 1) for i, n in enumerate(window_lengths)] + [np.zeros(task_length, int)]
+    return np.concatenate(positions).astype(np.int32), np.concatenate(ids).astype(np.int32)

@@ -73,9 +73,11 @@ class Attention(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions, segment_ids, prefix_mask, cache: CacheUpdate | None = None, prompt=None):
+    def __call__(self, x, positions, segment_ids, prefix_mask, cache: CacheUpdate | None = None, prompt=None,
+                 context_windows=None):
         """The layer's attention output [B, T, E]; with a soft prompt's states [1, P, E] (prompt tuning),
-        the pair (that, the prompt's own output [1, P, E])."""
+        the pair (that, the prompt's own output [1, P, E]). context_windows: [B, T] parallel context
+        windows of the tokens (glm_jax.kernels.attention), or None."""
         cfg = self.config
         H, G, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         inits = projection_inits(cfg)
@@ -98,9 +100,9 @@ class Attention(nn.Module):
         if prompt is not None:
             learned, prompt_out = _attend_prompt(projections, prompt, learned)
         if cache is None:
-            out = self._attend(q, k, v, segment_ids, prefix_mask, learned)
+            out = self._attend(q, k, v, segment_ids, prefix_mask, learned, context_windows)
         else:
-            out = self._attend_with_cache(q, k, v, segment_ids, prefix_mask, cache, learned)
+            out = self._attend_with_cache(q, k, v, segment_ids, prefix_mask, cache, learned, context_windows)
         out = nn.with_logical_constraint(out, ("activation_batch", "activation_length", "activation_heads", None))
         return output(out) if prompt is None else (output(out), output(prompt_out))
 
@@ -113,32 +115,41 @@ class Attention(nn.Module):
         return (self.param("prefix_key", init, shape, cfg.weight_dtype),
                 self.param("prefix_value", init, shape, cfg.weight_dtype))
 
-    def _attend(self, q, k, v, segment_ids, prefix_mask, learned):
-        impl = self.config.attention_impl
+    def _attend(self, q, k, v, segment_ids, prefix_mask, learned, context_windows=None):
+        cfg = self.config
+        options = dict(impl=cfg.attention_impl, lambda_shape=cfg.lambda_shape, context_windows=context_windows)
         if sequence_shards(jax.sharding.get_abstract_mesh()) > 1:  # tokens in context order (parallel/batch.py)
             if learned is not None:
                 raise ValueError("P-tuning v2 and prompt tuning (ModelConfig.pre_seq_len, prompt_len) do not run "
                                  "with context parallelism; use MeshConfig.sequence = 1")
-            return context_parallel_attention(q, k, v, segment_ids, prefix_mask, impl=impl)
+            if cfg.lambda_shape is not None or context_windows is not None:
+                raise ValueError("Λ-shaped attention (ModelConfig.attention_window) and parallel context windows "
+                                 "do not run with context parallelism; use MeshConfig.sequence = 1")
+            return context_parallel_attention(q, k, v, segment_ids, prefix_mask, impl=cfg.attention_impl)
         if learned is None:
-            return kernels.attention(q, k, v, segment_ids, prefix_mask, impl=impl)
-        return attention_with_learned_prefix(q, k, v, segment_ids, prefix_mask, *learned, impl=impl)
+            return kernels.attention(q, k, v, segment_ids, prefix_mask, **options)
+        return attention_with_learned_prefix(q, k, v, segment_ids, prefix_mask, *learned, **options)
 
-    def _attend_with_cache(self, q, k, v, segment_ids, prefix_mask, cache: CacheUpdate, learned):
+    def _attend_with_cache(self, q, k, v, segment_ids, prefix_mask, cache: CacheUpdate, learned,
+                           context_windows=None):
         """Writes k, v into their part of the cache and attends q over the cache.
 
         Keys are stored [B, G, slots, D] and values [B, G, D, slots]: both decode
         contractions run over the last axis of both operands, the layout the
         matmuls read without transposing the cache. A learned prefix is one more
-        part, first, that every query sees.
+        part, first, that every query sees. Parallel context windows shape the prefill only:
+        generated tokens are task tokens, which see every window.
         """
         parts = {name: self.variable("cache", name, missing_cache) for name in CACHE_PARTS}
         context_length = parts["context_key"].value.shape[-2]
         if cache.prefill:
             _write(parts["context_key"], parts["context_value"], k, v, cache.index)
-            return self._attend(q, k, v, segment_ids, prefix_mask, learned)
+            return self._attend(q, k, v, segment_ids, prefix_mask, learned, context_windows)
         _write(parts["new_key"], parts["new_value"], k, v, cache.index - context_length)
         allowed = masks.cache_mask(segment_ids, cache.index, cache.kv_segment_ids, cache.kv_prefix_mask)
+        if self.config.lambda_shape is not None:
+            allowed = masks.cache_lambda_mask(allowed, segment_ids, cache.index, cache.kv_segment_ids,
+                                              self.config.lambda_shape)
         keys = (parts["context_key"].value, parts["new_key"].value)
         values = (parts["context_value"].value, parts["new_value"].value)
         if learned is not None:

@@ -14,6 +14,7 @@ from typing import Literal
 
 import jax.numpy as jnp
 
+from glm_jax.kernels.masks import LambdaShape
 from glm_jax.model import quantization, rope
 
 MlpActivation = Literal["gelu", "geglu", "swiglu"]
@@ -102,6 +103,10 @@ class ModelConfig:
         E -> adapter_dim -> E layer on the attention and on the MLP output of every layer
         (glm_jax.model.layers.Bottleneck). 0 = none. Set through train.adapter =
         'bottleneck' and BottleneckAdapters.dim.
+      attention_sink, attention_window: LM-Infinite's Λ-shaped attention (Han et al. 2023),
+        training-free context extension: with attention_window = w > 0 a query sees only the
+        first attention_sink keys of its segment and the w keys behind it (itself included)
+        besides GLM's rule (glm_jax.kernels.masks.LambdaShape); 0 = full attention.
       quant_bits: 8 | 4: weight-only INT8 / INT4 projections (attention and MLP) for
         inference (glm_jax.model.quantization); None = float. Written by
         `glm_jax convert quantize`, which quantizes a run's parameters; such a run
@@ -144,6 +149,8 @@ class ModelConfig:
     pre_seq_len: int = 0
     prompt_len: int = 0
     adapter_dim: int = 0
+    attention_sink: int = 0
+    attention_window: int = 0
     quant_bits: int | None = None
     quant_group_size: int | None = None
 
@@ -198,10 +205,14 @@ class ModelConfig:
                   "(0 = one per pipeline stage)")
         if not isinstance(self.pre_seq_len, int) or self.pre_seq_len < 0:
             _fail("pre_seq_len", f"is {self.pre_seq_len!r}; it must be a whole number >= 0 (0 = no learned prefix)")
-        for field, meaning in (("prompt_len", "no soft prompt"), ("adapter_dim", "no bottleneck adapters")):
+        for field, meaning in (("prompt_len", "no soft prompt"), ("adapter_dim", "no bottleneck adapters"),
+                               ("attention_sink", "no global tokens"), ("attention_window", "full attention")):
             value = getattr(self, field)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 _fail(field, f"is {value!r}; it must be a whole number >= 0 (0 = {meaning})")
+        if self.attention_sink and not self.attention_window:
+            _fail("attention_sink", f"is {self.attention_sink} but attention_window is 0 (full attention, where "
+                  "every key is visible anyway); set ModelConfig.attention_window for Λ-shaped attention")
         self._validate_quantization()
 
     def _validate_rope_scaling(self):
@@ -252,6 +263,11 @@ class ModelConfig:
     @property
     def rope_scaling_spec(self) -> rope.RopeScaling:
         return rope.RopeScaling(self.rope_scaling, self.rope_scaling_factor, self.rope_original_context)
+
+    @property
+    def lambda_shape(self) -> LambdaShape | None:
+        """The Λ-shaped mask of attention_sink / attention_window, or None (full attention)."""
+        return LambdaShape(self.attention_sink, self.attention_window) if self.attention_window else None
 
     @property
     def dense_options(self) -> dict:

@@ -15,6 +15,11 @@ values in each layer's attention.
 Training and evaluation pass `return_hidden=True` and get (final hidden states
 [B, T, E], head kernel [E, V]) instead of logits, so the loss can apply the head
 in chunks without ever holding [B, T, vocab] (glm_jax.model.chunked_loss).
+
+Training-free context extension: ModelConfig.attention_window / attention_sink give every
+attention LM-Infinite's Λ-shaped mask, and `context_windows=` ([B, T] ids: window tokens
+1.., task tokens 0) runs the tokens as parallel context windows (Ratner et al. 2023; their
+positions from glm_jax.kernels.masks.context_window_layout), in a forward or a prefill.
 """
 
 from __future__ import annotations
@@ -50,7 +55,8 @@ class Block(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, carry, positions, segment_ids, prefix_mask, cache: CacheUpdate | None = None):
+    def __call__(self, carry, positions, segment_ids, prefix_mask, cache: CacheUpdate | None = None,
+                 context_windows=None):
         cfg = self.config
         streams = carry if isinstance(carry, tuple) else (carry,)
         attention = Attention(cfg, name="attention")
@@ -60,7 +66,8 @@ class Block(nn.Module):
         after_mlp = Bottleneck(cfg, name="mlp_adapter") if cfg.adapter_dim else _identity
 
         def attend(hs):
-            outs = attention(hs[0], positions, segment_ids, prefix_mask, cache, prompt=hs[1] if len(hs) > 1 else None)
+            outs = attention(hs[0], positions, segment_ids, prefix_mask, cache, prompt=hs[1] if len(hs) > 1 else None,
+                             context_windows=context_windows)
             return _each(after_attention, outs if isinstance(outs, tuple) else (outs,))
 
         def feed(hs):
@@ -108,7 +115,7 @@ def block_stack(config: ModelConfig):
                          prevent_cse=not config.scan_layers)
     if config.scan_layers:
         block = nn.scan(block, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True},
-                        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                         length=config.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
     return block
 
@@ -130,7 +137,7 @@ class GLM(nn.Module):
 
     @nn.compact
     def __call__(self, tokens, positions, segment_ids, prefix_mask, cache_index=None, prefill=False,
-                 logits_at=None, return_hidden=False):
+                 logits_at=None, return_hidden=False, context_windows=None):
         cfg = self.config
         dtype = cfg.compute_dtype
         embedding = self.param("embedding", nn.with_logical_partitioning(
@@ -155,13 +162,14 @@ class GLM(nn.Module):
         stages = pipeline_stages(jax.sharding.get_abstract_mesh())
         # Prompt tuning: the soft prompt's states travel through the layers beside the sequence's.
         carry = (x, self._soft_prompt()) if cfg.prompt_len else x
+        per_row = (positions, segment_ids, prefix_mask, cache, context_windows)
         if stages > 1 and cache is None and not self.is_initializing():
-            carry = self._pipelined_layers(carry, positions, segment_ids, prefix_mask, stages)
+            carry = self._pipelined_layers(carry, positions, segment_ids, prefix_mask, stages, context_windows)
         elif cfg.scan_layers:
-            carry, _ = stack(cfg, name="layers")(carry, positions, segment_ids, prefix_mask, cache)
+            carry, _ = stack(cfg, name="layers")(carry, *per_row)
         else:
             for i in range(cfg.num_layers):
-                carry, _ = stack(cfg, name=f"layers_{i}")(carry, positions, segment_ids, prefix_mask, cache)
+                carry, _ = stack(cfg, name=f"layers_{i}")(carry, *per_row)
         x = carry[0] if cfg.prompt_len else carry  # the prompt's own outputs predict nothing
         if cfg.residual != "post":  # post-LN blocks already end in a norm
             x = make_norm(cfg, "final_norm")(x)
@@ -176,10 +184,13 @@ class GLM(nn.Module):
         logits = nn.with_logical_constraint(logits, ("activation_batch", "activation_length", "activation_vocab"))
         return logits.astype(jnp.float32)
 
-    def _pipelined_layers(self, x, positions, segment_ids, prefix_mask, stages: int):
+    def _pipelined_layers(self, x, positions, segment_ids, prefix_mask, stages: int, context_windows=None):
         """The layer stack as pipeline stages over the mesh's 'stage' axis (glm_jax.model.pipeline_parallel):
         the same scanned parameters, each layer applied as Block with its slice of them."""
         cfg = self.config
+        if context_windows is not None:
+            raise ValueError("parallel context windows (an inference option) do not run with pipeline stages "
+                             "(MeshConfig.stage > 1); use MeshConfig.stage = 1")
         if cfg.prompt_len:
             raise ValueError("prompt tuning (train.adapter = 'prompt') does not run with pipeline stages "
                              "(MeshConfig.stage > 1); use MeshConfig.stage = 1")
