@@ -16,6 +16,11 @@
 4. Scores at L (glm_jax's model, no generation loop: teacher-forced): passkey exact match (every
    digit of the key is the argmax after the question) over fresh documents of 0.9 L to L tokens,
    and the held-out standard-library loss over rows of L tokens, whole and beyond position T.
+5. Training-free rows, the base model as it is at every L: LM-Infinite's Λ-shaped attention
+   (`ModelConfig.attention_sink` = LongContext.lambda_sink global tokens + `attention_window` = T) and
+   parallel context windows (Ratner et al. 2023: a passkey document's text split into windows that
+   restart at position 0, the question and key as the task over every window, all positions < T;
+   text rows as windows of T / 2 with the last T / 2 tokens as the task).
    Written to RESULTS/long_context.{md,json,png}.
 Finished runs are reused when the script is started again.
 """
@@ -42,6 +47,7 @@ from glm_jax import experiment as experiment_lib  # noqa: E402
 from glm_jax.data import batch as batch_schema  # noqa: E402
 from glm_jax.data.corpus import stdlib_root  # noqa: E402
 from glm_jax.data.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
+from glm_jax.kernels.masks import context_window_layout  # noqa: E402
 from glm_jax.model import GLM, ModelConfig  # noqa: E402
 from glm_jax.model.rope import SCALING_METHODS  # noqa: E402
 from glm_jax.run_dir import load_run  # noqa: E402
@@ -63,6 +69,8 @@ class LongContext:
     text_files: int = 400             # standard-library files of training text (whole files, windowed)
     eval_passkeys: int = 64
     eval_text_rows: int = 16          # held-out files, each scored on its first L tokens
+    lambda_sink: int = 10             # Λ-shaped attention's global tokens (LM-Infinite's n_global); window T
+    window_task_tokens: int = 24      # PCW passkey task: the question and key (the last tokens before the key's end)
     seed: int = 0
 
 
@@ -247,7 +255,9 @@ class Scorer:
             model = GLM(config)
 
             def score(params, batch):
-                logits = model.apply({"params": params}, **batch_schema.model_inputs(batch)).astype(jnp.float32)
+                windows = batch.get("context_windows")  # parallel context windows' ids, when the rows have them
+                logits = model.apply({"params": params}, **batch_schema.model_inputs(batch),
+                                     context_windows=windows).astype(jnp.float32)
                 targets = batch["targets"][..., None]
                 nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), targets, axis=-1)[..., 0]
                 return nll, jnp.argmax(logits, axis=-1) == batch["targets"]
@@ -289,6 +299,22 @@ def text_batch(sequences: list[np.ndarray], length: int, pad_id: int) -> dict:
     return causal_rows([s[:length + 1] for s in sequences], length, pad_id, [slice(0, length)] * len(sequences))
 
 
+def as_context_windows(batch: dict, window: int, task: int | None = None) -> dict:
+    """The rows of `batch` laid out as parallel context windows: each row's tokens split into windows of
+    `window` tokens that restart at position 0, and its last `task` tokens (default: one window) as the
+    task, positioned after the longest window and seeing every window (masks.context_window_layout)."""
+    batch = {k: np.array(v) for k, v in batch.items()}
+    batch["context_windows"] = np.zeros_like(batch["tokens"])
+    for row in range(len(batch["tokens"])):
+        n = int((batch["segment_ids"][row] > 0).sum())
+        task_length = window if task is None else task
+        context = n - task_length
+        lengths = [window] * (context // window) + ([context % window] if context % window else [])
+        positions, ids = context_window_layout(lengths, task_length)
+        batch["positions"][row, 0, :n], batch["context_windows"][row, :n] = positions, ids
+    return batch
+
+
 def score(scorer: Scorer, config: ModelConfig, params, passkeys: dict, text: dict, train_length: int) -> dict:
     _, hits = scorer(config, params, passkeys)
     mask = passkeys["loss_mask"] > 0
@@ -296,6 +322,30 @@ def score(scorer: Scorer, config: ModelConfig, params, passkeys: dict, text: dic
     nll, _ = scorer(config, params, text)
     return {"passkey_accuracy": float(np.mean(exact)), "loss": float(nll.mean()),
             "loss_beyond_T": float(nll[:, train_length:].mean()) if nll.shape[1] > train_length else None}
+
+
+TRAINING_FREE = ("lambda", "windows")  # Λ-shaped attention; parallel context windows
+
+
+def training_free_rows(study: LongContext, scorer: Scorer, base, batches: dict) -> list[dict]:
+    """The base model as it is at every L with Λ-shaped attention and with parallel context windows."""
+    T, rows = study.train_length, []
+    task = study.window_task_tokens
+    for factor in study.factors:
+        passkeys, text = batches[factor]
+        variants = {"lambda": (base.model.replace(attention_sink=study.lambda_sink, attention_window=T),
+                               passkeys, text),
+                    # every position < T: the task after windows of T - task tokens
+                    "windows": (base.model, as_context_windows(passkeys, T - task, task),
+                                as_context_windows(text, T // 2))}
+        for method in TRAINING_FREE:
+            config, method_passkeys, method_text = variants[method]
+            rows.append({"method": method, "finetuned": False, "factor": factor, "length": factor * T,
+                         **score(scorer, config, base.params, method_passkeys, method_text, T)})
+            r = rows[-1]
+            print(f"L={factor * T:<5} {method:<7} as is      passkey {r['passkey_accuracy']:.3f}  loss "
+                  f"{r['loss']:.4f}  beyond T {r['loss_beyond_T']:.4f}", flush=True)
+    return rows
 
 
 # ----------------------------------------------------------------------- report
@@ -314,7 +364,11 @@ def write_report(rows: list[dict], study: LongContext, results: Path, seconds: f
              "method scales RoPE by s = L / T (`ModelConfig.rope_scaling`), scored as it is and after "
              f"{study.finetune_steps} fine-tuning steps at L (the same tokens per step). Passkey: exact match of the "
              f"five key digits (teacher-forced argmax) over {study.eval_passkeys} documents of 0.9 L to L tokens. "
-             f"Loss: held-out standard-library files, {study.eval_text_rows} rows of L tokens.", "",
+             f"Loss: held-out standard-library files, {study.eval_text_rows} rows of L tokens. Training-free rows "
+             f"(base model as it is): `lambda` = Λ-shaped attention, {study.lambda_sink} global tokens + a window "
+             f"of T; `windows` = parallel context windows (passkey: the text in windows of T - "
+             f"{study.window_task_tokens} tokens, the question and key as the task; text: windows of T / 2, the "
+             "last T / 2 tokens the task), every position < T.", "",
              f"At L = T = {T} (no scaling): passkey accuracy {base['passkey_accuracy']:.3f}, held-out loss "
              f"{base['loss']:.4f}.", "", "## Passkey retrieval accuracy", "", header, rule]
     by_key = {(r["method"], r["finetuned"], r["length"]): r for r in rows}
@@ -322,14 +376,14 @@ def write_report(rows: list[dict], study: LongContext, results: Path, seconds: f
                           ("loss_beyond_T", f"Held-out loss of positions beyond T = {T}")):
         if title:
             lines += ["", f"## {title}", "", header, rule]
-        for method in study.methods:
-            for finetuned in (False, True):
+        for method in (*study.methods, *TRAINING_FREE):
+            for finetuned in (False,) if method in TRAINING_FREE else (False, True):
                 cells = [by_key.get((method, finetuned, n)) for n in lengths]
                 fmt = "{:.3f}" if metric == "passkey_accuracy" else "{:.4f}"
                 lines.append(f"| {method} | {'yes' if finetuned else 'no'} | "
                              + " | ".join(fmt.format(c[metric]) if c else "-" for c in cells) + " |")
     lines += ["", "Plot: `long_context.png` (passkey accuracy and held-out loss vs L; solid: as is, dashed: "
-              "fine-tuned at L).", ""]
+              "fine-tuned at L, dotted: training-free masks).", ""]
     report = results / "long_context.md"
     report.write_text("\n".join(lines) + "\n" + _findings(report))
     (results / "long_context.json").write_text(json.dumps(
@@ -353,8 +407,9 @@ def _plot(rows: list[dict], study: LongContext, path: Path) -> None:
 
     T = study.train_length
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for i, method in enumerate(study.methods):
-        for finetuned, style in ((False, "-"), (True, "--")):
+    for i, method in enumerate((*study.methods, *TRAINING_FREE)):
+        for finetuned, style in ((False, ":" if method in TRAINING_FREE else "-"),) + (
+                () if method in TRAINING_FREE else ((True, "--"),)):
             points = sorted((r["length"], r) for r in rows if r["method"] == method
                             and (r["finetuned"] == finetuned or r["length"] == T))
             xs = [n for n, _ in points]
@@ -404,6 +459,7 @@ def main(argv=None) -> int:
                 print(f"L={factor * T:<5} {method:<7} {'fine-tuned' if tuned else 'as is':<10} passkey "
                       f"{r['passkey_accuracy']:.3f}  loss {r['loss']:.4f}  beyond T {r['loss_beyond_T']:.4f}",
                       flush=True)
+    rows += training_free_rows(study, scorer, base, batches)
     write_report(rows, study, args.results, time.time() - start, args.quick)
     print(f"wrote {args.results / 'long_context.md'}")
     return 0

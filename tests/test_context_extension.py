@@ -210,15 +210,30 @@ def test_the_model_with_each_option_equals_the_independent_numpy_glm(impl):
         assert np.abs(np.asarray(plain) - np.asarray(got))[real].max() > 1e-3  # the option changes something
 
 
-@pytest.mark.parametrize("mode", ["causal", pytest.param("blank", marks=pytest.mark.slow)])
-def test_cached_decoding_with_lambda_attention_equals_the_full_forward(mode):
-    """A window of 4 behind 2 sinks: the 10 generated tokens of a 6-token prompt see only some of it."""
+@pytest.mark.parametrize("mode, sink, window", [
+    ("causal", 2, 4),  # the ring wraps several times in 10 tokens after prompts of 6 and 3 (bucket 16)
+    ("causal", 4, 3),  # the 3-token prompt's first generated token is a sink
+    pytest.param("causal", 0, 5, marks=pytest.mark.slow),  # a plain sliding window
+    pytest.param("blank", 2, 4, marks=pytest.mark.slow)])
+def test_cached_decoding_with_lambda_attention_equals_the_full_forward(mode, sink, window):
+    """Decoding through the bounded cache (n sinks + a ring of w slots) == the full forward with the Λ mask."""
     from test_generate import check_blank_decode_matches_full_forward, check_causal_decode_matches_full_forward
     from test_generate import tiny_config
 
-    config = tiny_config("gqa2", "rope", scan=(mode == "blank"), attention_sink=2, attention_window=4)
+    config = tiny_config("gqa2", "rope", scan=(mode == "blank"), attention_sink=sink, attention_window=window)
     check = check_blank_decode_matches_full_forward if mode == "blank" else check_causal_decode_matches_full_forward
     check(config)
+
+
+def test_the_lambda_cache_holds_sink_plus_window_slots_whatever_the_lengths():
+    from glm_jax.infer.cache import init_cache, kv_bytes, kv_bytes_per_token
+
+    config = model_config(attention_sink=4, attention_window=16)
+    per_slot = kv_bytes_per_token(config)  # K and V of every layer, one token
+    for context, new in ((8, 4), (4096, 1024), (65536, 8192)):
+        cache = jax.eval_shape(lambda context=context, new=new: init_cache(config, 2, context, new))
+        assert kv_bytes(cache) == 2 * (4 + 16) * per_slot
+    assert kv_bytes(jax.eval_shape(lambda: init_cache(model_config(), 2, 4096, 1024))) == 2 * 5120 * per_slot
 
 
 def test_a_window_prefill_then_decoding_equals_the_full_forward():

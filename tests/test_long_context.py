@@ -60,6 +60,22 @@ def test_scored_span_of_the_passkey_batch_is_exactly_the_key(maker):
         np.testing.assert_array_equal(batch["positions"][row, 0, :n], np.arange(n))
 
 
+def test_parallel_context_windows_keep_every_position_below_T_and_the_key_in_the_task(maker):
+    study = long_context.LongContext(eval_passkeys=3)
+    T, task = 128, study.window_task_tokens
+    batch = long_context.passkey_batch(maker, study, 4 * T)
+    windows = long_context.as_context_windows(batch, T - task, task)
+    for row in range(3):
+        n = int((batch["segment_ids"][row] > 0).sum())
+        ids, positions = windows["context_windows"][row, :n], windows["positions"][row, 0, :n]
+        assert positions.max() < T and (ids[-task:] == 0).all() and (ids[:-task] > 0).all()
+        assert ids.max() == -(-(n - task) // (T - task))  # windows of T - task tokens, the last one shorter
+        assert (windows["loss_mask"][row, n - task:n].sum() == batch["loss_mask"][row].sum())  # the key: task tokens
+        starts = np.flatnonzero(np.diff(np.r_[0, ids[:-task]]) != 0)
+        assert (positions[starts] == 0).all()  # every window restarts at position 0
+        np.testing.assert_array_equal(windows["tokens"][row], batch["tokens"][row])
+
+
 def test_quick_study_trains_fine_tunes_with_each_scaling_and_reports(tmp_path):
     results = tmp_path / "results"
     command = [sys.executable, "experiments/long_context.py", "--quick", f"--out_dir={tmp_path / 'runs'}",
@@ -68,11 +84,13 @@ def test_quick_study_trains_fine_tunes_with_each_scaling_and_reports(tmp_path):
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
 
     report = (results / "long_context.md").read_text()
-    for row in ("| none | no |", "| none | yes |", "| yarn | no |", "| yarn | yes |"):
+    for row in ("| none | no |", "| none | yes |", "| yarn | no |", "| yarn | yes |", "| lambda | no |",
+                "| windows | no |"):
         assert report.count(row) == 3, f"{row!r} should be in each of the three tables:\n{report}"
     rows = json.loads((results / "long_context.json").read_text())["rows"]
     assert {(r["method"], r["finetuned"], r["length"]) for r in rows} == {
-        ("none", False, 64), ("none", False, 128), ("none", True, 128), ("yarn", False, 128), ("yarn", True, 128)}
+        ("none", False, 64), ("none", False, 128), ("none", True, 128), ("yarn", False, 128), ("yarn", True, 128),
+        ("lambda", False, 128), ("windows", False, 128)}
     for r in rows:
         assert 0.0 <= r["passkey_accuracy"] <= 1.0 and np.isfinite(r["loss"])
     from glm_jax.run_dir import RunDir

@@ -46,7 +46,8 @@ def _layer_buffers(G: int, D: int, batch: int, context: int, new: int, dtype, le
 
 
 def init_cache(config: ModelConfig, batch: int, context: int, new: int, dtype=None) -> dict:
-    """An empty cache for `batch` rows of `context` prompt slots and `new` generated slots.
+    """An empty cache for `batch` rows of `context` prompt slots and `new` generated slots
+    (under Λ-shaped attention: attention_sink + attention_window slots, whatever both are).
 
     Under a mesh and logical-axis rules (nn.logical_axis_rules) the buffers are
     created sharded: rows over ('data', 'fsdp'), KV heads over 'tensor' for fsdp_tp.
@@ -54,9 +55,13 @@ def init_cache(config: ModelConfig, batch: int, context: int, new: int, dtype=No
     """
     dtype = config.compute_dtype if dtype is None else jnp.dtype(dtype)
     G, D, L = config.num_kv_heads, config.head_dim, config.num_layers
+    cache = {}
+    if config.lambda_shape is not None:  # n sinks + a ring of w slots, whatever the lengths (model/lambda_cache.py)
+        context, new = 0, config.attention_sink + config.attention_window
+        cache["written"] = nn.with_logical_constraint(jnp.zeros((batch,), jnp.int32), SLOT_AXES[:1])
     slots = context + new
-    cache = {"segment_ids": nn.with_logical_constraint(jnp.zeros((batch, slots), jnp.int32), SLOT_AXES),
-             "prefix_mask": nn.with_logical_constraint(jnp.zeros((batch, slots), bool), SLOT_AXES)}
+    cache.update(segment_ids=nn.with_logical_constraint(jnp.zeros((batch, slots), jnp.int32), SLOT_AXES),
+                 prefix_mask=nn.with_logical_constraint(jnp.zeros((batch, slots), bool), SLOT_AXES))
     if config.scan_layers:
         cache["layers"] = {"attention": _layer_buffers(G, D, batch, context, new, dtype, leading=(L,))}
     else:

@@ -176,22 +176,6 @@ def mask_options_dense(allowed, segment_ids, q_index, lambda_shape: LambdaShape 
     return allowed
 
 
-def cache_lambda_mask(allowed, q_segment_ids, q_start, kv_segment_ids, shape: LambdaShape):
-    """cache_mask's [B, T, S] narrowed by a Λ shape for T queries at cache slots [q_start, q_start + T).
-
-    Distances count written tokens, not slots: a cache's context and generated parts may have
-    unwritten slots between them (segment id 0), which a full forward over the tokens never had.
-    """
-    T = q_segment_ids.shape[-1]
-    token = jnp.cumsum(kv_segment_ids > 0, axis=1, dtype=jnp.int32) - 1  # each written slot's place in the row
-    q_token = jax.lax.dynamic_slice_in_dim(token, q_start, T, axis=1)
-    first_slot = jnp.argmax(kv_segment_ids[:, None, :] == q_segment_ids[:, :, None], axis=-1)  # the segment's start
-    first_token = jnp.take_along_axis(token, first_slot, axis=1)
-    sink = token[:, None, :] - first_token[:, :, None] < shape.sink
-    near = q_token[:, :, None] - token[:, None, :] < shape.window
-    return allowed & (sink | near)
-
-
 def range_parts(segment_ids, prefix_mask, lambda_shape: LambdaShape | None = None, context_windows=None):
     """GLM's mask with the context-extension options as disjoint parts that are each one key range per
     query and one query range per key: [(k_start, k_end, q_start, q_end)], each [B, S] in key

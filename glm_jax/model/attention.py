@@ -28,7 +28,7 @@ from glm_jax import kernels
 from glm_jax.kernels import masks
 from glm_jax.kernels.context_parallel import context_parallel_attention, sequence_shards
 from glm_jax.kernels.learned_prefix import attention_with_learned_prefix, prefix_attention
-from glm_jax.model import rope
+from glm_jax.model import lambda_cache, rope
 from glm_jax.model.config import ModelConfig
 from glm_jax.model.layers import Dense, projection_inits
 
@@ -44,12 +44,15 @@ class CacheUpdate:
     prefill: the new tokens are the context (written into the context part); they
       attend only to themselves, through the training kernel (flash on GPU/TPU).
       Otherwise they are generated tokens, written into the generated part.
+    written: under Λ-shaped attention (glm_jax.model.lambda_cache), each row's count of
+      tokens written before this call ([B]); None otherwise.
     """
 
     index: jax.Array
     kv_segment_ids: jax.Array
     kv_prefix_mask: jax.Array
     prefill: bool = flax.struct.field(pytree_node=False, default=False)
+    written: jax.Array | None = None
 
 
 def missing_cache():
@@ -141,24 +144,51 @@ class Attention(nn.Module):
         generated tokens are task tokens, which see every window.
         """
         parts = {name: self.variable("cache", name, missing_cache) for name in CACHE_PARTS}
+        if cache.written is not None:
+            return self._attend_with_lambda_cache(q, k, v, segment_ids, prefix_mask, cache, learned, context_windows,
+                                                  parts["new_key"], parts["new_value"])
         context_length = parts["context_key"].value.shape[-2]
         if cache.prefill:
             _write(parts["context_key"], parts["context_value"], k, v, cache.index)
             return self._attend(q, k, v, segment_ids, prefix_mask, learned, context_windows)
         _write(parts["new_key"], parts["new_value"], k, v, cache.index - context_length)
         allowed = masks.cache_mask(segment_ids, cache.index, cache.kv_segment_ids, cache.kv_prefix_mask)
-        if self.config.lambda_shape is not None:
-            allowed = masks.cache_lambda_mask(allowed, segment_ids, cache.index, cache.kv_segment_ids,
-                                              self.config.lambda_shape)
         keys = (parts["context_key"].value, parts["new_key"].value)
         values = (parts["context_value"].value, parts["new_value"].value)
-        if learned is not None:
-            B, P = q.shape[0], learned[0].shape[0]
-            prefix_key, prefix_value = (jnp.broadcast_to(x.astype(keys[0].dtype), (B, *x.shape)) for x in learned)
-            keys = (prefix_key.transpose(0, 2, 1, 3), *keys)  # [B, G, P, D]
-            values = (prefix_value.transpose(0, 2, 3, 1), *values)  # [B, G, D, P]
-            allowed = jnp.concatenate([jnp.ones((*allowed.shape[:2], P), bool), allowed], axis=-1)
-        return kernels.cached_attention(q, keys, values, allowed)
+        return _cached_attention(q, keys, values, allowed, learned)
+
+    def _attend_with_lambda_cache(self, q, k, v, segment_ids, prefix_mask, cache: CacheUpdate, learned,
+                                  context_windows, key_var, value_var):
+        """Λ-shaped attention's bounded cache (glm_jax.model.lambda_cache): n sinks + a ring of w slots."""
+        shape = self.config.lambda_shape
+        if cache.prefill:  # the prompt attends to itself as in training; its sinks and last w tokens are kept
+            sources, filled = lambda_cache.prefill_sources(jnp.sum(segment_ids > 0, axis=1), shape.sink, shape.window)
+            key_var.value = lambda_cache.gather_tokens(k, sources, filled).transpose(0, 2, 1, 3).astype(
+                key_var.value.dtype)
+            value_var.value = lambda_cache.gather_tokens(v, sources, filled).transpose(0, 2, 3, 1).astype(
+                value_var.value.dtype)
+            return self._attend(q, k, v, segment_ids, prefix_mask, learned, context_windows)
+        if q.shape[1] != 1:
+            raise ValueError(f"Λ-shaped attention's bounded cache decodes one token per row at a time, not {q.shape[1]}")
+        slot = lambda_cache.decode_slots(cache.written, shape.sink, shape.window)
+        key_var.value = jnp.where(slot[:, None, :, None], k.transpose(0, 2, 1, 3).astype(key_var.value.dtype),
+                                  key_var.value)
+        value_var.value = jnp.where(slot[:, None, None, :], v.transpose(0, 2, 3, 1).astype(value_var.value.dtype),
+                                    value_var.value)
+        # Every stored token precedes the query and lies in its Λ: only written, same segment.
+        allowed = cache.kv_segment_ids[:, None, :] == segment_ids[:, :, None]
+        return _cached_attention(q, (key_var.value,), (value_var.value,), allowed, learned)
+
+
+def _cached_attention(q, keys, values, allowed, learned):
+    """kernels.cached_attention over the cache's parts, a learned prefix (P-tuning, prompt tuning) first."""
+    if learned is not None:
+        B, P = q.shape[0], learned[0].shape[0]
+        prefix_key, prefix_value = (jnp.broadcast_to(x.astype(keys[0].dtype), (B, *x.shape)) for x in learned)
+        keys = (prefix_key.transpose(0, 2, 1, 3), *keys)  # [B, G, P, D]
+        values = (prefix_value.transpose(0, 2, 3, 1), *values)  # [B, G, D, P]
+        allowed = jnp.concatenate([jnp.ones((*allowed.shape[:2], P), bool), allowed], axis=-1)
+    return kernels.cached_attention(q, keys, values, allowed)
 
 
 def _attend_prompt(projections, prompt, learned):

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from glm_jax.model.attention import Attention, CacheUpdate, missing_cache
+from glm_jax.model import lambda_cache
 from glm_jax.model.config import ModelConfig
 from glm_jax.model.layers import Bottleneck, Mlp, make_norm
 from glm_jax.model.pipeline_parallel import pipeline_stages, run_stages
@@ -225,12 +226,34 @@ class GLM(nn.Module):
         kv_segment_ids = self.variable("cache", "segment_ids", missing_cache)
         kv_prefix_mask = self.variable("cache", "prefix_mask", missing_cache)
         index = jnp.asarray(index, jnp.int32)
+        if self.config.lambda_shape is not None:
+            return self._update_lambda_cache(segment_ids, prefix_mask, index, prefill, kv_segment_ids, kv_prefix_mask)
         kv_segment_ids.value = jax.lax.dynamic_update_slice(
             kv_segment_ids.value, segment_ids.astype(kv_segment_ids.value.dtype), (0, index))
         kv_prefix_mask.value = jax.lax.dynamic_update_slice(
             kv_prefix_mask.value, prefix_mask.astype(kv_prefix_mask.value.dtype), (0, index))
         return CacheUpdate(index=index, kv_segment_ids=kv_segment_ids.value,
                            kv_prefix_mask=kv_prefix_mask.value, prefill=prefill)
+
+    def _update_lambda_cache(self, segment_ids, prefix_mask, index, prefill, kv_segment_ids, kv_prefix_mask):
+        """The same for Λ-shaped attention's bounded cache (glm_jax.model.lambda_cache), which counts each
+        row's written tokens instead of using the slot index."""
+        shape = self.config.lambda_shape
+        written = self.variable("cache", "written", missing_cache)
+        if prefill:
+            lengths = jnp.sum(segment_ids > 0, axis=1).astype(jnp.int32)
+            sources, filled = lambda_cache.prefill_sources(lengths, shape.sink, shape.window)
+            kv_segment_ids.value = lambda_cache.gather_tokens(segment_ids.astype(jnp.int32), sources, filled)
+            kv_prefix_mask.value = lambda_cache.gather_tokens(prefix_mask.astype(bool), sources, filled, False)
+            before, written.value = jnp.zeros_like(lengths), lengths
+        else:
+            before = written.value
+            slot = lambda_cache.decode_slots(before, shape.sink, shape.window)
+            kv_segment_ids.value = jnp.where(slot, segment_ids[:, :1].astype(jnp.int32), kv_segment_ids.value)
+            kv_prefix_mask.value = jnp.where(slot, prefix_mask[:, :1].astype(bool), kv_prefix_mask.value)
+            written.value = before + 1
+        return CacheUpdate(index=index, kv_segment_ids=kv_segment_ids.value, kv_prefix_mask=kv_prefix_mask.value,
+                           prefill=prefill, written=before)
 
     def _position_embedding(self, name, ids):
         cfg = self.config
