@@ -266,3 +266,41 @@ def test_a_window_prefill_then_decoding_equals_the_full_forward():
                                         full_positions[:, :, context + t:context + t + 1], jnp.ones((2, 1), jnp.int32),
                                         jnp.zeros((2, 1), bool), cache_index=context + t, mutable=["cache"])
         np.testing.assert_allclose(logits[:, 0], full[:, context + t], rtol=1e-5, atol=1e-5)
+
+
+def test_the_lambda_parts_lower_for_cuda_and_compile_for_tpu():
+    """Λ-shaped attention's two parts through the flash kernels, forward and backward, on the real GPU
+    lowering (Triton) and the real TPU compiler (Mosaic, libtpu): three kernels per part."""
+    from jax.experimental.pallas import triton as pallas_triton
+
+    from glm_jax.kernels.attention import merge_parts
+    from glm_jax.kernels.flash_attention import flash_attention
+
+    batch, length, heads, kv_heads, dim = 1, 512, 8, 2, 64
+    shape = LambdaShape(sink=16, window=128)
+
+    def loss(kernel):
+        def value(q, k, v, segments, prefix):
+            parts = [kernel(q, k, v, segments, prefix, scale=dim ** -0.5, return_lse=True, ranges=part)
+                     for part in masks.range_parts(segments, prefix, lambda_shape=shape)]
+            return jnp.sum(merge_parts(parts)[0])
+        return jax.jit(jax.value_and_grad(value, argnums=(0, 1, 2)))
+
+    def avals(**sharding):
+        def aval(shape, dtype=jnp.bfloat16):
+            return jax.ShapeDtypeStruct(shape, dtype, **sharding)
+        return (aval((batch, length, heads, dim)), aval((batch, length, kv_heads, dim)),
+                aval((batch, length, kv_heads, dim)), aval((batch, length), jnp.int32), aval((batch, length), jnp.bool_))
+
+    triton = functools.partial(flash_attention, compiler_params=pallas_triton.CompilerParams(num_warps=4, num_stages=2))
+    module = jax.export.export(loss(triton), platforms=["cuda"], disabled_checks=[
+        jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*avals()).mlir_module()
+    assert module.count("__gpu$xla.gpu.triton") == 6
+    pytest.importorskip("libtpu")
+    from jax.sharding import SingleDeviceSharding
+
+    from glm_jax.parallel.tpu_topology import topology_devices
+
+    device = SingleDeviceSharding(topology_devices("v5e:2x2")[0])
+    compiled = loss(flash_attention_tpu).lower(*avals(sharding=device)).compile()
+    assert compiled.as_text().count("tpu_custom_call") == 6
