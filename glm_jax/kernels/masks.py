@@ -8,6 +8,11 @@ those two assumptions the allowed keys of every query form ONE range
 [k_start[q], k_end[q]) and the allowed queries of every key form one range
 [q_start[k], q_end[k]). The flash kernel uses these ranges to skip blocks; the
 XLA reference uses the dense rule. All functions are jit-compatible.
+
+Two training-free context-extension options narrow the rule (LambdaShape: LM-Infinite's
+sinks + window; context_windows: parallel context windows): mask_options_dense defines
+them densely, range_parts splits each into disjoint parts of one range per query and per
+key for the kernels.
 """
 
 from __future__ import annotations
@@ -215,7 +220,7 @@ def _lambda_parts(segment_ids, ks, ke, qs, qe, shape: LambdaShape):
 def _window_parts(segment_ids, context_windows, ks, ke, qs, qe):
     T = segment_ids.shape[-1]
     windows = jnp.asarray(context_windows, jnp.int32)
-    # Runs of one (segment, window): each window, and each segment's task tokens.
+    # Runs of one (segment, window): each window, and each segment's task tokens (window ids < 65536).
     run_start, run_end = segment_bounds(segment_ids.astype(jnp.int32) * 65536 + windows)
     _, segment_end = segment_bounds(segment_ids)
     is_task = windows == 0

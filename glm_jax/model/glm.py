@@ -28,8 +28,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from glm_jax.model.attention import Attention, CacheUpdate, missing_cache
 from glm_jax.model import lambda_cache
+from glm_jax.model.attention import Attention, CacheUpdate, missing_cache
 from glm_jax.model.config import ModelConfig
 from glm_jax.model.layers import Bottleneck, Mlp, make_norm
 from glm_jax.model.pipeline_parallel import pipeline_stages, run_stages
