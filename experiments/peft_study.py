@@ -16,7 +16,9 @@ bottleneck adapters teaching one frozen chat model new tools, at matched trainab
 4. Scores: the held-out questions through `python -m glm_jax.chat --input` (the real chat path, tool
    calls executed) and `tool_chats.score`: exact tool calls (name and arguments) and exact final
    answers; with trainable parameters, Adam's optimizer-state bytes (from the train state's shapes),
-   training tokens per second and the final eval loss. Written to RESULTS/peft_study.{md,json,png}.
+   the final eval loss, and the seconds per train step of each method's compiled step, timed
+   round-robin in one process after training (a ratio to full fine-tuning; the machine is noisy).
+   Written to RESULTS/peft_study.{md,json,png}.
 Finished runs are reused when the script is started again.
 """
 
@@ -30,7 +32,10 @@ import sys
 import time
 from pathlib import Path
 
+import flax.linen as nn
 import jax
+import numpy as np
+import optax
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "experiments"))
@@ -41,9 +46,11 @@ from study_args import parse_study_args  # noqa: E402
 from glm_jax import experiment as experiment_lib  # noqa: E402
 from glm_jax.model.glm import param_bytes  # noqa: E402
 from glm_jax.optim import make_optimizer  # noqa: E402
+from glm_jax.model import init_params  # noqa: E402
 from glm_jax.run_dir import RunDir  # noqa: E402
 from glm_jax.train.loop import train  # noqa: E402
-from glm_jax.train.state import abstract_state  # noqa: E402
+from glm_jax.train.state import abstract_state, create_state  # noqa: E402
+from glm_jax.train.step import make_train_step  # noqa: E402
 
 CONFIGS = REPO / "experiments" / "configs"
 METHODS = ("full", "lora", "prefix", "prompt", "bottleneck")
@@ -65,6 +72,8 @@ class PeftStudy:
     conversations: int = 2000            # per task's training file (tool_chats.py --count)
     held_out: int = 100
     max_new_tokens: int = 32
+    timing_rounds: int = 5               # round-robin rounds of timing_steps steps per method
+    timing_steps: int = 10
 
 
 experiment_lib.register("PeftStudy", PeftStudy)  # bound as PeftStudy.* in the study's gin files
@@ -131,6 +140,39 @@ def chat_scores(run_dir: Path, data: Path, study: PeftStudy) -> dict:
     return tool_chats.score(transcript_path.read_text(), expected, tool_chats.atlas)
 
 
+def step_seconds(study: PeftStudy, run_dirs: dict[str, Path]) -> dict[str, float]:
+    """Median seconds per train step of each method's compiled step on one batch of its shape, the
+    methods timed round-robin (each round runs every method) so that load changes hit them alike."""
+    steps = {}
+    for method, run_dir in run_dirs.items():
+        experiment = RunDir(run_dir).read_experiment()
+        model, adapter, data = experiment.model, experiment.adapters, experiment.data
+        tx = optax.adam(1e-3)
+        step = jax.jit(make_train_step(model, tx, optax.constant_schedule(1e-3), rules=(), adapter=adapter))
+        state = create_state(model, tx, jax.random.key(0), adapter)
+        frozen = () if adapter is None else (nn.unbox(init_params(model, jax.random.key(1))),)  # values do not matter
+        rng = np.random.default_rng(0)
+        tokens = rng.integers(0, model.vocab_size, (data.batch_size, data.seq_len)).astype(np.int32)
+        positions = np.broadcast_to(np.stack([np.arange(data.seq_len), np.zeros(data.seq_len, int)]),
+                                    (data.batch_size, 2, data.seq_len)).astype(np.int32)
+        batch = {"tokens": tokens, "positions": positions, "segment_ids": np.ones_like(tokens),
+                 "prefix_mask": np.zeros_like(tokens, bool), "targets": np.roll(tokens, -1, axis=1),
+                 "loss_mask": np.ones_like(tokens, np.float32)}
+        state, _ = step(state, batch, *frozen)  # compile
+        jax.block_until_ready(state)
+        steps[method] = [step, state, batch, frozen, []]
+    for _ in range(study.timing_rounds):
+        for method, entry in steps.items():
+            step, state, batch, frozen, times = entry
+            started = time.perf_counter()
+            for _ in range(study.timing_steps):
+                state, _ = step(state, batch, *frozen)
+            jax.block_until_ready(state)
+            times.append((time.perf_counter() - started) / study.timing_steps)
+            entry[1] = state
+    return {method: float(np.median(entry[4])) for method, entry in steps.items()}
+
+
 def run_study(study: PeftStudy, out_dir: Path, overrides: list[str]) -> dict:
     data = out_dir / "data"
     make_data(study, data)
@@ -145,28 +187,45 @@ def run_study(study: PeftStudy, out_dir: Path, overrides: list[str]) -> dict:
                                                    *method_bindings(study, method)], run_dir, study.steps)
         trainable, state_bytes = optimizer_bytes(run_dir)
         results[method] = {"method": NAMES[method], "trainable": trainable, "optimizer_state_bytes": state_bytes,
-                           "tokens_per_second": summary["tokens_per_second"],
                            "eval_loss": summary["final_eval_loss"], **chat_scores(run_dir, data, study)}
         print(method, results[method], flush=True)
+    for method, seconds in step_seconds(study, {m: out_dir / m for m in study.methods}).items():
+        results[method]["step_seconds"] = seconds
     return results
 
 
 def report(results: dict, study: PeftStudy) -> str:
-    full_rate = results.get("full", {}).get("tokens_per_second")
+    full_step = results.get("full", {}).get("step_seconds")
     lines = [f"# Parameter-efficient fine-tuning: teaching a frozen chat model new tools ({study.steps} steps each)",
              "",
-             "| method | trainable | optimizer state | tokens/s (x full) | eval loss | exact calls | exact answers |",
+             "Generated by `python experiments/peft_study.py`. The base is sft_tiny_ledger.gin's chat model (0.53M "
+             f"parameters) trained {study.base_steps} steps on other tools (ledger: subtract, currency); every method "
+             f"then trains {study.steps} steps on atlas's add / lookup conversations (8 x 256 tokens per step, lr "
+             f"{study.full_learning_rate} for full fine-tuning, {study.adapter_learning_rate} for the adapters). Scores: "
+             f"{study.held_out} held-out questions through `python -m glm_jax.chat --input`. Step time: each method's "
+             "compiled train step, median of round-robin rounds in one process. Optimizer state: Adam's moments of what "
+             "trains.",
+             "",
+             "| method | trainable | optimizer state | step time (x full) | eval loss | exact calls | exact answers |",
              "|---|---|---|---|---|---|---|"]
     for key, row in results.items():
         if key == "base":
             lines.append(f"| {row['method']} | - | - | - | - | {row['exact_calls']:.0%} | {row['exact_answers']:.0%} |")
             continue
-        speed = row["tokens_per_second"]
-        ratio = f" ({speed / full_rate:.2f}x)" if full_rate else ""
+        seconds = row["step_seconds"]
+        ratio = f" ({seconds / full_step:.2f}x)" if full_step else ""
         lines.append(f"| {row['method']} | {row['trainable']:,} | {row['optimizer_state_bytes'] / 1024:,.0f} KiB | "
-                     f"{speed:,.0f}{ratio} | {row['eval_loss']:.3f} | {row['exact_calls']:.0%} | "
+                     f"{1000 * seconds:,.0f} ms{ratio} | {row['eval_loss']:.3f} | {row['exact_calls']:.0%} | "
                      f"{row['exact_answers']:.0%} |")
     return "\n".join(lines) + "\n"
+
+
+def _findings(report_path: Path) -> str:
+    """Keeps the hand-written findings (below the marker) when the table is regenerated."""
+    marker = "<!-- findings -->"
+    if report_path.exists() and marker in report_path.read_text():
+        return marker + report_path.read_text().split(marker, 1)[1]
+    return f"{marker}\n## Findings\n\n(not yet written for this run)\n"
 
 
 def plot(results: dict, path: Path) -> None:
@@ -205,7 +264,8 @@ def main(argv=None) -> int:
     (args.results / "peft_study.json").write_text(json.dumps({"study": dataclasses.asdict(study),
                                                               "results": results}, indent=2))
     table = report(results, study)
-    (args.results / "peft_study.md").write_text(table)
+    path = args.results / "peft_study.md"
+    path.write_text(table + "\n" + _findings(path))
     plot(results, args.results / "peft_study.png")
     print(table)
     return 0

@@ -34,12 +34,12 @@ def test_the_default_sizes_give_every_adapter_about_the_same_trainable_parameter
 def test_the_report_lists_every_method_with_its_budget_and_scores():
     results = {"base": {"method": "base (other tools)", "exact_calls": 0.0, "exact_answers": 0.0},
                "full": {"method": "full fine-tuning", "trainable": 527872, "optimizer_state_bytes": 4222984,
-                        "tokens_per_second": 8000.0, "eval_loss": 0.002, "exact_calls": 1.0, "exact_answers": 0.99},
+                        "step_seconds": 0.2, "eval_loss": 0.002, "exact_calls": 1.0, "exact_answers": 0.99},
                "lora": {"method": "LoRA (query, value)", "trainable": 8192, "optimizer_state_bytes": 65544,
-                        "tokens_per_second": 10000.0, "eval_loss": 0.08, "exact_calls": 0.99, "exact_answers": 0.79}}
+                        "step_seconds": 0.15, "eval_loss": 0.08, "exact_calls": 0.99, "exact_answers": 0.79}}
     table = peft_study.report(results, peft_study.PeftStudy())
     assert "| base (other tools) | - | - | - | - | 0% | 0% |" in table
-    assert "| LoRA (query, value) | 8,192 | 64 KiB | 10,000 (1.25x) | 0.080 | 99% | 79% |" in table
+    assert "| LoRA (query, value) | 8,192 | 64 KiB | 150 ms (0.75x) | 0.080 | 99% | 79% |" in table
 
 
 @pytest.mark.slow
@@ -52,4 +52,5 @@ def test_quick_study_trains_every_method_and_reports(tmp_path):
     saved = json.loads((results / "peft_study.json").read_text())["results"]
     assert list(saved) == ["base", *peft_study.METHODS]
     assert saved["full"]["trainable"] > 50 * saved["lora"]["trainable"]
+    assert all(saved[m]["step_seconds"] > 0 for m in peft_study.METHODS)
     assert (results / "peft_study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
