@@ -48,7 +48,7 @@ import ledger  # noqa: E402
 
 @dataclasses.dataclass(frozen=True)
 class Task:
-    """Two tools: `arithmetic(a, b)` on numbers below `operands` and `table(<argument>)` of a country."""
+    """Two tools: `arithmetic(a, b)` on two-digit numbers and `table(<argument>)` of a country."""
 
     tools: list
     arithmetic: str
@@ -57,7 +57,6 @@ class Task:
     values: list  # what the table tool may answer (drawn at random per training conversation)
     phrases: dict  # tool name -> question templates
     answers: dict  # tool name -> answer template
-    operands: int = 100  # arithmetic arguments are drawn from [0, operands)
 
 
 TASKS = {
@@ -68,10 +67,7 @@ TASKS = {
     "ledger": Task(ledger.TOOLS, "subtract", "currency", "country", sorted(ledger.CURRENCIES.values()),
                    {"subtract": ["What is {a} minus {b}?", "Subtract {b} from {a}.", "How much is {a} - {b}?"],
                     "currency": ['What is the currency of "{country}"?', 'Which currency does "{country}" use?']},
-                   {"subtract": "{a} minus {b} is {result}.", "currency": 'The currency of "{country}" is {result}.'},
-                   # Three-digit numbers too, as a pretrained base knows them: atlas's sums reach 198, and a base
-                   # that never wrote a three-digit number miscopies them under LoRA (docs/chat.md).
-                   operands=200),
+                   {"subtract": "{a} minus {b} is {result}.", "currency": 'The currency of "{country}" is {result}.'}),
 }
 ANSWERS = {name: answer for task in TASKS.values() for name, answer in task.answers.items()}
 
@@ -91,8 +87,7 @@ def make_example(rng: np.random.Generator, task: Task = TASKS["atlas"]) -> dict:
     """
     tools = {f.__name__: f for f in task.tools}
     if rng.random() < 0.5:
-        name, arguments = task.arithmetic, {"a": int(rng.integers(0, task.operands)),
-                                            "b": int(rng.integers(0, task.operands))}
+        name, arguments = task.arithmetic, {"a": int(rng.integers(0, 100)), "b": int(rng.integers(0, 100))}
         result = tools[name](**arguments)
     else:
         name, arguments = task.table, {task.argument: str(rng.choice(sorted(atlas.CAPITALS)))}
