@@ -198,10 +198,13 @@ def test_a_method_run_saves_only_its_parameters_loads_with_its_base_and_refuses_
                                 "--prompt", "def f(x):", "--mode", "causal", "--max_new_tokens", "4"],
                                cwd=tmp_path, env=subprocess_env(1), capture_output=True, text=True, timeout=300)
     assert generated.returncode == 0, generated.stderr
-    merged = subprocess.run([sys.executable, "-m", "glm_jax", "convert", "merge-lora", "--from", str(run_dir),
-                             "--out", "merged"], cwd=tmp_path, env=subprocess_env(1), capture_output=True, text=True,
-                            timeout=300)
-    assert merged.returncode == 2 and "cannot be merged" in merged.stderr and "Traceback" not in merged.stderr
+    reason = {"prompt": "a soft prompt is extra input tokens", "bottleneck": "bottleneck adapters are nonlinear"}
+    for command, message in ((["merge-lora", "--from", str(run_dir), "--out", "merged"], reason[method]),
+                             (["export-hf", "--from", str(run_dir), "--out", "hf"], "export its base run")):
+        refused = subprocess.run([sys.executable, "-m", "glm_jax", "convert", *command], cwd=tmp_path,
+                                 env=subprocess_env(1), capture_output=True, text=True, timeout=300)
+        assert refused.returncode == 2 and message in refused.stderr and "Traceback" not in refused.stderr, \
+            refused.stderr
     field = {"prompt": "prompt_len", "bottleneck": "adapter_dim"}[method]
     with pytest.raises(ValueError, match=f"only its adapter run trains: set train.adapter = '{method}'"):
         experiment_lib.from_gin([], bindings + ["train.adapter = 'none'", "train.init_from = None",

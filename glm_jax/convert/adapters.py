@@ -14,7 +14,6 @@ import datetime
 import json
 from pathlib import Path
 
-from glm_jax.model.prefix_tuning import NOT_MERGEABLE
 from glm_jax.run_dir import RunDir
 
 
@@ -25,7 +24,11 @@ def merge_run(source: str | Path, out: str | Path) -> dict:
     if experiment.adapters is None:
         raise ValueError(f"{source_run.path} is not a LoRA run (its train.adapter is 'none'); there is nothing to merge")
     if not experiment.adapters.mergeable:
-        raise ValueError(f"{source_run.path} is a P-tuning run (train.adapter = 'prefix'): {NOT_MERGEABLE}")
+        try:
+            experiment.adapters.merge({})  # a method that cannot be merged raises, saying why and what to do
+        except ValueError as reason:
+            raise ValueError(f"{source_run.path} is a train.adapter = '{experiment.train.adapter}' run: {reason}") \
+                from None
     target = RunDir(out)
     if target.checkpoints_path.exists():
         raise FileExistsError(f"{target.path} already holds checkpoints; choose a new --out directory")

@@ -320,7 +320,7 @@ def export_hf(source: str | Path, out: str | Path, layout_name: str | None = Non
     model = experiment.model
     provenance = run.provenance() or {}
     if experiment.adapters is not None and not experiment.adapters.mergeable:
-        raise ValueError(f"{run.path} holds {experiment.train.adapter!r} adapters (P-tuning v2 prefixes), not a "
+        raise ValueError(f"{run.path} holds train.adapter = {experiment.train.adapter!r} parameters, not a "
                          "model, and Hugging Face GLM layouts have no place for them; export its base run "
                          "(train.init_from) instead")
     if experiment.adapters is not None:
