@@ -31,18 +31,23 @@ from glm_jax.model import ModelConfig
 KV_AXES = ("activation_batch", "activation_kv_heads", None, None)
 SLOT_AXES = ("activation_batch", None)
 SLOT_AXIS = {"context_key": -2, "new_key": -2, "context_value": -1, "new_value": -1}
-CONTEXT_PARTS = ("context_key", "context_value")
+CONTEXT_PARTS = ("context_key", "context_value", "prompt_key", "prompt_value")  # written by the prefill only
 
 
 def _kv_buffer(shape, dtype, axes):
     return nn.with_logical_constraint(jnp.zeros(shape, dtype), axes)
 
 
-def _layer_buffers(G: int, D: int, batch: int, context: int, new: int, dtype, leading=()) -> dict:
+def _layer_buffers(G: int, D: int, batch: int, context: int, new: int, dtype, leading=(), prompt: int = 0) -> dict:
     axes = ("layers",) * len(leading) + KV_AXES
     shapes = {"context_key": (batch, G, context, D), "context_value": (batch, G, D, context),
               "new_key": (batch, G, new, D), "new_value": (batch, G, D, new)}
-    return {name: _kv_buffer((*leading, *shape), dtype, axes) for name, shape in shapes.items()}
+    buffers = {name: _kv_buffer((*leading, *shape), dtype, axes) for name, shape in shapes.items()}
+    if prompt:  # prompt tuning's keys and values, the same for every row (glm_jax.model.prompt_tuning)
+        prompt_axes = ("layers",) * len(leading) + (None, "activation_kv_heads", None)
+        buffers.update({name: _kv_buffer((*leading, prompt, G, D), dtype, prompt_axes)
+                        for name in ("prompt_key", "prompt_value")})
+    return buffers
 
 
 def init_cache(config: ModelConfig, batch: int, context: int, new: int, dtype=None) -> dict:
@@ -63,10 +68,12 @@ def init_cache(config: ModelConfig, batch: int, context: int, new: int, dtype=No
     cache.update(segment_ids=nn.with_logical_constraint(jnp.zeros((batch, slots), jnp.int32), SLOT_AXES),
                  prefix_mask=nn.with_logical_constraint(jnp.zeros((batch, slots), bool), SLOT_AXES))
     if config.scan_layers:
-        cache["layers"] = {"attention": _layer_buffers(G, D, batch, context, new, dtype, leading=(L,))}
+        cache["layers"] = {"attention": _layer_buffers(G, D, batch, context, new, dtype, leading=(L,),
+                                                       prompt=config.prompt_len)}
     else:
         for i in range(L):
-            cache[f"layers_{i}"] = {"attention": _layer_buffers(G, D, batch, context, new, dtype)}
+            cache[f"layers_{i}"] = {"attention": _layer_buffers(G, D, batch, context, new, dtype,
+                                                                prompt=config.prompt_len)}
     return cache
 
 

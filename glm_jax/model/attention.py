@@ -14,7 +14,8 @@ slots, `prefix_key` / `prefix_value` [P, G, D], that every query sees without
 positions (glm_jax/kernels/learned_prefix.py): merged with the sequence's attention
 by log-sum-exp in training and prefill, and read as one more cache part when decoding.
 Prompt tuning (config.prompt_len) adds the soft prompt's keys and values of the layer to
-those slots (`_attend_prompt`), computed from the prompt's states at every call.
+those slots (`_attend_prompt`), computed from the prompt's states; a prefill stores them in
+the cache and decode steps read them there (the prompt does not run again).
 """
 
 from __future__ import annotations
@@ -99,9 +100,14 @@ class Attention(nn.Module):
         k = nn.with_logical_constraint(k, ("activation_batch", "activation_length", "activation_kv_heads", None))
         v = nn.with_logical_constraint(v, ("activation_batch", "activation_length", "activation_kv_heads", None))
         learned = self._learned_prefix() if cfg.pre_seq_len else None
-        prompt_out = None
+        prompt_out, prompt_kv = None, None
         if prompt is not None:
-            learned, prompt_out = _attend_prompt(projections, prompt, learned)
+            prompt_kv, prompt_out = _attend_prompt(projections, prompt, learned)
+            if cache is not None:  # a prefill: decoding reads the prompt's keys and values from here
+                self._cached_prompt(prompt_kv)
+        elif cfg.prompt_len and cache is not None:  # a decode step: the soft prompt ran in the prefill
+            prompt_kv = self._cached_prompt()
+        learned = _joined(learned, prompt_kv)
         if cache is None:
             out = self._attend(q, k, v, segment_ids, prefix_mask, learned, context_windows)
         else:
@@ -117,6 +123,14 @@ class Attention(nn.Module):
         init = nn.with_logical_partitioning(jax.nn.initializers.normal(cfg.init_std), (None, "kv_heads", "head_dim"))
         return (self.param("prefix_key", init, shape, cfg.weight_dtype),
                 self.param("prefix_value", init, shape, cfg.weight_dtype))
+
+    def _cached_prompt(self, prompt_kv=None):
+        """Prompt tuning's keys and values of this layer [P, G, D] in the cache (stored when given)."""
+        parts = [self.variable("cache", name, missing_cache) for name in PROMPT_PARTS]
+        if prompt_kv is not None:
+            for part, value in zip(parts, prompt_kv):
+                part.value = value.astype(part.value.dtype)
+        return tuple(part.value for part in parts)
 
     def _attend(self, q, k, v, segment_ids, prefix_mask, learned, context_windows=None):
         cfg = self.config
@@ -192,19 +206,25 @@ def _cached_attention(q, keys, values, allowed, learned):
 
 
 def _attend_prompt(projections, prompt, learned):
-    """Prompt tuning inside one layer: the soft prompt's keys and values join the learned slots every
-    query sees, and the prompt attends to them (itself, bidirectionally, after any P-tuning prefix).
+    """Prompt tuning inside one layer: the soft prompt's keys and values, which join the learned slots
+    every query sees, and the prompt's attention over them (itself, bidirectionally, after any
+    P-tuning prefix).
 
     The prompt has no position, so it is never rotated: what every query sees is the same as
     P-tuning v2's slots, except that these keys and values are computed from the prompt's states.
-    Returns (learned slots [P', G, D] x 2, the prompt's attention output [1, P, H, D]).
+    Returns (the prompt's keys and values [P, G, D] x 2, its attention output [1, P, H, D]).
     """
     q, k, v = (projections[name](prompt) for name in ("query", "key", "value"))
     prompt_kv = (k[0], v[0])
-    if learned is not None:
-        prompt_kv = tuple(jnp.concatenate([a.astype(b.dtype), b]) for a, b in zip(learned, prompt_kv))
-    out, _ = prefix_attention(q, *prompt_kv, scale=q.shape[-1] ** -0.5)
+    out, _ = prefix_attention(q, *_joined(learned, prompt_kv), scale=q.shape[-1] ** -0.5)
     return prompt_kv, out.astype(q.dtype)
+
+
+def _joined(learned, prompt_kv):
+    """The slots every query sees: P-tuning's, then the soft prompt's (either may be None)."""
+    if learned is None or prompt_kv is None:
+        return prompt_kv if learned is None else learned
+    return tuple(jnp.concatenate([a.astype(b.dtype), b]) for a, b in zip(learned, prompt_kv))
 
 
 # The context part is written by the prefill only, so a decode loop can hold it
@@ -212,6 +232,8 @@ def _attend_prompt(projections, prompt, learned):
 # both reads and updates, which for a whole context cache would cost more than
 # the attention itself (measured: 4 copies per buffer per token).
 CACHE_PARTS = ("context_key", "context_value", "new_key", "new_value")
+# Prompt tuning: the soft prompt's keys and values [P, G, D], written by the prefill (glm_jax.model.prompt_tuning).
+PROMPT_PARTS = ("prompt_key", "prompt_value")
 
 
 def _write(key_var, value_var, k, v, slot):

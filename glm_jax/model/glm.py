@@ -161,8 +161,10 @@ class GLM(nn.Module):
         cache = None if cache_index is None else self._update_cache(segment_ids, prefix_mask, cache_index, prefill)
         stack = block_stack(cfg)
         stages = pipeline_stages(jax.sharding.get_abstract_mesh())
-        # Prompt tuning: the soft prompt's states travel through the layers beside the sequence's.
-        carry = (x, self._soft_prompt()) if cfg.prompt_len else x
+        # Prompt tuning: the soft prompt's states travel through the layers beside the sequence's (a decode
+        # step reads its keys and values from the cache, where the prefill stored them).
+        prompt_runs = bool(cfg.prompt_len) and (cache is None or cache.prefill)
+        carry = (x, self._soft_prompt()) if prompt_runs else x
         per_row = (positions, segment_ids, prefix_mask, cache, context_windows)
         if stages > 1 and cache is None and not self.is_initializing():
             carry = self._pipelined_layers(carry, positions, segment_ids, prefix_mask, stages, context_windows)
@@ -171,7 +173,7 @@ class GLM(nn.Module):
         else:
             for i in range(cfg.num_layers):
                 carry, _ = stack(cfg, name=f"layers_{i}")(carry, *per_row)
-        x = carry[0] if cfg.prompt_len else carry  # the prompt's own outputs predict nothing
+        x = carry[0] if prompt_runs else carry  # the prompt's own outputs predict nothing
         if cfg.residual != "post":  # post-LN blocks already end in a norm
             x = make_norm(cfg, "final_norm")(x)
         if logits_at is not None:  # [B] positions: logits of one position per row (decoding)
