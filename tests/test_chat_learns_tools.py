@@ -24,6 +24,7 @@ pytestmark = pytest.mark.slow
 def tool_chats():
     spec = importlib.util.spec_from_file_location("tool_chats", REPO / "experiments" / "tool_chats.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules["tool_chats"] = module  # its dataclasses resolve their annotations through sys.modules
     spec.loader.exec_module(module)
     return module
 
