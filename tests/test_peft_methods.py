@@ -26,7 +26,7 @@ from glm_jax.train.state import create_state
 from glm_jax.train.step import make_train_step
 from test_generate import check_blank_decode_matches_full_forward, check_causal_decode_matches_full_forward
 from test_generate import make_generator, tiny_config
-from train_fixtures import adapter_run, subprocess_env
+from train_fixtures import adapter_run, causal_batch, subprocess_env
 
 V, P = 61, 3
 # Two families: GLM-4 style (GQA, RMSNorm, SwiGLU, interleaved partial RoPE) and GLM-130B style (DeepNorm, GeGLU).
@@ -143,7 +143,7 @@ def test_only_the_methods_parameters_train_and_their_count_is_the_closed_form(ad
     tx = optax.adam(1e-2)
     state = create_state(config, tx, jax.random.key(0), adapter)
     step = jax.jit(make_train_step(config, tx, optax.constant_schedule(1e-2), rules=(), adapter=adapter))
-    batch = _batch(config)
+    batch = causal_batch(config)
     for _ in range(2):  # two steps: a zero up-projection moves first, its down-projection after
         state, metrics = step(state, batch, frozen)
     assert np.isfinite(float(metrics["loss"])) and float(metrics["grad_norm"]) > 0
@@ -151,15 +151,6 @@ def test_only_the_methods_parameters_train_and_their_count_is_the_closed_form(ad
                                    state.params, nn.unbox(init_adapters(config, adapter, jax.random.key(0))))
     assert all(m > 0 for m in jax.tree_util.tree_leaves(moved)), moved
     assert jax.tree_util.tree_all(jax.tree_util.tree_map(np.array_equal, frozen, frozen_before))
-
-
-def _batch(config, batch: int = 2, length: int = 12):
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(0, config.vocab_size, (batch, length)).astype(np.int32)
-    positions = np.broadcast_to(np.stack([np.arange(length), np.zeros(length, int)]), (batch, 2, length))
-    return {"tokens": tokens, "positions": positions.astype(np.int32), "segment_ids": np.ones_like(tokens),
-            "prefix_mask": np.zeros_like(tokens, bool), "targets": np.roll(tokens, -1, axis=1),
-            "loss_mask": np.ones_like(tokens, np.float32)}
 
 
 def test_bad_settings_are_clear_errors():

@@ -30,7 +30,7 @@ from glm_jax.train.state import create_state
 from glm_jax.train.step import make_train_step
 from test_generate import check_blank_decode_matches_full_forward, check_causal_decode_matches_full_forward
 from test_generate import make_generator, tiny_config
-from train_fixtures import adapter_run, subprocess_env
+from train_fixtures import adapter_run, causal_batch, subprocess_env
 
 B, T, HQ, HKV, D, P = 2, 40, 4, 2, 16, 5
 SEGMENTS = np.array([[1] * 15 + [2] * 20 + [0] * 5, [1] * 40])
@@ -180,7 +180,7 @@ def test_only_the_prefix_trains_and_its_count_is_the_closed_form():
     tx = optax.adam(1e-2)
     state = create_state(config, tx, jax.random.key(0), prefix)
     step = jax.jit(make_train_step(config, tx, optax.constant_schedule(1e-2), rules=(), adapter=prefix))
-    batch = _batch(config)
+    batch = causal_batch(config)
     for _ in range(2):
         state, metrics = step(state, batch, frozen)
     assert np.isfinite(float(metrics["loss"])) and float(metrics["grad_norm"]) > 0
@@ -193,15 +193,6 @@ def test_only_the_prefix_trains_and_its_count_is_the_closed_form():
     full = join_adapters(frozen, state.params)
     grads = jax.jit(jax.grad(lambda p: loss_sums(prefix.model(config), p, batch)[0]))(full)
     assert all(np.abs(np.asarray(g)).max() > 0 for g in jax.tree_util.tree_leaves(grads))
-
-
-def _batch(config, batch: int = 2, length: int = 12):
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(0, config.vocab_size, (batch, length)).astype(np.int32)
-    positions = np.broadcast_to(np.stack([np.arange(length), np.zeros(length, int)]), (batch, 2, length))
-    return {"tokens": tokens, "positions": positions.astype(np.int32), "segment_ids": np.ones_like(tokens),
-            "prefix_mask": np.zeros_like(tokens, bool), "targets": np.roll(tokens, -1, axis=1),
-            "loss_mask": np.ones_like(tokens, np.float32)}
 
 
 # ------------------------------------------------------------ P-tuning runs

@@ -83,3 +83,15 @@ def subprocess_env(devices: int) -> dict:
 
 def summary(run_dir: Path) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
+
+
+def causal_batch(config, batch: int = 2, length: int = 12) -> dict:
+    """A training batch of random tokens, one causal segment per row, every target scored."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, config.vocab_size, (batch, length)).astype(np.int32)
+    positions = np.broadcast_to(np.stack([np.arange(length), np.zeros(length, int)]), (batch, 2, length))
+    return {"tokens": tokens, "positions": positions.astype(np.int32), "segment_ids": np.ones_like(tokens),
+            "prefix_mask": np.zeros_like(tokens, bool), "targets": np.roll(tokens, -1, axis=1),
+            "loss_mask": np.ones_like(tokens, np.float32)}
