@@ -10,6 +10,7 @@ import pytest
 
 from data_fixtures import small_tokenizer
 from glm_jax.data import chat_format as cf
+from glm_jax.data import corpus
 from glm_jax.data.chat_source import encode_examples, read_conversations
 from glm_jax.data.objectives import Objective
 from glm_jax.data.pipeline import DataConfig, load_tokenizer, make_batches
@@ -64,6 +65,28 @@ def _config(tmp_path, **changes) -> DataConfig:
     return DataConfig(**{"source": f"chat:{tmp_path}/*.jsonl", "seq_len": 64, "batch_size": 2, "group_size": 8,
                          "eval_fraction": 0.0, "tokenizer_path": str(tokenizer_path), "chat_format": "glm4",
                          "cache_dir": str(tmp_path / "cache"), **changes})
+
+
+def test_the_split_and_its_tokenizer_do_not_depend_on_where_the_file_lives(tmp_path, monkeypatch):
+    """One file spelled relative, absolute, or copied elsewhere: the same train / eval conversations and the
+    same tokenizer (trained on the train side); copies of a conversation are all on one side."""
+    lines = [conversation_line(k) for k in range(300)]
+    lines += lines[:40]
+    for folder in ("a", "b/c"):
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / "chats.jsonl").write_text("\n".join(lines) + "\n")
+    monkeypatch.chdir(tmp_path / "a")
+    sources = ("chat:chats.jsonl", f"chat:{tmp_path}/a/chats.jsonl", f"chat:{tmp_path}/b/c/chats.jsonl")
+    splits = [{split: [repr(c) for c in read_conversations(source, split, 0.2)] for split in ("train", "eval")}
+              for source in sources]
+    assert splits[0] == splits[1] == splits[2]
+    train, evaluation = splits[0]["train"], splits[0]["eval"]
+    assert len(train) + len(evaluation) == 340 and 0.1 < len(evaluation) / 340 < 0.3
+    assert not set(train) & set(evaluation)  # each of the 40 copied conversations lands beside its original
+    models = [corpus.default_tokenizer(source, 300, eval_fraction=0.2, cache_dir=tmp_path / f"cache{i}")
+              for i, source in enumerate(sources)]
+    assert models[0].sp.serialized_model_proto() == models[1].sp.serialized_model_proto() \
+        == models[2].sp.serialized_model_proto()
 
 
 def test_malformed_lines_are_named_by_file_and_line(tmp_path):

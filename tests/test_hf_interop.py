@@ -237,7 +237,7 @@ def _cli(cwd: Path, *args: str, timeout: int = 300) -> str:
 def test_readme_workflow_import_generate_uptrain_train_export(tmp_path):
     """import -> generate -> convert uptrain --num_kv_heads 1 -> train -> export, relative paths from a fresh dir."""
     shutil.copytree(FIXTURES / "glm_mha_rot50", tmp_path / "glm-4-tiny-hf")
-    (tmp_path / "notes.txt").write_text("def add(a, b):\n    return a + b\n\n" * 200)
+    (tmp_path / "notes.txt").write_text("".join(f"def add_{k}(a, b):\n    return a + b + {k}\n\n" for k in range(200)))
     _cli(tmp_path, "convert", "import-hf", "--from", "glm-4-tiny-hf", "--out", "runs/glm4")
     out = _cli(tmp_path, "generate", "--run_dir", "runs/glm4", "--mode", "causal", "--prompt", "def add",
                "--max_new_tokens", "4")

@@ -141,6 +141,10 @@ def test_user_errors_are_explained(tmp_path):
         corpus.source_files("hub:wikipedia")
     with pytest.raises(ValueError, match="divisible"):
         dataset(write_text_corpus(tmp_path), tmp_path, index=0, count=3)
+    (tmp_path / "copies.txt").write_text("alpha beta gamma delta epsilon.\n\n" * 50)  # one document, 50 copies
+    with pytest.raises(ValueError, match="eval split .* is empty; documents are assigned .* hash of their text .*"
+                                         "every copy .* raise DataConfig.eval_fraction or add distinct documents"):
+        dataset(f"text:{tmp_path}/copies.txt", tmp_path, split="eval")
 
 
 def test_stdlib_corpus_packs_at_least_90_percent(tmp_path):

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from glm_jax.data.chat_format import (CHAT_FORMATS, ROLE_TOKENS, Conversation, ConversationError, chat_format,
                                       parse_conversation, training_example)
-from glm_jax.data.corpus import SKIP_HINT, in_eval_split, source_files
+from glm_jax.data.corpus import SKIP_HINT, SPLIT_HINT, content_id, in_eval_split, source_files
 from glm_jax.data.packed_rows import PackedRows
 
 KIND = "chat"
@@ -40,7 +40,7 @@ def read_conversations(source: str, split: str, eval_fraction: float,
     conversations, skipped = [], []
     for path in source_files(source):
         for number, line in enumerate(_lines(path), start=1):
-            if not line.strip() or in_eval_split(f"{path}:{number - 1}", eval_fraction) != (split == "eval"):
+            if not line.strip() or in_eval_split(content_id(line), eval_fraction) != (split == "eval"):
                 continue
             try:
                 conversation = parse_conversation(_json(line, f"{path}:{number}"), where=f"{path}:{number}",
@@ -129,8 +129,8 @@ def make_chat_datasets(config, tokenizer, split: str, shard_ids: range, shard_co
     """This process's shards of one split (the conversations are read and encoded once)."""
     conversations = read_conversations(config.source, split, config.eval_fraction, config.skip_bad_input)
     if not conversations:
-        raise ValueError(f"the {split} split of {config.source!r} has no conversations; add lines or "
-                         f"{'raise' if split == 'eval' else 'lower'} DataConfig.eval_fraction")
+        raise ValueError(f"the {split} split of {config.source!r} has no conversations; {SPLIT_HINT}, so add "
+                         f"distinct lines or {'raise' if split == 'eval' else 'lower'} DataConfig.eval_fraction")
     examples, cut = encode_examples(config, tokenizer, conversations)
     if cut:
         print(f"data source {config.source!r}: {cut} of {len(examples)} {split} conversations are longer than "

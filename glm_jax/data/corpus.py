@@ -9,7 +9,10 @@ Sources (a string, so gin and the CLI can name them):
   'chat:GLOB[,GLOB]'     JSON lines of conversations (glm_jax.data.chat_source reads them for
                          fine-tuning; here, their words train a tokenizer)
 A document belongs to the eval split when a stable hash of its id falls below
-eval_fraction, so the split never changes with file order or process count.
+eval_fraction. The id is a stdlib file's path under the standard library and, for every
+other source, the document's own text (`content_id`): the split never changes with file
+order, process count, or where the data lives and how its path is spelled ('data/x.jsonl'
+and '/abs/data/x.jsonl' split alike), and copies of one document never straddle train and eval.
 Tokenised corpora are cached as memory-mapped arrays keyed by the corpus
 fingerprint and the tokenizer, so a second run starts instantly.
 """
@@ -115,11 +118,11 @@ def read_documents(source: str, split: str = "blank_line", stats: CorpusStats | 
         elif kind == "chat":  # the words of each conversation (only a tokenizer is trained on them)
             from glm_jax.data.chat_source import conversation_text
 
-            parts = [(f"{path}:{i}", conversation_text(line)) for i, line in enumerate(text.splitlines())]
+            parts = [(content_id(line), conversation_text(line)) for line in text.splitlines()]
         elif split == "line":
-            parts = [(f"{path}:{i}", line) for i, line in enumerate(text.splitlines())]
+            parts = [(content_id(line), line) for line in text.splitlines()]
         elif split == "blank_line":
-            parts = [(f"{path}:{i}", block) for i, block in enumerate(text.split("\n\n"))]
+            parts = [(content_id(block), block) for block in text.split("\n\n")]
         else:
             raise ValueError(f"text split {split!r} is unknown; use 'blank_line' or 'line'")
         for doc_id, doc in parts:
@@ -142,7 +145,7 @@ def _jsonl_documents(path: Path, text: str, stats: CorpusStats, skip_bad_input: 
         if problem is None and not (isinstance(record, dict) and isinstance(record.get("text"), str)):
             problem = "not a JSON object with a string 'text' field"
         if problem is None:
-            yield f"{path}:{i}", record["text"]
+            yield content_id(record["text"]), record["text"]
         elif skip_bad_input:
             stats.skipped_bad_json += 1
             stats.skip(f"{path}:{i + 1}", problem)
@@ -159,14 +162,24 @@ def report_skipped(source: str, stats: CorpusStats) -> None:
               file=sys.stderr)
 
 
+SPLIT_HINT = ("documents are assigned to train or eval by a hash of their text (every copy of one document "
+              "goes the same way)")
+SPLIT_RULE = "content-v2"  # caches made under the earlier file:line ids are not reused
+
+
+def content_id(text: str) -> str:
+    """A document's split id: its text, hashed (see the module docstring for why not its file and line)."""
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def in_eval_split(doc_id: str, eval_fraction: float) -> bool:
     """Stable hash split: the same document is always on the same side."""
     return zlib.crc32(doc_id.encode()) % 100_000 < eval_fraction * 100_000
 
 
 def fingerprint(source: str, split: str) -> str:
-    """Changes when any file of the source changes (path, size, mtime)."""
-    h = hashlib.sha256(f"{source}|{split}".encode())
+    """Changes when any file of the source changes (path, size, mtime), or the split rule does."""
+    h = hashlib.sha256(f"{source}|{split}|{SPLIT_RULE}".encode())
     for path in source_files(source):
         st = path.stat()
         h.update(f"{path}|{st.st_size}|{st.st_mtime_ns}".encode())

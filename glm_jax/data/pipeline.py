@@ -19,7 +19,7 @@ import numpy as np
 from glm_jax.data import packing
 from glm_jax.data.chat_format import CHAT_FORMATS, PROMPT_ATTENTION, with_role_tokens
 from glm_jax.data.chat_source import is_chat_source, make_chat_datasets
-from glm_jax.data.corpus import DEFAULT_CACHE, TokenizedCorpus, default_tokenizer, tokenize_corpus
+from glm_jax.data.corpus import DEFAULT_CACHE, SPLIT_HINT, TokenizedCorpus, default_tokenizer, tokenize_corpus
 from glm_jax.data.objectives import DocumentTooShort, Objective
 from glm_jax.data.packed_rows import BatchIterator, LocalBatches, PackedRows  # noqa: F401 (re-exported)
 from glm_jax.data.tokenizer import Tokenizer, load_tokenizer_file
@@ -173,8 +173,8 @@ def _split_corpus(config: DataConfig, tokenizer: Tokenizer, split: str) -> Token
                               eval_fraction=config.eval_fraction, cache_dir=Path(config.cache_dir),
                               skip_bad_input=config.skip_bad_input)
     if corpora[split].num_documents == 0:
-        raise ValueError(f"the {split} split of {config.source!r} is empty; raise DataConfig.eval_fraction "
-                         "or add documents")
+        raise ValueError(f"the {split} split of {config.source!r} is empty; {SPLIT_HINT}, so "
+                         f"{'raise' if split == 'eval' else 'lower'} DataConfig.eval_fraction or add distinct documents")
     return corpora[split]
 
 
