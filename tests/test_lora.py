@@ -12,6 +12,7 @@ import sys
 import flax.linen as nn
 import jax
 import numpy as np
+import optax
 import pytest
 
 pytest.importorskip("qwix")
@@ -24,7 +25,9 @@ from glm_jax.model.adapters import count_adapter_params, join_adapters, split_ad
 from glm_jax.model.adapters import init_adapted_params  # noqa: E402
 from glm_jax.model.lora import LoraConfig, lora_model, merge_adapters  # noqa: E402
 from glm_jax.run_dir import RunDir, load_run  # noqa: E402
-from train_fixtures import adapter_run, subprocess_env, train_in_process  # noqa: E402
+from glm_jax.train.state import create_state  # noqa: E402
+from glm_jax.train.step import make_train_step  # noqa: E402
+from train_fixtures import adapter_run, causal_batch, subprocess_env, train_in_process  # noqa: E402
 
 E, H, G, D, F, L = 32, 4, 2, 8, 64, 2
 
@@ -92,6 +95,42 @@ def test_merged_weights_compute_base_plus_adapters(targets, overrides):
     base = GLM(cfg).apply({"params": split_adapters(params)[0]}, *inputs())
     assert np.abs(np.asarray(unmerged) - np.asarray(base)).max() > 1e-3  # the adapters do something
     np.testing.assert_allclose(merged, unmerged, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_lora_dropout_draws_a_mask_per_key_inside_the_adapter_path_only(scan_layers):
+    """LoraConfig.dropout runs in the scanned layer stack (it once lacked the stack's dropout stream)
+    and in plain layers; it drops the adapters' input only: with B = 0 the model is its base exactly."""
+    lora = LoraConfig(rank=3, alpha=5.0, dropout=0.5)
+    cfg = config(scan_layers=scan_layers)
+    fresh = init_adapted_params(cfg, lora, jax.random.key(0))
+    trained = with_random_b(fresh)
+    model = lora_model(cfg, lora)
+
+    def forward(params, key=None, adapter=model):
+        return np.asarray(adapter.apply({"params": params}, *inputs(),
+                                        rngs=None if key is None else {"dropout": jax.random.key(key)}))
+
+    base = GLM(cfg).apply({"params": split_adapters(fresh)[0]}, *inputs())
+    np.testing.assert_allclose(forward(fresh, 0), base, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(forward(trained, 0), forward(trained, 0))
+    assert np.abs(forward(trained, 0) - forward(trained, 1)).max() > 1e-3  # another key, another mask
+    evaluation = forward(trained, adapter=lora_model(cfg, lora.for_evaluation()))
+    assert np.abs(forward(trained, 0) - evaluation).max() > 1e-3
+
+
+def test_a_lora_train_step_with_dropout_moves_every_adapter():
+    lora, cfg = LoraConfig(rank=2, dropout=0.1), config()
+    tx = optax.adam(1e-2)
+    state = create_state(cfg, tx, jax.random.key(0), lora)
+    frozen = split_adapters(init_adapted_params(cfg, lora, jax.random.key(0)))[0]
+    step = jax.jit(make_train_step(cfg, tx, optax.constant_schedule(1e-2), rules=(), adapter=lora, seed=3))
+    before = jax.tree_util.tree_map(np.array, state.params)
+    for _ in range(2):
+        state, metrics = step(state, causal_batch(cfg), frozen)
+    assert np.isfinite(float(metrics["loss"])) and float(metrics["grad_norm"]) > 0
+    moved = jax.tree_util.tree_map(lambda a, b: float(np.abs(np.asarray(a) - b).max()), state.params, before)
+    assert all(m > 0 for m in jax.tree_util.tree_leaves(moved)), moved
 
 
 def test_a_target_that_matches_no_projection_is_named():

@@ -115,7 +115,7 @@ def block_stack(config: ModelConfig):
         block = nn.remat(Block, policy=REMAT_POLICIES[config.remat_policy],
                          prevent_cse=not config.scan_layers)
     if config.scan_layers:
-        block = nn.scan(block, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True},
+        block = nn.scan(block, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True, "dropout": True},
                         in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                         length=config.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
     return block
