@@ -18,7 +18,7 @@ from glm_jax import experiment as experiment_lib
 from glm_jax.data import batch as batch_schema
 from glm_jax.parallel.batch import abstract_batch, batch_shardings, split_micro_batches
 from glm_jax.parallel.mesh import MeshConfig, make_mesh
-from train_fixtures import REPO, TINY_BINDINGS
+from train_fixtures import REPO, TINY_BINDINGS, subprocess_env
 
 LINT_IMPORTS = Path(sys.executable).parent / "lint-imports"
 
@@ -129,8 +129,7 @@ def installed_wheel(tmp_path):
 def test_installed_wheel_loads_every_preset_and_trains_two_steps(installed_wheel, tmp_path):
     work = tmp_path / "elsewhere"
     work.mkdir()
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-           "PYTHONPATH": ""}
+    env = {**subprocess_env(2), "PYTHONPATH": ""}
     python = str(installed_wheel / "bin" / "python")
     check = ("import glm_jax, glm_jax.experiment as e; print(glm_jax.__file__); "
              "names = e.preset_names(); [e.load_preset(n) for n in names]; print(' '.join(names))")

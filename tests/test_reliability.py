@@ -4,7 +4,6 @@ gin typos and wrong types, bad data lines, relative and ~ paths, and no noise a 
 
 import errno
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -32,7 +31,7 @@ from glm_jax.data.pipeline import DataConfig, make_batches
 from glm_jax.parallel.batch import check_batch_fits_mesh
 from glm_jax.parallel.mesh import MeshConfig, make_mesh
 from glm_jax.run_dir import RunDir, load_run
-from train_fixtures import REPO, TINY_BINDINGS, experiment, shared_run, summary, train_in_process
+from train_fixtures import REPO, TINY_BINDINGS, experiment, shared_run, subprocess_env, summary, train_in_process
 
 
 # ------------------------------------------------------------------ checkpoints
@@ -361,7 +360,7 @@ def test_readme_commands_as_written_from_a_fresh_directory(trained, tmp_path):
     work = tmp_path / "fresh"
     work.mkdir()
     write_text_corpus(work, count=150)
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    env = subprocess_env(2)
     (work / "small.gin").write_text("\n".join(
         TINY_BINDINGS + ["DataConfig.source = 'text:part*.txt'", "DataConfig.cache_dir = 'cache'", "DataConfig.num_shards = None",
            "RUN_DIR = 'runs/mha'", "STEPS = 4", "ModelConfig.num_kv_heads = 4"]) + "\n")
