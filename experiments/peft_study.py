@@ -100,7 +100,8 @@ def make_data(study: PeftStudy, data: Path) -> None:
     for arguments in (["--task", "ledger", "--out", str(data / "ledger_chats.jsonl"), "--count", count],
                       ["--out", str(data / "tool_chats.jsonl"), "--count", count],
                       ["--out", str(data / "held_out.jsonl"), "--count", str(study.held_out), "--seed", "1",
-                       "--questions", str(data / "held_out.txt"), "--answers", str(data / "answers.jsonl")]):
+                       "--questions", str(data / "held_out.txt"), "--answers", str(data / "answers.jsonl"),
+                       "--exclude", str(data / "tool_chats.jsonl")]):
         if not Path(arguments[arguments.index("--out") + 1]).exists():
             tool_chats.main(arguments)
 

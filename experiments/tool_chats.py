@@ -2,7 +2,7 @@
 
     python experiments/tool_chats.py --out data/tool_chats.jsonl [--count 2000] [--seed 0]
     python experiments/tool_chats.py --out held_out.jsonl --count 100 --seed 1 \
-        --questions held_out.txt --answers held_out_answers.jsonl
+        --questions held_out.txt --answers held_out_answers.jsonl --exclude data/tool_chats.jsonl
     python -m glm_jax.chat --run_dir runs/sft_tiny_tools --tools experiments/tools/atlas.py \
         --input held_out.txt > transcript.txt
     python experiments/tool_chats.py score --transcript transcript.txt --answers held_out_answers.jsonl \
@@ -23,6 +23,9 @@ scratch to copy far sooner than the long tool prompts alone (--echo 0 leaves the
 currency(country)) in other words: the data of a base chat model that already calls
 tools, on which LoRA learns atlas.py's (experiments/configs/sft_tiny_tools_lora.gin); its
 "Say ..." turns also use the words of every task, as a pretrained base knows its language.
+--exclude FILE keeps out every arithmetic call FILE's conversations make (the training data's): a
+held-out sum the model was trained on could be answered from its weights; table calls may repeat, as
+their answers are drawn anew per conversation.
 --questions also writes the user lines (for `glm_jax chat --input`, each question
 followed by /reset: one conversation per question) and --answers the expected
 {call} per question (JSON lines). `score` reads a chat transcript and reports the
@@ -117,6 +120,31 @@ def make_echo(rng: np.random.Generator, vocabulary: list[str] = ECHO_WORDS) -> d
     return {"question": 'Say "' + " ".join(words) + '".', "answer": " ".join(words)}
 
 
+def call_key(call: dict) -> str:
+    return json.dumps([call["name"], call["arguments"]], sort_keys=True)
+
+
+def arithmetic_calls(path: str | Path) -> set[str]:
+    """The call_key of every arithmetic tool call (any task's) in a jsonl of conversations."""
+    arithmetic = {task.arithmetic for task in TASKS.values()}
+    calls = set()
+    for line in Path(path).read_text().splitlines():
+        for turn in json.loads(line)["conversations"] if line.strip() else []:
+            if turn.get("tool_call", {}).get("name") in arithmetic:
+                calls.add(call_key(turn["tool_call"]))
+    return calls
+
+
+def make_examples(rng: np.random.Generator, count: int, task: Task, excluded: set[str] = frozenset()) -> list[dict]:
+    """`count` random examples, none of whose calls is in `excluded`."""
+    examples = []
+    while len(examples) < count:
+        example = make_example(rng, task)
+        if call_key(example["call"]) not in excluded:
+            examples.append(example)
+    return examples
+
+
 def conversation(example: dict, tools: list[dict], tool_loss: bool = True) -> dict:
     if "call" not in example:
         return {"conversations": [{"role": "user", "content": example["question"]},
@@ -199,12 +227,14 @@ def main(argv=None) -> int:
                         help="atlas: add + lookup (the task); ledger: subtract + currency (a LoRA base's tools)")
     parser.add_argument("--no_tool_loss", action="store_true",
                         help="tool conversations are read but not learned (loss: false on their assistant turns)")
+    parser.add_argument("--exclude", default=None,
+                        help="jsonl of (training) conversations whose arithmetic calls are not asked again")
     parser.add_argument("--questions", default=None, help="also write the questions, one per line")
     parser.add_argument("--answers", default=None, help="also write the expected call and answer per question")
     args = parser.parse_args(argv)
     rng = np.random.default_rng(args.seed)
     task = TASKS[args.task]
-    examples = [make_example(rng, task) for _ in range(args.count)]
+    examples = make_examples(rng, args.count, task, arithmetic_calls(args.exclude) if args.exclude else set())
     vocabulary = ECHO_WORDS if args.task == "atlas" else ECHO_WORDS + every_task_word()
     echoes = [make_echo(rng, vocabulary) for _ in range(int(args.count * args.echo))]
     tools = tool_descriptions(task)

@@ -4,7 +4,8 @@ The README's commands, as typed, in a fresh working directory: generate the synt
 train experiments/configs/sft_tiny_tools.gin, then chat with held-out questions (another seed)
 through `python -m glm_jax.chat --input`. The held-out chat runs with the capitals shuffled
 inside the tool, so a right answer to a lookup question can only come from reading the tool's
-observation, never from the weights. Slow (about 5 CPU minutes): run with -m slow.
+observation, never from the weights, and no held-out sum is one the training data asked (--exclude).
+Slow (about 5 CPU minutes): run with -m slow.
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ def test_sft_learns_exact_tool_calls_and_answers_from_observations(tmp_path):
     run([python, "-m", "glm_jax", "train", "--gin_file", str(REPO / "experiments" / "configs" / "sft_tiny_tools.gin")],
         tmp_path, 1500)
     run([python, str(REPO / "experiments" / "tool_chats.py"), "--out", "held_out.jsonl", "--count", "100",
-         "--seed", "1", "--questions", "held_out.txt", "--answers", "answers.jsonl"], tmp_path, 120)
+         "--seed", "1", "--questions", "held_out.txt", "--answers", "answers.jsonl", "--exclude", "data/tool_chats.jsonl"],
+        tmp_path, 120)
     write_shuffled_tools(tmp_path, module.atlas)
     expected = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
     transcript = run([python, "-m", "glm_jax.chat", "--run_dir", "runs/sft_tiny_tools", "--tools", "atlas_shuffled.py",
@@ -75,7 +77,7 @@ def test_lora_on_query_and_value_teaches_a_chat_model_new_tools(tmp_path):
     run([python, "-m", "glm_jax", "train", "--gin_file", str(configs / "sft_tiny_ledger.gin")], tmp_path, 1500)
     run([python, "-m", "glm_jax", "train", "--gin_file", str(configs / "sft_tiny_tools_lora.gin")], tmp_path, 3000)
     run([python, script, "--out", "held_out.jsonl", "--count", "100", "--seed", "1", "--questions", "held_out.txt",
-         "--answers", "answers.jsonl"], tmp_path, 120)
+         "--answers", "answers.jsonl", "--exclude", "data/tool_chats.jsonl"], tmp_path, 120)
     write_shuffled_tools(tmp_path, module.atlas)
     expected = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
     tools = module.load_module(tmp_path / "atlas_shuffled.py")
