@@ -3,7 +3,7 @@
 import os
 
 # XLA:CPU compiling hundreds of tiny programs is most of the test run's time: LLVM's optimisation
-# passes cost ~40% of it (tests/test_rope.py: 113 s -> 74 s without them) and change no result the
+# passes cost about a third of it (tests/test_rope.py: 113 s -> 74 s without them) and change no result the
 # tests check, which compare against references at float32 tolerances or one run against another.
 # train_fixtures.subprocess_env passes these flags on to the command-line runs the tests start.
 TEST_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
