@@ -66,18 +66,19 @@ def test_sft_learns_exact_tool_calls_and_answers_from_observations(tmp_path):
 
 def test_lora_on_query_and_value_teaches_a_chat_model_new_tools(tmp_path):
     """LoRA rank 8 on the query and value projections of a frozen chat model trained with other tools
-    (experiments/configs/sft_tiny_ledger.gin) reaches the same thresholds on the held-out questions;
-    the base alone makes no right call."""
+    (experiments/configs/sft_tiny_ledger.gin) reaches the call threshold on the held-out questions
+    (the base alone makes no right call); its exact answers are reported, short of 90% (docs/chat.md).
+    About 35 CPU minutes."""
     module = tool_chats()
     python = sys.executable
     script = str(REPO / "experiments" / "tool_chats.py")
     configs = REPO / "experiments" / "configs"
     run([python, script, "--task", "ledger", "--out", "data/ledger_chats.jsonl"], tmp_path, 120)
-    run([python, script, "--out", "data/tool_chats.jsonl"], tmp_path, 120)
-    run([python, "-m", "glm_jax", "train", "--gin_file", str(configs / "sft_tiny_ledger.gin")], tmp_path, 1500)
+    run([python, script, "--out", "data/tool_chats_10k.jsonl", "--count", "10000"], tmp_path, 120)
+    run([python, "-m", "glm_jax", "train", "--gin_file", str(configs / "sft_tiny_ledger.gin")], tmp_path, 2400)
     run([python, "-m", "glm_jax", "train", "--gin_file", str(configs / "sft_tiny_tools_lora.gin")], tmp_path, 3000)
     run([python, script, "--out", "held_out.jsonl", "--count", "100", "--seed", "1", "--questions", "held_out.txt",
-         "--answers", "answers.jsonl", "--exclude", "data/tool_chats.jsonl"], tmp_path, 120)
+         "--answers", "answers.jsonl", "--exclude", "data/tool_chats_10k.jsonl"], tmp_path, 120)
     write_shuffled_tools(tmp_path, module.atlas)
     expected = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
     tools = module.load_module(tmp_path / "atlas_shuffled.py")
@@ -91,5 +92,5 @@ def test_lora_on_query_and_value_teaches_a_chat_model_new_tools(tmp_path):
     lora = scores["runs/sft_tiny_tools_lora"]
     assert lora["exact_calls"] >= 0.9, lora
     if lora["exact_answers"] < 0.9:  # the known gap (docs/chat.md): reported, not hidden
-        pytest.xfail(f"LoRA answers {lora['exact_answers']:.0%} < 90%: it depends on the base run (measured 95-97% "
-                     "in three seeds on one base, 82-88% on others trained by the same command)")
+        pytest.xfail(f"LoRA answers {lora['exact_answers']:.0%} < 90% (docs/chat.md: this recipe measured 95% calls, "
+                     "89% answers; the misses copy an operand wrong)")
