@@ -1,6 +1,6 @@
 """Synthetic tool-use conversations: questions only a tool call can answer, for SFT and its test.
 
-    python experiments/tool_chats.py --out data/tool_chats.jsonl [--count 2000] [--seed 0]
+    python experiments/tool_chats.py --out data/tool_chats.jsonl --count 10000 [--seed 0]   # what the SFT configs read
     python experiments/tool_chats.py --out held_out.jsonl --count 100 --seed 1 \
         --questions held_out.txt --answers held_out_answers.jsonl --exclude data/tool_chats.jsonl
     python -m glm_jax.chat --run_dir runs/sft_tiny_tools --tools experiments/tools/atlas.py \

@@ -5,7 +5,7 @@ train experiments/configs/sft_tiny_tools.gin, then chat with held-out questions 
 through `python -m glm_jax.chat --input`. The held-out chat runs with the capitals shuffled
 inside the tool, so a right answer to a lookup question can only come from reading the tool's
 observation, never from the weights, and no held-out sum is one the training data asked (--exclude).
-Slow (about 5 CPU minutes): run with -m slow.
+Slow (about 11 CPU minutes): run with -m slow.
 """
 
 from __future__ import annotations
@@ -48,7 +48,8 @@ def write_shuffled_tools(directory, atlas) -> None:
 def test_sft_learns_exact_tool_calls_and_answers_from_observations(tmp_path):
     module = tool_chats()
     python = sys.executable
-    run([python, str(REPO / "experiments" / "tool_chats.py"), "--out", "data/tool_chats.jsonl"], tmp_path, 120)
+    run([python, str(REPO / "experiments" / "tool_chats.py"), "--out", "data/tool_chats.jsonl", "--count", "10000"],
+        tmp_path, 120)
     run([python, "-m", "glm_jax", "train", "--gin_file", str(REPO / "experiments" / "configs" / "sft_tiny_tools.gin")],
         tmp_path, 1500)
     run([python, str(REPO / "experiments" / "tool_chats.py"), "--out", "held_out.jsonl", "--count", "100",
@@ -74,11 +75,11 @@ def test_lora_on_query_and_value_teaches_a_chat_model_new_tools(tmp_path):
     script = str(REPO / "experiments" / "tool_chats.py")
     configs = REPO / "experiments" / "configs"
     run([python, script, "--task", "ledger", "--out", "data/ledger_chats.jsonl"], tmp_path, 120)
-    run([python, script, "--out", "data/tool_chats_10k.jsonl", "--count", "10000"], tmp_path, 120)
+    run([python, script, "--out", "data/tool_chats.jsonl", "--count", "10000"], tmp_path, 120)
     run([python, "-m", "glm_jax", "train", "--gin_file", str(configs / "sft_tiny_ledger.gin")], tmp_path, 2400)
     run([python, "-m", "glm_jax", "train", "--gin_file", str(configs / "sft_tiny_tools_lora.gin")], tmp_path, 3000)
     run([python, script, "--out", "held_out.jsonl", "--count", "100", "--seed", "1", "--questions", "held_out.txt",
-         "--answers", "answers.jsonl", "--exclude", "data/tool_chats_10k.jsonl"], tmp_path, 120)
+         "--answers", "answers.jsonl", "--exclude", "data/tool_chats.jsonl"], tmp_path, 120)
     write_shuffled_tools(tmp_path, module.atlas)
     expected = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
     tools = module.load_module(tmp_path / "atlas_shuffled.py")
