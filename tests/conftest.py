@@ -2,12 +2,11 @@
 
 import os
 
-# XLA:CPU compiling hundreds of tiny programs is most of the test run's time: LLVM's optimisation
-# passes cost about a third of it (tests/test_rope.py: 113 s -> 74 s without them) and change no result the
-# tests check, which compare against references at float32 tolerances or one run against another.
-# train_fixtures.subprocess_env passes these flags on to the command-line runs the tests start.
-TEST_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), TEST_XLA_FLAGS,
+from xla_flags import FAST_COMPILE
+
+# Faster compiles (xla_flags.py says why); train_fixtures.subprocess_env passes them on to the
+# command-line runs the tests start.
+os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), *FAST_COMPILE,
                                     "--xla_force_host_platform_device_count=8"]).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # The TPU ahead-of-time compile tests load libtpu in every pytest-xdist worker;

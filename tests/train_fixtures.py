@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from data_fixtures import write_text_corpus
+from xla_flags import FAST_COMPILE
 from glm_jax import experiment as experiment_lib
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,10 +75,12 @@ def train_command(bindings: list[str]) -> list[str]:
             *[f"--gin_param={b}" for b in bindings if not b.startswith("include")]]
 
 
-def subprocess_env(devices: int) -> dict:
+def subprocess_env(devices: int, fast_compile: bool = True) -> dict:
+    """The test run's environment for a command-line run on `devices` simulated devices; fast_compile=False
+    leaves out the test-only compile flags (xla_flags.py) for runs whose learned quality is measured."""
     env = dict(os.environ)
-    # The test run's flags (conftest.py) with this process count of simulated devices.
-    flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
+    dropped = ("--xla_force_host_platform_device_count",) + (() if fast_compile else tuple(FAST_COMPILE))
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(dropped)]
     env["XLA_FLAGS"] = " ".join([*flags, f"--xla_force_host_platform_device_count={devices}"])
     env["JAX_PLATFORMS"] = "cpu"
     return env
