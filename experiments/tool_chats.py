@@ -7,7 +7,7 @@
         --input held_out.txt > transcript.txt
     python experiments/tool_chats.py score --transcript transcript.txt --answers held_out_answers.jsonl \
         --tools experiments/tools/atlas.py
-    python experiments/tool_chats.py --task ledger --out data/ledger_chats.jsonl   # other tools: a LoRA base
+    python experiments/tool_chats.py --task ledger --out data/ledger_chats.jsonl --count 10000   # a LoRA base
 
 Each conversation (glm_jax.data.chat_format's jsonl form, with the tool list of
 experiments/tools/atlas.py) asks "What is A plus B?" or "What is the capital of X?";

@@ -5,7 +5,7 @@ train experiments/configs/sft_tiny_tools.gin, then chat with held-out questions 
 through `python -m glm_jax.chat --input`. The held-out chat runs with the capitals shuffled
 inside the tool, so a right answer to a lookup question can only come from reading the tool's
 observation, never from the weights, and no held-out sum is one the training data asked (--exclude).
-Slow (about 11 CPU minutes): run with -m slow.
+Slow (about 15 CPU minutes): run with -m slow.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def test_sft_learns_exact_tool_calls_and_answers_from_observations(tmp_path):
     run([python, str(REPO / "experiments" / "tool_chats.py"), "--out", "data/tool_chats.jsonl", "--count", "10000"],
         tmp_path, 120)
     run([python, "-m", "glm_jax", "train", "--gin_file", str(REPO / "experiments" / "configs" / "sft_tiny_tools.gin")],
-        tmp_path, 1500)
+        tmp_path, 3000)
     run([python, str(REPO / "experiments" / "tool_chats.py"), "--out", "held_out.jsonl", "--count", "100",
          "--seed", "1", "--questions", "held_out.txt", "--answers", "answers.jsonl", "--exclude", "data/tool_chats.jsonl"],
         tmp_path, 120)
@@ -69,14 +69,14 @@ def test_sft_learns_exact_tool_calls_and_answers_from_observations(tmp_path):
 
 def test_lora_on_query_and_value_teaches_a_chat_model_new_tools(tmp_path):
     """LoRA rank 8 on the query and value projections of a frozen chat model trained with other tools
-    (experiments/configs/sft_tiny_ledger.gin) reaches the call threshold on the held-out questions
-    (the base alone makes no right call); its exact answers are reported, short of 90% (docs/chat.md).
-    About 35 CPU minutes."""
+    (experiments/configs/sft_tiny_ledger.gin, on 10,000 ledger conversations) learns atlas.py's tools:
+    the base alone makes no right call, the adapted model reaches >= 90% exact calls and exact answers
+    on the held-out questions, as full fine-tuning does. About 20 CPU minutes."""
     module = tool_chats()
     python = sys.executable
     script = str(REPO / "experiments" / "tool_chats.py")
     configs = REPO / "experiments" / "configs"
-    run([python, script, "--task", "ledger", "--out", "data/ledger_chats.jsonl"], tmp_path, 120)
+    run([python, script, "--task", "ledger", "--out", "data/ledger_chats.jsonl", "--count", "10000"], tmp_path, 120)
     run([python, script, "--out", "data/tool_chats.jsonl", "--count", "10000"], tmp_path, 120)
     run([python, "-m", "glm_jax", "train", "--gin_file", str(configs / "sft_tiny_ledger.gin")], tmp_path, 2400)
     run([python, "-m", "glm_jax", "train", "--gin_file", str(configs / "sft_tiny_tools_lora.gin")], tmp_path, 3000)
@@ -93,7 +93,4 @@ def test_lora_on_query_and_value_teaches_a_chat_model_new_tools(tmp_path):
     print(f"\nheld-out tool use, base and LoRA: {scores}")
     assert scores["runs/sft_tiny_ledger"]["exact_calls"] <= 0.05
     lora = scores["runs/sft_tiny_tools_lora"]
-    assert lora["exact_calls"] >= 0.9, lora
-    if lora["exact_answers"] < 0.9:  # the known gap (docs/chat.md): reported, not hidden
-        pytest.xfail(f"LoRA answers {lora['exact_answers']:.0%} < 90% (docs/chat.md: this recipe measured 95% calls, "
-                     "89% answers; the misses copy an operand wrong)")
+    assert lora["exact_calls"] >= 0.9 and lora["exact_answers"] >= 0.9, lora
