@@ -47,6 +47,24 @@ def write_shuffled_tools(directory, atlas) -> None:
     (directory / "atlas_shuffled.py").write_text(source[:start] + f"CAPITALS = {moved!r}\n" + source[end:])
 
 
+def held_out_scores(directory, module, run_dirs: list[str]) -> dict:
+    """Each run's exact calls and answers on 100 held-out questions (seed 1, no training sum), asked through
+    `python -m glm_jax.chat --input` with the capitals shuffled inside the tool."""
+    python = sys.executable
+    run([python, str(REPO / "experiments" / "tool_chats.py"), "--out", "held_out.jsonl", "--count", "100",
+         "--seed", "1", "--questions", "held_out.txt", "--answers", "answers.jsonl", "--exclude", "data/tool_chats.jsonl"],
+        directory, 120)
+    write_shuffled_tools(directory, module.atlas)
+    expected = [json.loads(line) for line in (directory / "answers.jsonl").read_text().splitlines()]
+    tools = module.load_module(directory / "atlas_shuffled.py")
+    scores = {}
+    for run_dir in run_dirs:
+        transcript = run([python, "-m", "glm_jax.chat", "--run_dir", run_dir, "--tools", "atlas_shuffled.py",
+                          "--input", "held_out.txt", "--max_new_tokens", "32"], directory, 900)
+        scores[run_dir] = module.score(transcript, expected, tools)
+    return scores
+
+
 def test_sft_learns_exact_tool_calls_and_answers_from_observations(tmp_path):
     module = tool_chats()
     python = sys.executable
@@ -54,14 +72,7 @@ def test_sft_learns_exact_tool_calls_and_answers_from_observations(tmp_path):
         tmp_path, 120)
     run([python, "-m", "glm_jax", "train", "--gin_file", str(REPO / "experiments" / "configs" / "sft_tiny_tools.gin")],
         tmp_path, 3000)
-    run([python, str(REPO / "experiments" / "tool_chats.py"), "--out", "held_out.jsonl", "--count", "100",
-         "--seed", "1", "--questions", "held_out.txt", "--answers", "answers.jsonl", "--exclude", "data/tool_chats.jsonl"],
-        tmp_path, 120)
-    write_shuffled_tools(tmp_path, module.atlas)
-    expected = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
-    transcript = run([python, "-m", "glm_jax.chat", "--run_dir", "runs/sft_tiny_tools", "--tools", "atlas_shuffled.py",
-                      "--input", "held_out.txt", "--max_new_tokens", "32"], tmp_path, 900)
-    scores = module.score(transcript, expected, module.load_module(tmp_path / "atlas_shuffled.py"))
+    scores = held_out_scores(tmp_path, module, ["runs/sft_tiny_tools"])["runs/sft_tiny_tools"]
     print(f"\nheld-out tool use after SFT: {scores}")
     assert scores["questions"] == 100
     assert scores["exact_calls"] >= 0.9 and scores["exact_answers"] >= 0.9, scores
@@ -80,16 +91,7 @@ def test_lora_on_query_and_value_teaches_a_chat_model_new_tools(tmp_path):
     run([python, script, "--out", "data/tool_chats.jsonl", "--count", "10000"], tmp_path, 120)
     run([python, "-m", "glm_jax", "train", "--gin_file", str(configs / "sft_tiny_ledger.gin")], tmp_path, 2400)
     run([python, "-m", "glm_jax", "train", "--gin_file", str(configs / "sft_tiny_tools_lora.gin")], tmp_path, 3000)
-    run([python, script, "--out", "held_out.jsonl", "--count", "100", "--seed", "1", "--questions", "held_out.txt",
-         "--answers", "answers.jsonl", "--exclude", "data/tool_chats.jsonl"], tmp_path, 120)
-    write_shuffled_tools(tmp_path, module.atlas)
-    expected = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
-    tools = module.load_module(tmp_path / "atlas_shuffled.py")
-    scores = {}
-    for run_dir in ("runs/sft_tiny_ledger", "runs/sft_tiny_tools_lora"):
-        transcript = run([python, "-m", "glm_jax.chat", "--run_dir", run_dir, "--tools", "atlas_shuffled.py",
-                          "--input", "held_out.txt", "--max_new_tokens", "32"], tmp_path, 900)
-        scores[run_dir] = module.score(transcript, expected, tools)
+    scores = held_out_scores(tmp_path, module, ["runs/sft_tiny_ledger", "runs/sft_tiny_tools_lora"])
     print(f"\nheld-out tool use, base and LoRA: {scores}")
     assert scores["runs/sft_tiny_ledger"]["exact_calls"] <= 0.05
     lora = scores["runs/sft_tiny_tools_lora"]
