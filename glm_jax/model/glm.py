@@ -34,6 +34,7 @@ from glm_jax.model.config import ModelConfig
 from glm_jax.model.layers import Bottleneck, Mlp, make_norm
 from glm_jax.model.pipeline_parallel import pipeline_stages, run_stages
 from glm_jax.model.quantization import quantize_tree
+from glm_jax.model.vocab_sharding import rows_shared_pay
 
 EMBED_ACTIVATION = ("activation_batch", "activation_length", "activation_embed")
 
@@ -121,6 +122,24 @@ def block_stack(config: ModelConfig):
     return block
 
 
+def _embedding_lookup(embedding, tokens):
+    """Rows of the [vocab, embed] table for tokens [B, T], in the table's dtype.
+
+    Either gather the table's 'embed' axis first (FSDP's way for any weight: the lookup
+    output takes the batch sharding without a reshard, and the gradient is a whole-table
+    partial sum reduced across the devices), or, where glm_jax.model.vocab_sharding says
+    sharing the rows pays, keep each device's columns and look up every row of its group
+    there: the gradient scatter-adds into the device's own columns and no device holds the
+    whole table or a whole-table gradient.
+    """
+    if rows_shared_pay(*tokens.shape, embedding.shape[0], "embed"):
+        tokens = nn.with_logical_constraint(tokens, ("shared_batch", "shared_length"))
+        columns = nn.with_logical_constraint(embedding, ("vocab", "embed"))
+        return nn.with_logical_constraint(jnp.take(columns, tokens, axis=0), ("shared_batch", "shared_length", "embed"))
+    lookup_table = nn.with_logical_constraint(embedding, ("vocab", "activation_embed"))
+    return jnp.take(lookup_table, tokens, axis=0)
+
+
 class OutputHead(nn.Module):
     """The untied output head's [embed, vocab] kernel, at lm_head/kernel (no bias)."""
 
@@ -144,10 +163,7 @@ class GLM(nn.Module):
         embedding = self.param("embedding", nn.with_logical_partitioning(
             jax.nn.initializers.normal(cfg.init_std), ("vocab", "embed")),
             (cfg.vocab_size, cfg.hidden_size), cfg.weight_dtype)
-        # Gather the table's 'embed' axis before the lookup (what FSDP does for any
-        # weight), so the lookup output can take the batch sharding without a reshard.
-        lookup_table = nn.with_logical_constraint(embedding, ("vocab", "activation_embed"))
-        x = jnp.take(lookup_table, tokens, axis=0).astype(dtype)
+        x = _embedding_lookup(embedding, tokens).astype(dtype)
         if cfg.embedding_grad_scale != 1.0:
             # GLM-130B shrink, alpha*x + (1-alpha)*sg(x), written so the forward value
             # is bit-identical (x - sg(x) == 0) and the gradient is exactly alpha * g.

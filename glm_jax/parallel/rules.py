@@ -2,7 +2,9 @@
 
 Parameters are named with `vocab, embed, heads, kv_heads, head_dim, mlp, layers`;
 activations with `activation_batch, activation_length, activation_embed,
-activation_heads, activation_kv_heads, activation_mlp, activation_vocab, activation_stage`
+activation_heads, activation_kv_heads, activation_mlp, activation_vocab, activation_stage`,
+and, for the vocabulary-sized weights (glm_jax/model/vocab_sharding.py), `shared_batch,
+shared_length, split_vocab`
 (kept apart from the parameter names so FSDP can shard a weight's 'embed' axis without
 sharding the activations' model dimension). Mesh axes: ('data', 'stage', 'fsdp',
 'sequence', 'tensor'), outermost first: on a TPU slice the later axes get the nearest
@@ -27,12 +29,17 @@ _EMBED = ("embed", ("fsdp", "sequence"))
 # Pipeline stages (glm_jax/model/pipeline_parallel.py): the scanned stack's layer axis and the
 # pipeline state's stage axis over 'stage'; with MeshConfig.stage = 1 nothing changes.
 _STAGES = (("layers", "stage"), ("activation_stage", "stage"))
+# Vocabulary-sized weights (glm_jax/model/vocab_sharding.py): the devices that split the weights
+# share their rows ('shared_*': split over 'data' only) and split the head's vocabulary
+# ('split_vocab'). Under data parallelism nothing splits the weights: the rows keep the activations' axes.
+_SHARED_ROWS = (("shared_batch", "data"),)
+_ROWS_AS_ACTIVATIONS = (("shared_batch", ("data", "fsdp")), ("shared_length", "sequence"))
 
 RULES: dict[str, tuple[tuple[str, object], ...]] = {
     # Every device holds every parameter; the batch is split over all devices.
-    "data_parallel": (_BATCH, _LENGTH, *_STAGES),
+    "data_parallel": (_BATCH, _LENGTH, *_STAGES, *_ROWS_AS_ACTIVATIONS),
     # ZeRO-3 style: parameters and optimizer state split over 'fsdp' along 'embed'.
-    "fsdp": (_BATCH, _LENGTH, _EMBED, *_STAGES),
+    "fsdp": (_BATCH, _LENGTH, _EMBED, *_STAGES, *_SHARED_ROWS, ("split_vocab", ("fsdp", "sequence"))),
     # FSDP plus Megatron tensor parallelism over heads / mlp / vocab.
     "fsdp_tp": (
         _BATCH,
@@ -47,6 +54,8 @@ RULES: dict[str, tuple[tuple[str, object], ...]] = {
         ("activation_kv_heads", "tensor"),
         ("activation_mlp", "tensor"),
         ("activation_vocab", "tensor"),
+        *_SHARED_ROWS,
+        ("split_vocab", ("fsdp", "sequence", "tensor")),
     ),
 }
 
