@@ -10,7 +10,8 @@ token ids (embedding) or hidden rows (head) and work on their slice for all of t
 Bytes moved per step and device: gathering a weight is vocab x embed in bfloat16 (2
 bytes) and reducing its float32 gradient about twice its 4 bytes (a ring all-reduce),
 10 * V * E; sharing the rows is the group's tokens x embed gathered in bfloat16 and
-their gradient reduce-scattered in bfloat16, 4 * tokens * E. So rows are shared while
+their gradient sent back in bfloat16 (reduce-scattered for the head, all-to-all for the
+embedding), 4 * tokens * E. So rows are shared while
 the devices that split the weight hold at most 2.5 x vocab tokens per step (GLM-4-9B at
 8k tokens on 8 chips: 1 or 4 rows per chip, 65,536 or 262,144 <= 378,880), and the
 weight is gathered beyond that (a 256-chip FSDP group at 8k tokens each holds 2M
