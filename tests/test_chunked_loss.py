@@ -64,7 +64,7 @@ def test_sums_match_float64_numpy():
 
 
 def test_correct_counts_ties_as_argmax_does():
-    """Two equal vocabulary columns tie every logit: a hit is the first one, as argmax says."""
+    """Two equal vocabulary columns tie for the maximum wherever they lead: a hit is the first, as argmax says."""
     hidden, kernel, targets, mask = _problem(seed=4)
     kernel = kernel.at[:, 3].multiply(20.0)
     kernel = kernel.at[:, 7].set(kernel[:, 3])  # columns 3 and 7 tie, and lead wherever they are positive
