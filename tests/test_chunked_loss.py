@@ -231,9 +231,13 @@ def test_model_with_shared_rows_equals_one_device_and_holds_no_vocabulary_sized_
     assert f"[{V},{E}]" not in hlo and f"[{E},{V}]" not in hlo
 
 
-def _computations_run_per_iteration(hlo: str) -> set[str]:
-    """Names of the compiled module's computations that run inside a while loop (bodies and what they call)."""
-    bodies = {name: text for name, text in re.findall(r"^(?:ENTRY )?%(\S+) .*?\{\n(.*?)^\}", hlo, re.M | re.S)}
+def _computations(hlo: str) -> dict[str, str]:
+    """The compiled module's computations: name -> body text."""
+    return dict(re.findall(r"^(?:ENTRY )?%(\S+) .*?\{\n(.*?)^\}", hlo, re.M | re.S))
+
+
+def _computations_run_per_iteration(bodies: dict[str, str], hlo: str) -> set[str]:
+    """Names of the computations that run inside a while loop (bodies and what they call)."""
     calls = {name: set(re.findall(r"(?:calls|to_apply|body|condition|branch_computations|called_computations)="
                                   r"\{?%([\w.\-]+)", text)) for name, text in bodies.items()}
     inside = set(re.findall(r"body=%([\w.\-]+)", hlo))
@@ -272,10 +276,10 @@ def test_a_gathered_head_is_gathered_and_reduced_once_per_step_on_tpu():
 
     with jax.set_mesh(mesh):
         hlo = jax.jit(grads).lower(*args).compile().as_text()
-    per_iteration = _computations_run_per_iteration(hlo)
+    bodies = _computations(hlo)
+    per_iteration = _computations_run_per_iteration(bodies, hlo)
     assert per_iteration, "the chunk loop is a while loop"
-    collectives = re.findall(r"^(?:ENTRY )?%(\S+) .*?\{\n(.*?)^\}", hlo, re.M | re.S)
-    whole_kernel = [(name, shape) for name, text in collectives
+    whole_kernel = [(name, shape) for name, text in bodies.items()
                     for shape in re.findall(r"= \w+(\[\d+,\d+\])\S* (?:all-gather|all-reduce|reduce-scatter)\(", text)
                     if shape == f"[{E},{V}]"]
     assert whole_kernel, "the kernel is gathered and its gradient reduced (once)"

@@ -137,11 +137,11 @@ def _chunk_sums(z_loss, logits, targets, mask):
     devices each is a reduction of [B, L] numbers across them (exact: one term of the sum is
     not zero), where a sharded argmax's compiled form holds an int32 index per logit.
     """
-    lse = jax.nn.logsumexp(logits, axis=-1)
+    best = jnp.max(logits, axis=-1, keepdims=True)  # one max for the log-sum-exp and the argmax
+    lse = (best + jnp.log(jnp.sum(jnp.exp(logits - best), axis=-1, keepdims=True)))[..., 0]
     target_logit = jnp.sum(jnp.where(_is_target(logits, targets), logits, 0.0), axis=-1)
     vocab = logits.shape[-1]
-    is_best = logits == jnp.max(logits, axis=-1, keepdims=True)
-    first_best = jnp.min(jnp.where(is_best, jnp.arange(vocab, dtype=jnp.int32), vocab), axis=-1)
+    first_best = jnp.min(jnp.where(logits == best, jnp.arange(vocab, dtype=jnp.int32), vocab), axis=-1)
     hits = (first_best == targets).astype(jnp.float32)
     return lse, (jnp.sum((lse - target_logit) * mask), z_loss * jnp.sum(jnp.square(lse) * mask),
                  jnp.sum(hits * mask), jnp.sum(mask))
@@ -192,7 +192,8 @@ def _objective_fwd(z_loss, axes, h_chunks, kernel, target_chunks, mask_chunks):
 
     # Each device accumulates the kernel gradient of its own rows ([shards, E, V], the leading axis split
     # like the rows): a sum over rows split across devices would otherwise be reduced in every chunk.
-    shards = mesh_axes_size(axes.rows) if h_chunks.shape[1] % mesh_axes_size(axes.rows) == 0 else 1
+    shards = mesh_axes_size(axes.rows)
+    shards = shards if h_chunks.shape[1] % shards == 0 else 1
     partial_axes = (axes.rows, *axes.kernel)
     by_shard = lambda x: x.reshape(shards, x.shape[0] // shards, *x.shape[1:])  # noqa: E731
     d_kernel = nn.with_logical_constraint(jnp.zeros((shards, *kernel.shape), jnp.float32), partial_axes)

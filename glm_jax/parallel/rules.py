@@ -33,7 +33,7 @@ _STAGES = (("layers", "stage"), ("activation_stage", "stage"))
 # share their rows ('shared_*': split over 'data' only) and split the head's vocabulary
 # ('split_vocab'). Under data parallelism nothing splits the weights: the rows keep the activations' axes.
 _SHARED_ROWS = (("shared_batch", "data"),)
-_ROWS_AS_ACTIVATIONS = (("shared_batch", ("data", "fsdp")), ("shared_length", "sequence"))
+_ROWS_AS_ACTIVATIONS = (("shared_batch", _BATCH[1]), ("shared_length", _LENGTH[1]))
 
 RULES: dict[str, tuple[tuple[str, object], ...]] = {
     # Every device holds every parameter; the batch is split over all devices.
