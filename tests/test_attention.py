@@ -76,17 +76,17 @@ def test_bad_shapes_and_impl_are_explained():
 
 @pytest.mark.parametrize("kv_heads", [8, 2, 1])
 def test_cached_attention_over_parts_equals_dense_attention(kv_heads):
-    """The decode layout (keys [B, G, S, D], values [B, G, D, S], in two parts, queries grouped
-    per KV head as matmul columns) against the dense reference on the same keys, T = 3 queries."""
+    """The decode layout (keys [B, G, D, S], values [B, G, S, D], in two parts, queries grouped
+    per KV head as matmul rows) against the dense reference on the same keys, T = 3 queries."""
     rng = np.random.default_rng(kv_heads)
     B, T, H, D, parts = 2, 3, 8, 16, (11, 5)
     q = jnp.asarray(rng.normal(size=(B, T, H, D)), jnp.float32)
-    keys = [jnp.asarray(rng.normal(size=(B, kv_heads, S, D)), jnp.float32) for S in parts]
-    values = [jnp.asarray(rng.normal(size=(B, kv_heads, D, S)), jnp.float32) for S in parts]
+    keys = [jnp.asarray(rng.normal(size=(B, kv_heads, D, S)), jnp.float32) for S in parts]
+    values = [jnp.asarray(rng.normal(size=(B, kv_heads, S, D)), jnp.float32) for S in parts]
     allowed = rng.random((B, T, sum(parts))) < 0.6
     allowed[..., 0] = True  # every query sees something
     out = kernels.cached_attention(q, tuple(keys), tuple(values), jnp.asarray(allowed))
-    k = jnp.concatenate(keys, axis=2).transpose(0, 2, 1, 3)  # [B, S, G, D]
-    v = jnp.concatenate(values, axis=3).transpose(0, 3, 1, 2)
+    k = jnp.concatenate(keys, axis=3).transpose(0, 3, 1, 2)  # [B, S, G, D]
+    v = jnp.concatenate(values, axis=2).transpose(0, 2, 1, 3)
     reference = kernels.masked_attention(q, k, v, jnp.asarray(allowed), scale=D ** -0.5)
     np.testing.assert_allclose(out, reference, rtol=1e-5, atol=1e-6)

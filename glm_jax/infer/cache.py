@@ -7,8 +7,8 @@ prefill) and slots [C, C + N) the generated tokens (one per decode step). The
 two parts are separate buffers so the decode loop carries only the small
 generated part and holds the context outside its loop state (XLA:CPU copies
 every loop-carried buffer that a step both reads and updates). Keys are
-[B, G, slots, D] and values [B, G, D, slots]: heads first, and each decode
-contraction runs over the last axis of both operands (kernels.cached_attention).
+[B, G, D, slots] and values [B, G, slots, D]: heads first, and each decode
+matmul reads the cache as stored, slots as its long axis (kernels.cached_attention).
 
 Its bytes are exactly proportional to G (MHA: G = H, GQA-g: G = H / g, MQA:
 G = 1), which is why grouped heads decode faster: each decoded token reads the
@@ -30,7 +30,7 @@ from glm_jax.model import ModelConfig
 
 KV_AXES = ("activation_batch", "activation_kv_heads", None, None)
 SLOT_AXES = ("activation_batch", None)
-SLOT_AXIS = {"context_key": -2, "new_key": -2, "context_value": -1, "new_value": -1}
+SLOT_AXIS = {"context_key": -1, "new_key": -1, "context_value": -2, "new_value": -2}
 CONTEXT_PARTS = ("context_key", "context_value", "prompt_key", "prompt_value")  # written by the prefill only
 
 
@@ -40,8 +40,8 @@ def _kv_buffer(shape, dtype, axes):
 
 def _layer_buffers(G: int, D: int, batch: int, context: int, new: int, dtype, leading=(), prompt: int = 0) -> dict:
     axes = ("layers",) * len(leading) + KV_AXES
-    shapes = {"context_key": (batch, G, context, D), "context_value": (batch, G, D, context),
-              "new_key": (batch, G, new, D), "new_value": (batch, G, D, new)}
+    shapes = {"context_key": (batch, G, D, context), "context_value": (batch, G, context, D),
+              "new_key": (batch, G, D, new), "new_value": (batch, G, new, D)}
     buffers = {name: _kv_buffer((*leading, *shape), dtype, axes) for name, shape in shapes.items()}
     if prompt:  # prompt tuning's keys and values, the same for every row (glm_jax.model.prompt_tuning)
         prompt_axes = ("layers",) * len(leading) + (None, "activation_kv_heads", None)

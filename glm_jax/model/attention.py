@@ -151,9 +151,9 @@ class Attention(nn.Module):
                            context_windows=None):
         """Writes k, v into their part of the cache and attends q over the cache.
 
-        Keys are stored [B, G, slots, D] and values [B, G, D, slots]: both decode
-        contractions run over the last axis of both operands, the layout the
-        matmuls read without transposing the cache. A learned prefix is one more
+        Keys are stored [B, G, D, slots] and values [B, G, slots, D]: the scores are
+        [queries, D] x [D, slots] and the output [queries, slots] x [slots, D], matmuls
+        that read the cache as stored (kernels.cached_attention). A learned prefix is one more
         part, first, that every query sees. Parallel context windows shape the prefill only:
         generated tokens are task tokens, which see every window.
         """
@@ -161,7 +161,7 @@ class Attention(nn.Module):
         if cache.written is not None:
             return self._attend_with_lambda_cache(q, k, v, segment_ids, prefix_mask, cache, learned, context_windows,
                                                   parts["new_key"], parts["new_value"])
-        context_length = parts["context_key"].value.shape[-2]
+        context_length = parts["context_key"].value.shape[-1]
         if cache.prefill:
             _write(parts["context_key"], parts["context_value"], k, v, cache.index)
             return self._attend(q, k, v, segment_ids, prefix_mask, learned, context_windows)
@@ -177,17 +177,17 @@ class Attention(nn.Module):
         shape = self.config.lambda_shape
         if cache.prefill:  # the prompt attends to itself as in training; its sinks and last w tokens are kept
             sources, filled = lambda_cache.prefill_sources(jnp.sum(segment_ids > 0, axis=1), shape.sink, shape.window)
-            key_var.value = lambda_cache.gather_tokens(k, sources, filled).transpose(0, 2, 1, 3).astype(
+            key_var.value = lambda_cache.gather_tokens(k, sources, filled).transpose(0, 2, 3, 1).astype(
                 key_var.value.dtype)
-            value_var.value = lambda_cache.gather_tokens(v, sources, filled).transpose(0, 2, 3, 1).astype(
+            value_var.value = lambda_cache.gather_tokens(v, sources, filled).transpose(0, 2, 1, 3).astype(
                 value_var.value.dtype)
             return self._attend(q, k, v, segment_ids, prefix_mask, learned, context_windows)
         if q.shape[1] != 1:
             raise ValueError(f"Λ-shaped attention's bounded cache decodes one token per row at a time, not {q.shape[1]}")
         slot = lambda_cache.decode_slots(cache.written, shape.sink, shape.window)
-        key_var.value = jnp.where(slot[:, None, :, None], k.transpose(0, 2, 1, 3).astype(key_var.value.dtype),
+        key_var.value = jnp.where(slot[:, None, None, :], k.transpose(0, 2, 3, 1).astype(key_var.value.dtype),
                                   key_var.value)
-        value_var.value = jnp.where(slot[:, None, None, :], v.transpose(0, 2, 3, 1).astype(value_var.value.dtype),
+        value_var.value = jnp.where(slot[:, None, :, None], v.transpose(0, 2, 1, 3).astype(value_var.value.dtype),
                                     value_var.value)
         # Every stored token precedes the query and lies in its Λ: only written, same segment.
         allowed = cache.kv_segment_ids[:, None, :] == segment_ids[:, :, None]
@@ -199,8 +199,8 @@ def _cached_attention(q, keys, values, allowed, learned):
     if learned is not None:
         B, P = q.shape[0], learned[0].shape[0]
         prefix_key, prefix_value = (jnp.broadcast_to(x.astype(keys[0].dtype), (B, *x.shape)) for x in learned)
-        keys = (prefix_key.transpose(0, 2, 1, 3), *keys)  # [B, G, P, D]
-        values = (prefix_value.transpose(0, 2, 3, 1), *values)  # [B, G, D, P]
+        keys = (prefix_key.transpose(0, 2, 3, 1), *keys)  # [B, G, D, P]
+        values = (prefix_value.transpose(0, 2, 1, 3), *values)  # [B, G, P, D]
         allowed = jnp.concatenate([jnp.ones((*allowed.shape[:2], P), bool), allowed], axis=-1)
     return kernels.cached_attention(q, keys, values, allowed)
 
@@ -237,8 +237,8 @@ PROMPT_PARTS = ("prompt_key", "prompt_value")
 
 
 def _write(key_var, value_var, k, v, slot):
-    """k, v [B, T, G, D] into a key buffer [B, G, S, D] and a value buffer [B, G, D, S] at slot."""
+    """k, v [B, T, G, D] into a key buffer [B, G, D, S] and a value buffer [B, G, S, D] at slot."""
     key_var.value = jax.lax.dynamic_update_slice(
-        key_var.value, k.transpose(0, 2, 1, 3).astype(key_var.value.dtype), (0, 0, slot, 0))
+        key_var.value, k.transpose(0, 2, 3, 1).astype(key_var.value.dtype), (0, 0, 0, slot))
     value_var.value = jax.lax.dynamic_update_slice(
-        value_var.value, v.transpose(0, 2, 3, 1).astype(value_var.value.dtype), (0, 0, 0, slot))
+        value_var.value, v.transpose(0, 2, 1, 3).astype(value_var.value.dtype), (0, 0, slot, 0))
