@@ -21,11 +21,14 @@ from glm_jax.kernels.blockwise_attention import blockwise_attention
 IMPLS = ("auto", "xla", "blockwise", "pallas", "pallas_interpret")
 
 
-# On CPU, 'auto' runs the blockwise path from this many keys on. Below it the dense reference is
-# nearly as fast (forward + backward 1.06x slower at T = 512, experiments/benchmarks/attention.py
-# --blockwise), its [T, T] arrays are small, and it compiles faster: the blockwise loops added
-# about 30% to the compile-bound model tests' time.
-BLOCKWISE_MIN_KEYS = 1024
+# On CPU, 'auto' runs the blockwise path from this many keys on. Below it the [T, T] arrays are
+# small and the dense reference compiles faster (the blockwise loops added about 30% to the
+# compile-bound model tests' time, whose sequences are shorter). At 512 keys blockwise already
+# wins: the 59M train step (B 8, T 512, experiments/benchmarks/train_step.py) ran 1.45x faster
+# with it on a 2-core CPU, where XLA:CPU fused the dense softmax backward with its [T, T]
+# matmul into one slow library call (146 ms per layer); attention alone had measured 1.06x on
+# another session's machine.
+BLOCKWISE_MIN_KEYS = 512
 
 
 def resolve_impl(impl: str, backend: str | None = None, kv_len: int | None = None) -> str:

@@ -16,9 +16,9 @@ reference's O(T S) probabilities, which under scanned layers are kept for every
 layer.
 
 On a 2-core CPU (experiments/benchmarks/attention.py --blockwise, 8 heads of 64, one
-prefix per row) its forward is 1.6x (T = 512) to 2.7x (T = 4096) faster than the dense
-reference and forward + backward 1.06x to 1.6x, while the dense path's [T, T] arrays
-grow quadratically; `attention(impl='auto')` takes it on CPU from BLOCKWISE_MIN_KEYS keys.
+prefix per row) its forward is 1.6x (T = 512) to 2.7-3.3x (T = 4096) faster than the dense
+reference and forward + backward 1.06-1.55x (T = 512) to 1.6-3.6x (by session), while the
+dense path's [T, T] arrays grow quadratically; `attention(impl='auto')` takes it on CPU from BLOCKWISE_MIN_KEYS keys.
 GQA/MQA read each KV head once for its group's query heads (no repeat).
 """
 
