@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from jax.sharding import SingleDeviceSharding
 
-from glm_jax.kernels.attention import resolve_impl
+from glm_jax.kernels.attention import BLOCKWISE_MIN_KEYS, resolve_impl
 from glm_jax.kernels.blocks import visited_blocks
 from glm_jax.kernels import masks
 from glm_jax.kernels.flash_attention_tpu import _block_ranges, flash_attention_tpu
@@ -65,7 +65,8 @@ def test_tpu_block_ranges_skip_exactly_like_the_generic_kernel(rng):
 
 def test_auto_picks_the_kernel_on_accelerators_only():
     assert resolve_impl("auto", "tpu") == resolve_impl("auto", "gpu") == "pallas"
-    assert resolve_impl("auto", "cpu", kv_len=512) == "xla" and resolve_impl("auto", "cpu", kv_len=4096) == "blockwise"
+    assert resolve_impl("auto", "cpu", kv_len=BLOCKWISE_MIN_KEYS - 1) == "xla"
+    assert resolve_impl("auto", "cpu", kv_len=4096) == "blockwise"
     with pytest.raises(ValueError, match="TPU blocks must be multiples of 128"):
         x = jnp.zeros((1, 8, 2, 64))
         flash_attention_tpu(x, x, x, jnp.ones((1, 8), jnp.int32), jnp.zeros((1, 8), bool), scale=1.0, block_q=64)
