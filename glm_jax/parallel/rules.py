@@ -31,7 +31,8 @@ _EMBED = ("embed", ("fsdp", "sequence"))
 _STAGES = (("layers", "stage"), ("activation_stage", "stage"))
 # Vocabulary-sized weights (glm_jax/model/vocab_sharding.py): the devices that split the weights
 # share their rows ('shared_*': split over 'data' only) and split the head's vocabulary
-# ('split_vocab'). Under data parallelism nothing splits the weights: the rows keep the activations' axes.
+# ('split_vocab': the devices that split the 'embed' axis, and 'tensor' where it splits 'vocab').
+# Under data parallelism nothing splits the weights: the rows keep the activations' axes.
 _SHARED_ROWS = (("shared_batch", "data"),)
 _ROWS_AS_ACTIVATIONS = (("shared_batch", _BATCH[1]), ("shared_length", _LENGTH[1]))
 
@@ -39,7 +40,7 @@ RULES: dict[str, tuple[tuple[str, object], ...]] = {
     # Every device holds every parameter; the batch is split over all devices.
     "data_parallel": (_BATCH, _LENGTH, *_STAGES, *_ROWS_AS_ACTIVATIONS),
     # ZeRO-3 style: parameters and optimizer state split over 'fsdp' along 'embed'.
-    "fsdp": (_BATCH, _LENGTH, _EMBED, *_STAGES, *_SHARED_ROWS, ("split_vocab", ("fsdp", "sequence"))),
+    "fsdp": (_BATCH, _LENGTH, _EMBED, *_STAGES, *_SHARED_ROWS, ("split_vocab", _EMBED[1])),
     # FSDP plus Megatron tensor parallelism over heads / mlp / vocab.
     "fsdp_tp": (
         _BATCH,
@@ -55,7 +56,7 @@ RULES: dict[str, tuple[tuple[str, object], ...]] = {
         ("activation_mlp", "tensor"),
         ("activation_vocab", "tensor"),
         *_SHARED_ROWS,
-        ("split_vocab", ("fsdp", "sequence", "tensor")),
+        ("split_vocab", (*_EMBED[1], "tensor")),
     ),
 }
 
