@@ -11,7 +11,7 @@ from glm_jax.data.tokenizer import SpecialTokens
 from glm_jax.infer import prompts as prompt_lib
 from glm_jax.infer.cache import init_cache, kv_bytes, kv_bytes_per_token
 from glm_jax.infer.generate import Generator
-from glm_jax.infer.sampling import SamplingConfig, filter_logits
+from glm_jax.infer.sampling import SamplingConfig, filter_logits, greedy_token
 from glm_jax.model import GLM, ModelConfig, example_inputs, init_params
 
 SPECIALS = SpecialTokens(pad=1, eos=2, cls=3, mask=4, smask=5, gmask=6, sop=7, eop=8, dblock=9)
@@ -156,6 +156,16 @@ def test_filter_logits_equals_numpy(rng):
             want = np.zeros(40, bool)
             want[order[:keep]] = True
             np.testing.assert_array_equal(got[row], want, err_msg=f"top_k={top_k} top_p={top_p}")
+
+
+def test_greedy_token_equals_numpy_argmax(rng):
+    logits = rng.integers(-3, 4, size=(7, 50)).astype(np.float32)  # small integers: many tied maxima
+    logits[1, [4, 9]] = np.nan  # argmax semantics: the first NaN wins
+    logits[2] = -np.inf
+    logits[3, 17] = np.inf
+    logits[4, -1] = 10.0  # the last column
+    np.testing.assert_array_equal(np.asarray(jax.jit(greedy_token)(logits)), np.argmax(logits, axis=-1))
+    assert np.argmax(logits, axis=-1)[1] == 4
 
 
 def test_sampling_config_errors():

@@ -54,12 +54,22 @@ def filter_logits(logits: jnp.ndarray, top_k: jnp.ndarray, top_p: jnp.ndarray) -
     return jnp.where(logits >= floor, logits, -jnp.inf)
 
 
+def greedy_token(logits: jnp.ndarray) -> jnp.ndarray:
+    """jnp.argmax of each [B, V] row (the first of tied maxima; the first NaN if any), as two plain
+    reductions: XLA:CPU emits argmax's (value, index) pair reduction as a scalar loop, 0.66 ms for
+    [8, 32768] where a max and a min take 0.19 ms, a per-token cost of greedy decoding."""
+    best = jnp.max(logits, axis=-1, keepdims=True)
+    index = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+    hit = (logits == best) | jnp.isnan(logits)
+    return jnp.min(jnp.where(hit, index, logits.shape[-1]), axis=-1)
+
+
 def sample(logits: jnp.ndarray, key: jax.Array, temperature, top_k, top_p) -> jnp.ndarray:
     """One token id per row of [B, V] logits."""
     logits = logits.astype(jnp.float32)
 
     def greedy():
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return greedy_token(logits)
 
     def drawn():  # the vocabulary sort of the filters is only paid when sampling
         scaled = filter_logits(logits, top_k, top_p) / jnp.maximum(temperature, 1e-6)
