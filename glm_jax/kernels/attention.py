@@ -179,7 +179,7 @@ def cached_attention(q, keys, values, allowed, *, scale: float | None = None):
     CPU): MQA and GQA-4 21% and 22% faster per layer than keys [S, D] and values
     [D, S] with the queries as columns (MHA alike). Scores and softmax in float32.
 
-    The softmax spans the parts without joining them: one running maximum, each
+    The softmax spans the parts without joining them: one maximum over them all, each
     part's exponentials summed and multiplied into its values, the sum divided
     out once at the end. Concatenating the scores and slicing the weights back
     apart copied every score twice per layer, a cost equal for MHA, GQA and MQA.
