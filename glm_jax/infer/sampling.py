@@ -13,6 +13,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from glm_jax.model.chunked_loss import first_true_index
+
 
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
@@ -58,10 +60,8 @@ def greedy_token(logits: jnp.ndarray) -> jnp.ndarray:
     """jnp.argmax of each [B, V] row (the first of tied maxima; the first NaN if any), as two plain
     reductions: XLA:CPU emits argmax's (value, index) pair reduction as a scalar loop, 0.66 ms for
     [8, 32768] where a max and a min take 0.19 ms, a per-token cost of greedy decoding."""
-    best = jnp.max(logits, axis=-1, keepdims=True)
-    index = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
-    hit = (logits == best) | jnp.isnan(logits)
-    return jnp.min(jnp.where(hit, index, logits.shape[-1]), axis=-1)
+    best = jnp.max(logits, axis=-1, keepdims=True)  # NaN where the row has one: then the first NaN wins
+    return first_true_index((logits == best) | jnp.isnan(logits))
 
 
 def sample(logits: jnp.ndarray, key: jax.Array, temperature, top_k, top_p) -> jnp.ndarray:

@@ -129,6 +129,15 @@ def _is_target(logits, targets):
     return jnp.arange(logits.shape[-1], dtype=jnp.int32) == targets[..., None]
 
 
+def first_true_index(hit):
+    """Index of the first True along the last axis (its length where there is none), as a min over a
+    select: argmax's rule for `logits == max` without argmax's (value, index) pair reduction, which
+    XLA:CPU emits as a scalar loop and a sharded vocabulary compiles into an int32 index per logit.
+    Also greedy decoding's pick (infer/sampling.greedy_token)."""
+    size = hit.shape[-1]
+    return jnp.min(jnp.where(hit, jnp.arange(size, dtype=jnp.int32), size), axis=-1)
+
+
 def _chunk_sums(z_loss, logits, targets, mask):
     """(lse, (loss_sum, z_sum, correct, count)) of one chunk's logits.
 
@@ -140,9 +149,7 @@ def _chunk_sums(z_loss, logits, targets, mask):
     best = jnp.max(logits, axis=-1, keepdims=True)  # one max for the log-sum-exp and the argmax
     lse = (best + jnp.log(jnp.sum(jnp.exp(logits - best), axis=-1, keepdims=True)))[..., 0]
     target_logit = jnp.sum(jnp.where(_is_target(logits, targets), logits, 0.0), axis=-1)
-    vocab = logits.shape[-1]
-    first_best = jnp.min(jnp.where(logits == best, jnp.arange(vocab, dtype=jnp.int32), vocab), axis=-1)
-    hits = (first_best == targets).astype(jnp.float32)
+    hits = (first_true_index(logits == best) == targets).astype(jnp.float32)
     return lse, (jnp.sum((lse - target_logit) * mask), z_loss * jnp.sum(jnp.square(lse) * mask),
                  jnp.sum(hits * mask), jnp.sum(mask))
 
